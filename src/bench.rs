@@ -1,0 +1,118 @@
+//! `minimind-v bench ingest`: throughput of each ingest stage on this machine — JPEG decode +
+//! resize (one core and all cores), CLIP forward, and Parquet shard writing. Results go to
+//! `docs/BENCHMARKS.md` by hand, with the command that produced them.
+
+use std::time::Instant;
+
+use candle_core::Device;
+use rand::SeedableRng;
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::ingest::clip::{ClipSource, ClipTower};
+use crate::ingest::preprocess::load_resized;
+use crate::shards::{writer::write_shard, Sample, ShardMeta, ShardRow, SCHEMA_VERSION};
+
+pub struct IngestBench {
+    pub images: usize,
+    pub clip: ClipSource,
+    pub clip_batch: usize,
+    pub clip_images: usize,
+    pub shard_rows: usize,
+}
+
+fn synth_jpegs(n: usize) -> Vec<Vec<u8>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    (0..n)
+        .map(|_| {
+            let scene = crate::synth::draw::Scene::random(&mut rng, crate::synth::IMAGE_SIZE);
+            let img = crate::synth::draw::render(&scene, crate::synth::IMAGE_SIZE, &mut rng);
+            let mut buf = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut buf, image::ImageFormat::Jpeg)
+                .expect("in-memory JPEG");
+            buf.into_inner()
+        })
+        .collect()
+}
+
+/// Runs every stage and returns a Markdown table.
+pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
+    let mut out = String::from("| stage | result |\n|---|---|\n");
+    let jpegs = synth_jpegs(b.images);
+
+    let t = Instant::now();
+    for j in &jpegs {
+        std::hint::black_box(load_resized(j, 224).ok());
+    }
+    let one = b.images as f64 / t.elapsed().as_secs_f64();
+    out.push_str(&format!(
+        "| decode+resize 128²→224² JPEG, 1 core | {one:.0} images/s |\n"
+    ));
+
+    let t = Instant::now();
+    jpegs.par_iter().for_each(|j| {
+        std::hint::black_box(load_resized(j, 224).ok());
+    });
+    let all = b.images as f64 / t.elapsed().as_secs_f64();
+    out.push_str(&format!(
+        "| decode+resize, {} threads | {all:.0} images/s |\n",
+        rayon::current_num_threads()
+    ));
+
+    let tower = ClipTower::load(&b.clip, device)?;
+    let img = load_resized(&jpegs[0], tower.image_size as u32).unwrap_or_default();
+    let batch: Vec<&[u8]> = (0..b.clip_batch).map(|_| img.as_slice()).collect();
+    tower.features_u8(&batch)?; // warm-up
+    let t = Instant::now();
+    let mut done = 0;
+    while done < b.clip_images {
+        let f = tower.features_u8(&batch)?;
+        f.flatten_all()?.to_vec1::<f32>()?; // forces completion on any device
+        done += b.clip_batch;
+    }
+    let clip = done as f64 / t.elapsed().as_secs_f64();
+    out.push_str(&format!(
+        "| CLIP {} ({}×{} features), batch {}, {:?} | {clip:.1} images/s |\n",
+        b.clip, tower.tokens, tower.hidden, b.clip_batch, device
+    ));
+
+    let feature = vec![0x3cu8; tower.tokens * tower.hidden * 2];
+    let rows: Vec<ShardRow> = (0..b.shard_rows)
+        .map(|i| ShardRow {
+            image_key: format!("{i}.jpg"),
+            images: vec![format!("{i}.jpg")],
+            features: vec![feature.clone()],
+            samples: vec![Sample {
+                id: i.to_string(),
+                input_ids: vec![7; 96],
+                loss_mask: vec![1; 96],
+            }],
+        })
+        .collect();
+    let meta = ShardMeta {
+        schema_version: SCHEMA_VERSION.into(),
+        stage: "pretrain".into(),
+        clip_source: b.clip.to_string(),
+        clip_weights: b.clip.to_string(),
+        clip_random: true,
+        tokenizer_sha256: String::new(),
+        image_size: 224,
+        feature_dtype: "f16".into(),
+        feature_shape: [tower.tokens, tower.hidden],
+        placeholder_ids: crate::ingest::chat::placeholder_ids(),
+        max_seq_len: 512,
+    };
+    let dir = std::env::temp_dir().join(format!("minimind-v-bench-{}", std::process::id()));
+    let path = dir.join("shard-00000.parquet");
+    let t = Instant::now();
+    let (bytes, _) = write_shard(&path, &rows, &meta)?;
+    let secs = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&dir);
+    out.push_str(&format!(
+        "| Parquet shard write ({} rows, {:.1} MB, snappy, incl. sha256) | {:.0} MB/s |\n",
+        b.shard_rows,
+        bytes as f64 / 1e6,
+        bytes as f64 / 1e6 / secs
+    ));
+    Ok(out)
+}

@@ -1,0 +1,150 @@
+//! Pipeline files (`pipelines/*.toml`): plain data, parsed and validated once into serde structs.
+//! `--set section.key=value` overrides are applied to the TOML before it is deserialised, so an
+//! override is checked exactly like the file.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{bad_file, Error, IoContext, Result};
+use crate::ingest::chat::Stage;
+
+/// One pipeline file. Each stage reads its own section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    pub ingest: Option<IngestConfig>,
+    /// Read by the trainer.
+    pub train: Option<toml::Table>,
+}
+
+/// `[ingest]`: upstream's JSON + images → shards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    pub stage: Stage,
+    /// Upstream's conversation JSON.
+    pub json: PathBuf,
+    /// Upstream's image zip, or a directory of images.
+    pub images: PathBuf,
+    /// Prepended to every image name (`COCO_train2014_` for upstream's SFT set).
+    #[serde(default)]
+    pub image_prefix: String,
+    /// Output directory for shards, manifest and rejects.
+    pub out: PathBuf,
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: PathBuf,
+    /// HF CLIP directory, or `random:<seed>` / `random-small:<seed>` (tests and demos only).
+    #[serde(default = "default_clip")]
+    pub clip: String,
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    /// Images allowed per record; default 1, or 2 for `sft_multi`.
+    #[serde(default)]
+    pub max_images: Option<usize>,
+    #[serde(default = "default_rows_per_shard")]
+    pub rows_per_shard: usize,
+    /// Images per CLIP forward pass.
+    #[serde(default = "default_clip_batch")]
+    pub clip_batch: usize,
+}
+
+fn default_tokenizer() -> PathBuf {
+    PathBuf::from("assets/tokenizer")
+}
+fn default_clip() -> String {
+    "model/clip_model/clip-vit-base-patch32".into()
+}
+fn default_max_seq_len() -> usize {
+    512
+}
+fn default_rows_per_shard() -> usize {
+    1024
+}
+fn default_clip_batch() -> usize {
+    32
+}
+
+impl IngestConfig {
+    pub fn max_images(&self) -> usize {
+        self.max_images.unwrap_or(match self.stage {
+            Stage::SftMulti => 2,
+            _ => 1,
+        })
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let fail = |m: &str| Err(Error::Config(format!("[ingest] {m}")));
+        if self.max_seq_len == 0 || self.max_seq_len > u16::MAX as usize {
+            return fail("max_seq_len must be in 1..=65535");
+        }
+        if self.rows_per_shard == 0 || self.clip_batch == 0 {
+            return fail("rows_per_shard and clip_batch must be positive");
+        }
+        if self.max_images() == 0 {
+            return fail("max_images must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Apply one `a.b.c=value` override; the value is parsed as TOML, else taken as a string.
+pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| Error::Config(format!("--set {assignment:?}: expected key=value")))?;
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, parents) = parts.split_last().expect("split yields at least one part");
+    let mut cur = table;
+    for p in parents {
+        cur = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .ok_or_else(|| Error::Config(format!("--set {key}: {p} is not a table")))?;
+    }
+    cur.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// Read a pipeline file and apply overrides.
+pub fn load_pipeline(path: &Path, overrides: &[String]) -> Result<Pipeline> {
+    let text = std::fs::read_to_string(path).at(path)?;
+    let mut table: toml::Table = text.parse().map_err(|e| bad_file(path, format!("{e}")))?;
+    for o in overrides {
+        apply_override(&mut table, o)?;
+    }
+    let pipeline: Pipeline = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e| bad_file(path, format!("{e}")))?;
+    if let Some(ingest) = &pipeline.ingest {
+        ingest
+            .validate()
+            .map_err(|e| bad_file(path, e.to_string()))?;
+    }
+    Ok(pipeline)
+}
+
+/// Convenience for building configs in code (tests, demo).
+impl IngestConfig {
+    pub fn new(stage: Stage, json: PathBuf, images: PathBuf, out: PathBuf) -> Self {
+        Self {
+            stage,
+            json,
+            images,
+            image_prefix: String::new(),
+            out,
+            tokenizer: default_tokenizer(),
+            clip: default_clip(),
+            max_seq_len: default_max_seq_len(),
+            max_images: None,
+            rows_per_shard: default_rows_per_shard(),
+            clip_batch: default_clip_batch(),
+        }
+    }
+}

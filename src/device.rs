@@ -1,0 +1,55 @@
+//! Device choice lives here and only here.
+
+use candle_core::Device;
+
+use crate::error::Result;
+
+/// `cpu`, `cuda` / `cuda:N`, or `auto` (CUDA when this build has it and a driver is present).
+pub fn select(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(cuda(0).unwrap_or(Device::Cpu)),
+        s => {
+            let ordinal = match s.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(n) => n.trim_start_matches(':').parse().map_err(|_| bad(s))?,
+                None => return Err(bad(s)),
+            };
+            cuda(ordinal).ok_or_else(|| {
+                crate::Error::Config(format!(
+                    "device {s}: CUDA is not available (build with `--features cuda`, and check the NVIDIA driver: libcuda.so)"
+                ))
+            })
+        }
+    }
+}
+
+fn bad(s: &str) -> crate::Error {
+    crate::Error::Config(format!("device {s:?}: expected cpu, cuda, cuda:N or auto"))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(ordinal: usize) -> Option<Device> {
+    // `Device::new_cuda` panics when libcuda is missing: look for the driver first.
+    let has_driver = ["libcuda.so.1", "libcuda.so"]
+        .iter()
+        .any(|lib| unsafe { libloading_probe(lib) });
+    if !has_driver {
+        return None;
+    }
+    Device::new_cuda(ordinal).ok()
+}
+
+#[cfg(feature = "cuda")]
+unsafe fn libloading_probe(name: &str) -> bool {
+    let c = std::ffi::CString::new(name).expect("no NUL in library name");
+    extern "C" {
+        fn dlopen(filename: *const std::ffi::c_char, flag: i32) -> *mut std::ffi::c_void;
+    }
+    !dlopen(c.as_ptr(), 1).is_null()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_ordinal: usize) -> Option<Device> {
+    None
+}

@@ -1,0 +1,61 @@
+//! Typed errors of the library. Each variant names the file or value at fault and, where
+//! there is one, the fix (`HINT:`), so the binary can print it as is.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    BadFile { path: PathBuf, msg: String },
+    #[error(
+        "CLIP vision tower not found at {path}\nHINT: put the HF `clip-vit-base-patch32` directory \
+         (config.json + model.safetensors or pytorch_model.bin) there, point `clip` at it, or pass \
+         `--clip random:<seed>` for a random-initialised tower (tests and demos only)"
+    )]
+    ClipMissing { path: PathBuf },
+    #[error("{path}: shard schema_version {found:?} is not supported (this build reads {supported})\nHINT: re-run `minimind-v ingest` with this version to rebuild the shards")]
+    SchemaVersion {
+        path: PathBuf,
+        found: Option<String>,
+        supported: &'static str,
+    },
+    #[error("config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error(transparent)]
+    Arrow(#[from] arrow_schema::ArrowError),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Attach a path to an I/O error.
+pub trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })
+    }
+}
+
+pub fn bad_file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Error {
+    Error::BadFile {
+        path: path.into(),
+        msg: msg.into(),
+    }
+}

@@ -1,0 +1,347 @@
+//! The frozen CLIP vision tower: HF `clip-vit-base-patch32` (or any CLIP vision config) loaded
+//! from disk, or a seeded random-initialised tower when explicitly asked for. Output is the
+//! encoder's last hidden state *before* post_layernorm — upstream's image features.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::clip::text_model::Activation;
+use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
+use rand::{Rng, SeedableRng};
+use serde::Deserialize;
+
+use crate::error::{bad_file, Error, IoContext, Result};
+use crate::ingest::preprocess::{pixel_values, Normalization};
+
+/// Where the tower's weights come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClipSource {
+    /// An HF directory: `config.json` + `model.safetensors` or `pytorch_model.bin`.
+    Dir(PathBuf),
+    /// Seeded random weights of ViT-B/32 shape (`random:<seed>`) or of a small CPU-friendly
+    /// shape (`random-small:<seed>`). Never real features: for tests, benchmarks and the demo.
+    Random { seed: u64, small: bool },
+}
+
+impl std::str::FromStr for ClipSource {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let parse_seed = |v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| Error::Config(format!("clip {s:?}: the seed must be an integer")))
+        };
+        if let Some(seed) = s.strip_prefix("random:") {
+            Ok(Self::Random {
+                seed: parse_seed(seed)?,
+                small: false,
+            })
+        } else if let Some(seed) = s.strip_prefix("random-small:") {
+            Ok(Self::Random {
+                seed: parse_seed(seed)?,
+                small: true,
+            })
+        } else {
+            Ok(Self::Dir(PathBuf::from(s)))
+        }
+    }
+}
+
+impl std::fmt::Display for ClipSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dir(p) => write!(f, "{}", p.display()),
+            Self::Random { seed, small: false } => write!(f, "random:{seed}"),
+            Self::Random { seed, small: true } => write!(f, "random-small:{seed}"),
+        }
+    }
+}
+
+/// The subset of HF's `CLIPVisionConfig` we need; a full `CLIPConfig` nests it in `vision_config`.
+#[derive(Debug, Clone, Deserialize)]
+struct HfVisionConfig {
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    #[serde(default = "default_image_size")]
+    image_size: usize,
+    #[serde(default = "default_patch_size")]
+    patch_size: usize,
+    #[serde(default = "default_projection_dim")]
+    projection_dim: usize,
+    #[serde(default = "default_act")]
+    hidden_act: String,
+}
+fn default_image_size() -> usize {
+    224
+}
+fn default_patch_size() -> usize {
+    32
+}
+fn default_projection_dim() -> usize {
+    512
+}
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+
+impl HfVisionConfig {
+    fn to_candle(&self, path: &Path) -> Result<ClipVisionConfig> {
+        if self.hidden_act != "quick_gelu" {
+            return Err(bad_file(
+                path,
+                format!(
+                    "hidden_act {:?} unsupported (CLIP uses quick_gelu)",
+                    self.hidden_act
+                ),
+            ));
+        }
+        Ok(ClipVisionConfig {
+            embed_dim: self.hidden_size,
+            activation: Activation::QuickGelu,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            projection_dim: self.projection_dim,
+            num_channels: 3,
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+        })
+    }
+
+    fn small() -> Self {
+        Self {
+            hidden_size: 192,
+            intermediate_size: 768,
+            num_hidden_layers: 4,
+            num_attention_heads: 3,
+            image_size: 224,
+            patch_size: 32,
+            projection_dim: 64,
+            hidden_act: default_act(),
+        }
+    }
+
+    fn base_patch32() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            image_size: 224,
+            patch_size: 32,
+            projection_dim: 512,
+            hidden_act: default_act(),
+        }
+    }
+}
+
+pub struct ClipTower {
+    model: ClipVisionTransformer,
+    n_layers: usize,
+    pub image_size: usize,
+    /// Feature width (768 for ViT-B/32).
+    pub hidden: usize,
+    /// Tokens per image: patches + CLS (50 for 224/32).
+    pub tokens: usize,
+    pub norm: Normalization,
+    pub source: ClipSource,
+    /// sha256 of the weights file, or `random:<seed>`.
+    pub weights_id: String,
+    pub device: Device,
+}
+
+impl ClipTower {
+    pub fn load(source: &ClipSource, device: &Device) -> Result<Self> {
+        let (hf, norm, vb, weights_id) = match source {
+            ClipSource::Dir(dir) => load_dir(dir, device)?,
+            ClipSource::Random { seed, small } => {
+                let hf = if *small {
+                    HfVisionConfig::small()
+                } else {
+                    HfVisionConfig::base_patch32()
+                };
+                let vb = VarBuilder::from_tensors(
+                    random_weights(&hf, *seed, device)?,
+                    DType::F32,
+                    device,
+                );
+                (hf, Normalization::default(), vb, source.to_string())
+            }
+        };
+        let cfg = hf.to_candle(Path::new("config.json"))?;
+        let model = ClipVisionTransformer::new(vb.pp("vision_model"), &cfg)?;
+        let side = cfg.image_size / cfg.patch_size;
+        Ok(Self {
+            model,
+            n_layers: cfg.num_hidden_layers,
+            image_size: cfg.image_size,
+            hidden: cfg.embed_dim,
+            tokens: side * side + 1,
+            norm,
+            source: source.clone(),
+            weights_id,
+            device: device.clone(),
+        })
+    }
+
+    pub fn is_random(&self) -> bool {
+        matches!(self.source, ClipSource::Random { .. })
+    }
+
+    /// (B, 3, H, W) pixel values → (B, tokens, hidden) last encoder hidden state, f32.
+    pub fn features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let hidden = self.model.output_hidden_states(pixel_values)?;
+        Ok(hidden[self.n_layers - 1].clone())
+    }
+
+    /// Resized HWC u8 images → features, one (tokens, hidden) f32 tensor per image in a batch.
+    pub fn features_u8(&self, images: &[&[u8]]) -> Result<Tensor> {
+        let px = pixel_values(images, self.image_size, &self.norm, &self.device)?;
+        self.features(&px)
+    }
+}
+
+type Loaded<'a> = (HfVisionConfig, Normalization, VarBuilder<'a>, String);
+
+fn load_dir<'a>(dir: &Path, device: &Device) -> Result<Loaded<'a>> {
+    let config_path = dir.join("config.json");
+    if !config_path.exists() {
+        return Err(Error::ClipMissing {
+            path: dir.to_path_buf(),
+        });
+    }
+    let text = std::fs::read_to_string(&config_path).at(&config_path)?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad_file(&config_path, e.to_string()))?;
+    let vision = value.get("vision_config").cloned().unwrap_or(value);
+    let hf: HfVisionConfig =
+        serde_json::from_value(vision).map_err(|e| bad_file(&config_path, e.to_string()))?;
+
+    let pre_path = dir.join("preprocessor_config.json");
+    let norm = if pre_path.exists() {
+        let text = std::fs::read_to_string(&pre_path).at(&pre_path)?;
+        serde_json::from_str(&text).map_err(|e| bad_file(&pre_path, e.to_string()))?
+    } else {
+        Normalization::default()
+    };
+
+    let st = dir.join("model.safetensors");
+    let bin = dir.join("pytorch_model.bin");
+    let (vb, weights) = if st.exists() {
+        // SAFETY: the file is mapped read-only and not modified while the tower lives.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&st], DType::F32, device)? };
+        (vb, st)
+    } else if bin.exists() {
+        (VarBuilder::from_pth(&bin, DType::F32, device)?, bin)
+    } else {
+        return Err(Error::ClipMissing {
+            path: dir.to_path_buf(),
+        });
+    };
+    // candle silently substitutes a random CLS embedding when the key is absent: refuse instead.
+    if !vb.contains_tensor("vision_model.embeddings.class_embedding") {
+        return Err(bad_file(
+            &weights,
+            "no vision_model.embeddings.class_embedding: not a CLIP vision checkpoint",
+        ));
+    }
+    let sha = crate::util::sha256_file(&weights)?;
+    Ok((hf, norm, vb, sha))
+}
+
+/// Seeded weights of the right names and shapes; scaled like a trained tower so activations stay O(1).
+fn random_weights(
+    c: &HfVisionConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut w = HashMap::new();
+    let d = c.hidden_size;
+    let mut put = |name: String,
+                   shape: Vec<usize>,
+                   scale: f32,
+                   rng: &mut rand_chacha::ChaCha8Rng|
+     -> Result<()> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+            .collect();
+        w.insert(name, Tensor::from_vec(data, shape, device)?);
+        Ok(())
+    };
+    let ones = |shape: usize| Tensor::ones(shape, DType::F32, device);
+    let zeros = |shape: usize| Tensor::zeros(shape, DType::F32, device);
+    let p = "vision_model";
+    let fan = |n: usize| (3.0 / n as f32).sqrt();
+    let n_pos = (c.image_size / c.patch_size).pow(2) + 1;
+    put(
+        format!("{p}.embeddings.class_embedding"),
+        vec![d],
+        1.0,
+        &mut rng,
+    )?;
+    put(
+        format!("{p}.embeddings.patch_embedding.weight"),
+        vec![d, 3, c.patch_size, c.patch_size],
+        fan(3 * c.patch_size * c.patch_size),
+        &mut rng,
+    )?;
+    put(
+        format!("{p}.embeddings.position_embedding.weight"),
+        vec![n_pos, d],
+        0.5,
+        &mut rng,
+    )?;
+    for i in 0..c.num_hidden_layers {
+        let l = format!("{p}.encoder.layers.{i}");
+        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            put(
+                format!("{l}.self_attn.{proj}.weight"),
+                vec![d, d],
+                fan(d),
+                &mut rng,
+            )?;
+            put(
+                format!("{l}.self_attn.{proj}.bias"),
+                vec![d],
+                0.02,
+                &mut rng,
+            )?;
+        }
+        put(
+            format!("{l}.mlp.fc1.weight"),
+            vec![c.intermediate_size, d],
+            fan(d),
+            &mut rng,
+        )?;
+        put(
+            format!("{l}.mlp.fc1.bias"),
+            vec![c.intermediate_size],
+            0.02,
+            &mut rng,
+        )?;
+        put(
+            format!("{l}.mlp.fc2.weight"),
+            vec![d, c.intermediate_size],
+            fan(c.intermediate_size),
+            &mut rng,
+        )?;
+        put(format!("{l}.mlp.fc2.bias"), vec![d], 0.02, &mut rng)?;
+    }
+    for i in 0..c.num_hidden_layers {
+        let l = format!("{p}.encoder.layers.{i}");
+        for ln in ["layer_norm1", "layer_norm2"] {
+            w.insert(format!("{l}.{ln}.weight"), ones(d)?);
+            w.insert(format!("{l}.{ln}.bias"), zeros(d)?);
+        }
+    }
+    for ln in ["pre_layrnorm", "post_layernorm"] {
+        w.insert(format!("{p}.{ln}.weight"), ones(d)?);
+        w.insert(format!("{p}.{ln}.bias"), zeros(d)?);
+    }
+    Ok(w)
+}

@@ -1,0 +1,86 @@
+//! Image bytes → 224×224 RGB → CLIP-normalised pixel values. Shared by ingest and generation so
+//! both see identical pixels. The resize is PIL's `image.resize((224, 224))`: bicubic
+//! (Catmull-Rom, a = -0.5, support scaled when shrinking), aspect ratio not kept.
+
+use candle_core::{Device, Tensor};
+use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use serde::Deserialize;
+
+use crate::error::Result;
+use crate::ingest::reject::Reason;
+
+/// CLIP's normalisation, as in `preprocessor_config.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct Normalization {
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+}
+
+impl Default for Normalization {
+    fn default() -> Self {
+        Self {
+            image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+            image_std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+        }
+    }
+}
+
+/// Decode JPEG/PNG (any colour type) to 8-bit RGB, as PIL's `convert('RGB')` does.
+pub fn decode_rgb(bytes: &[u8]) -> std::result::Result<image::RgbImage, (Reason, String)> {
+    if bytes.is_empty() {
+        return Err((Reason::EmptyImage, "zero bytes".into()));
+    }
+    let img = image::load_from_memory(bytes).map_err(|e| (Reason::CorruptImage, e.to_string()))?;
+    Ok(img.to_rgb8())
+}
+
+/// Bicubic resize of an RGB image to `size`×`size`, HWC u8.
+pub fn resize_rgb(img: &image::RgbImage, size: u32) -> Vec<u8> {
+    let (w, h) = img.dimensions();
+    if (w, h) == (size, size) {
+        return img.as_raw().clone();
+    }
+    let src = Image::from_vec_u8(w, h, img.as_raw().clone(), PixelType::U8x3)
+        .expect("RgbImage buffer is w*h*3 bytes");
+    let mut dst = Image::new(size, size, PixelType::U8x3);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+    Resizer::new()
+        .resize(&src, &mut dst, &options)
+        .expect("same pixel type, non-empty images");
+    dst.into_vec()
+}
+
+/// Decode and resize in one step: what each ingest worker does per image.
+pub fn load_resized(bytes: &[u8], size: u32) -> std::result::Result<Vec<u8>, (Reason, String)> {
+    let img = decode_rgb(bytes)?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err((Reason::CorruptImage, "zero-sized image".into()));
+    }
+    Ok(resize_rgb(&img, size))
+}
+
+/// HWC u8 images → (B, 3, size, size) f32 pixel values, `(x/255 - mean) / std`.
+pub fn pixel_values(
+    images: &[&[u8]],
+    size: usize,
+    norm: &Normalization,
+    device: &Device,
+) -> Result<Tensor> {
+    let plane = size * size;
+    let mut data = vec![0f32; images.len() * 3 * plane];
+    for (b, img) in images.iter().enumerate() {
+        let out = &mut data[b * 3 * plane..(b + 1) * 3 * plane];
+        for (p, px) in img.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                // HF rescales in f64 then casts to f32 before normalising; so do we.
+                let x = (px[c] as f64 * (1.0 / 255.0)) as f32;
+                out[c * plane + p] = (x - norm.image_mean[c]) / norm.image_std[c];
+            }
+        }
+    }
+    Ok(Tensor::from_vec(
+        data,
+        (images.len(), 3, size, size),
+        device,
+    )?)
+}

@@ -1,0 +1,209 @@
+//! The `minimind-v` command: parses arguments and dispatches to the library. No logic here.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use minimind_v::{bench, config, demo, device, ingest, inspect, synth};
+
+#[derive(Parser)]
+#[command(
+    name = "minimind-v",
+    version,
+    about = "Train a tiny vision-language model from precomputed CLIP-feature shards"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Upstream dataset (JSON + zip of images) → deduplicated CLIP-feature Parquet shards.
+    Ingest {
+        /// Pipeline file with an [ingest] section, e.g. pipelines/pretrain.toml.
+        pipeline: PathBuf,
+        /// Override a setting: --set ingest.clip=random:0 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Shorthand for --set ingest.clip=…: an HF CLIP directory or random:<seed>.
+        #[arg(long)]
+        clip: Option<String>,
+        /// Machines sharing this ingest; this one writes shards i with i % workers == worker.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        #[arg(long, default_value_t = 0)]
+        worker: usize,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Offline demo: synthetic dataset → ingest (all three stages) → inspect; no downloads.
+    Demo {
+        #[arg(long, default_value = "out/demo")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 2000)]
+        pretrain: usize,
+        #[arg(long, default_value_t = 600)]
+        sft: usize,
+        #[arg(long, default_value_t = 200)]
+        multi: usize,
+        #[arg(long, default_value = "model/clip_model/clip-vit-base-patch32")]
+        clip: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Show what a shard directory holds (Polars).
+    Inspect { path: PathBuf },
+    /// Write a synthetic dataset in upstream's three formats.
+    Synth {
+        #[arg(long, default_value = "dataset/synth")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 2000)]
+        pretrain: usize,
+        #[arg(long, default_value_t = 1000)]
+        sft: usize,
+        #[arg(long, default_value_t = 500)]
+        multi: usize,
+        /// Plant realistic bad entries (corrupt/missing images, tag mismatches, …).
+        #[arg(long)]
+        faults: bool,
+    },
+    /// Measure throughput.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Decode+resize, CLIP and Parquet-write throughput.
+    Ingest {
+        #[arg(long, default_value_t = 2000)]
+        images: usize,
+        #[arg(long, default_value = "random:0")]
+        clip: String,
+        #[arg(long, default_value_t = 32)]
+        clip_batch: usize,
+        #[arg(long, default_value_t = 128)]
+        clip_images: usize,
+        #[arg(long, default_value_t = 1024)]
+        shard_rows: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Ingest {
+            pipeline,
+            mut overrides,
+            clip,
+            workers,
+            worker,
+            device,
+        } => {
+            if let Some(c) = clip {
+                overrides.push(format!("ingest.clip={c:?}"));
+            }
+            let p = config::load_pipeline(&pipeline, &overrides)?;
+            let cfg = p
+                .ingest
+                .with_context(|| format!("{}: no [ingest] section", pipeline.display()))?;
+            let opts = ingest::IngestOptions {
+                workers,
+                worker,
+                progress: true,
+                device: device::select(&device)?,
+            };
+            eprintln!(
+                "ingest {} ({}) → {}",
+                cfg.json.display(),
+                cfg.stage.as_str(),
+                cfg.out.display()
+            );
+            let summary = ingest::run(&cfg, &opts)?;
+            print!("{summary}");
+        }
+        Command::Demo {
+            out,
+            seed,
+            pretrain,
+            sft,
+            multi,
+            clip,
+            device,
+        } => {
+            let cfg = demo::DemoConfig {
+                out: out.clone(),
+                seed,
+                pretrain,
+                sft,
+                multi,
+                clip_dir: clip,
+                tokenizer: "assets/tokenizer".into(),
+            };
+            let opts = ingest::IngestOptions {
+                progress: true,
+                device: device::select(&device)?,
+                ..Default::default()
+            };
+            print!("{}", demo::run(&cfg, &opts)?);
+            println!("report: {}", demo::report_path(&out).display());
+        }
+        Command::Inspect { path } => print!("{}", inspect::report(&path)?),
+        Command::Synth {
+            out,
+            seed,
+            pretrain,
+            sft,
+            multi,
+            faults,
+        } => {
+            let s = synth::generate(&synth::SynthConfig {
+                out: out.clone(),
+                seed,
+                pretrain,
+                sft,
+                multi,
+                faults,
+            })?;
+            println!(
+                "wrote {}: {} pretrain, {} sft, {} two-image records; faults {:?}",
+                out.display(),
+                s.pretrain_records,
+                s.sft_records,
+                s.multi_records,
+                s.faults
+            );
+        }
+        Command::Bench {
+            what:
+                BenchWhat::Ingest {
+                    images,
+                    clip,
+                    clip_batch,
+                    clip_images,
+                    shard_rows,
+                    device,
+                },
+        } => {
+            let b = bench::IngestBench {
+                images,
+                clip: clip.parse()?,
+                clip_batch,
+                clip_images,
+                shard_rows,
+            };
+            print!("{}", bench::ingest(&b, &device::select(&device)?)?);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! What an ingest run produced: per-shard completion records (the commit markers that make
+//! ingest resumable) and, once every shard exists, `manifest.json` + `rejects.jsonl`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{bad_file, IoContext, Result};
+use crate::ingest::reject::Reject;
+use crate::shards::ShardMeta;
+
+/// Written after its shard's Parquet file is in place; a shard counts as done only with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardDone {
+    pub index: usize,
+    pub file: String,
+    /// Identifies the inputs and settings; a different plan in the same directory is refused.
+    pub plan_id: String,
+    pub rows: usize,
+    pub samples: usize,
+    pub images: usize,
+    pub bytes: u64,
+    pub sha256: String,
+    /// Image sets of this shard that could not be read, with every sample they carried.
+    pub rejects: Vec<Reject>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    pub file: String,
+    pub rows: usize,
+    pub samples: usize,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema_version: String,
+    pub created_by: String,
+    pub plan_id: String,
+    /// Elements of the source JSON array.
+    pub records_read: usize,
+    pub samples_written: usize,
+    /// Samples lost to rejects; `records_read == samples_written + samples_rejected`.
+    pub samples_rejected: usize,
+    pub rows: usize,
+    pub unique_images: usize,
+    /// Samples whose placeholder upstream's tokenization would have merged (space before
+    /// `<image>`), tokenized correctly instead.
+    pub placeholders_repaired: usize,
+    pub rejects_by_reason: BTreeMap<String, usize>,
+    pub shards: Vec<ShardEntry>,
+    /// Metadata shared by every shard; absent when no record survived.
+    pub meta: Option<ShardMeta>,
+    pub config: serde_json::Value,
+}
+
+pub fn progress_dir(out: &Path) -> PathBuf {
+    out.join("progress")
+}
+
+pub fn done_path(out: &Path, index: usize) -> PathBuf {
+    progress_dir(out).join(format!("shard-{index:05}.json"))
+}
+
+pub fn write_done(out: &Path, done: &ShardDone) -> Result<()> {
+    let path = done_path(out, done.index);
+    crate::util::write_bytes_atomic(&path, &serde_json::to_vec_pretty(done)?)
+}
+
+/// The completion record of shard `index`, if the shard is fully written.
+pub fn read_done(out: &Path, index: usize) -> Result<Option<ShardDone>> {
+    let path = done_path(out, index);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(&path).at(&path)?;
+    let done: ShardDone =
+        serde_json::from_slice(&bytes).map_err(|e| bad_file(&path, e.to_string()))?;
+    let shard = out.join(&done.file);
+    match std::fs::metadata(&shard) {
+        Ok(m) if m.len() == done.bytes => Ok(Some(done)),
+        _ => Ok(None),
+    }
+}
+
+pub fn read_manifest(out: &Path) -> Result<Manifest> {
+    let path = out.join("manifest.json");
+    let bytes = std::fs::read(&path).at(&path)?;
+    serde_json::from_slice(&bytes).map_err(|e| bad_file(&path, e.to_string()))
+}
+
+pub fn read_rejects(out: &Path) -> Result<Vec<Reject>> {
+    let path = out.join("rejects.jsonl");
+    let text = std::fs::read_to_string(&path).at(&path)?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| bad_file(&path, e.to_string())))
+        .collect()
+}

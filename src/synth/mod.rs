@@ -1,0 +1,312 @@
+//! A synthetic dataset in exactly upstream's three formats (pretrain JSON + `pretrain_images.zip`,
+//! SFT JSON with `COCO_train2014_`-prefixed names + `sft_images.zip`, two-image JSON with
+//! `"a.jpg, b.jpg"` + an image directory), 128×128 JPEGs of coloured shapes, Chinese and English
+//! templates. Deterministic for a seed. `faults` adds the kinds of bad entries real data has.
+//!
+//! Layout under `out`: `LLaVA-Pretrain/chat-translated.json`, `pretrain_images.zip`,
+//! `LLaVA-Instruct/llava_instruct_230k.json`, `sft_images.zip`, `sft_multi_images/output.json`
+//! (+ its images), and `labels.json` (what every image shows, for evaluation).
+
+pub mod draw;
+
+use std::collections::BTreeMap;
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::error::{IoContext, Result};
+use draw::{Scene, BACKGROUNDS, COLOURS};
+
+pub const IMAGE_SIZE: u32 = 128;
+
+#[derive(Debug, Clone)]
+pub struct SynthConfig {
+    pub out: PathBuf,
+    pub seed: u64,
+    /// Images (one caption record each) in the pretrain set.
+    pub pretrain: usize,
+    /// Images in the SFT set; each gets several conversation records.
+    pub sft: usize,
+    /// Records (image pairs) in the two-image set.
+    pub multi: usize,
+    pub faults: bool,
+}
+
+/// The label of one image, written to `labels.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Label {
+    pub shape: &'static str,
+    pub colour: &'static str,
+    pub background: &'static str,
+}
+
+/// What was generated, for callers that check counts.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SynthSummary {
+    pub pretrain_records: usize,
+    pub sft_records: usize,
+    pub multi_records: usize,
+    /// Faulty entries planted per kind (record-level and image-level).
+    pub faults: BTreeMap<String, usize>,
+}
+
+fn jpeg(img: &image::RgbImage) -> Vec<u8> {
+    let mut buf = Cursor::new(Vec::new());
+    let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 90);
+    img.write_with_encoder(enc)
+        .expect("in-memory JPEG encoding cannot fail");
+    buf.into_inner()
+}
+
+fn label(s: &Scene) -> Label {
+    Label {
+        shape: s.shape.en(),
+        colour: COLOURS[s.colour].en,
+        background: BACKGROUNDS[s.background].en,
+    }
+}
+
+fn turn(from: &str, value: String) -> serde_json::Value {
+    json!({"from": from, "value": value})
+}
+
+/// A caption pair in one of four phrasings.
+fn caption(s: &Scene, k: usize) -> (String, String) {
+    let (c, b) = (&COLOURS[s.colour], &BACKGROUNDS[s.background]);
+    match k % 4 {
+        0 => (
+            "<image>\n这个图片描述的是什么内容？".into(),
+            format!("一个{}的{}在{}背景上。", c.zh, s.shape.zh(), b.zh),
+        ),
+        1 => (
+            "提供给定图像的简要描述。\n<image>".into(),
+            format!("{}背景上有一个{}的{}。", b.zh, c.zh, s.shape.zh()),
+        ),
+        2 => (
+            "<image>\nDescribe this image briefly.".into(),
+            format!("A {} {} on a {} background.", c.en, s.shape.en(), b.en),
+        ),
+        _ => (
+            "What is in this picture?\n<image>".into(),
+            format!(
+                "There is a {} {} on a {} background.",
+                c.en,
+                s.shape.en(),
+                b.en
+            ),
+        ),
+    }
+}
+
+/// Instruction pairs about one image: shape, colour, and a description.
+fn instructions(s: &Scene) -> Vec<(String, String)> {
+    let c = &COLOURS[s.colour];
+    vec![
+        (
+            "<image>\nWhat shape is in the image?".into(),
+            format!("It is a {}.", s.shape.en()),
+        ),
+        (
+            "<image>\nWhat colour is the shape?".into(),
+            format!("The shape is {}.", c.en),
+        ),
+        (
+            "<image>\n图中是什么形状？".into(),
+            format!("图中是一个{}。", s.shape.zh()),
+        ),
+        (
+            "<image>\n图中的形状是什么颜色？".into(),
+            format!("形状是{}的。", c.zh),
+        ),
+    ]
+}
+
+fn zip_writer(path: &Path) -> Result<zip::ZipWriter<std::fs::File>> {
+    let file = std::fs::File::create(path).at(path)?;
+    Ok(zip::ZipWriter::new(file))
+}
+
+fn zip_add(
+    z: &mut zip::ZipWriter<std::fs::File>,
+    path: &Path,
+    name: &str,
+    bytes: &[u8],
+) -> Result<()> {
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file(name, opts)
+        .map_err(|e| crate::error::bad_file(path, e.to_string()))?;
+    z.write_all(bytes).at(path)
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).at(dir)?;
+    }
+    crate::util::write_bytes_atomic(path, &serde_json::to_vec_pretty(value)?)
+}
+
+pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
+    std::fs::create_dir_all(&cfg.out).at(&cfg.out)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut labels: BTreeMap<String, Label> = BTreeMap::new();
+    let mut summary = SynthSummary::default();
+    let mut faults: BTreeMap<String, usize> = BTreeMap::new();
+    let mut fault = |kind: &str| *faults.entry(kind.to_string()).or_insert(0) += 1;
+
+    // Pretrain: one caption record per image, images in a zip folder like upstream's.
+    let zpath = cfg.out.join("pretrain_images.zip");
+    let mut z = zip_writer(&zpath)?;
+    let mut records = Vec::new();
+    for i in 0..cfg.pretrain {
+        let name = format!("GCC_train_{i:09}.jpg");
+        let scene = Scene::random(&mut rng, IMAGE_SIZE);
+        let (q, a) = caption(&scene, rng.random_range(0..4));
+        let mut bytes = jpeg(&draw::render(&scene, IMAGE_SIZE, &mut rng));
+        let mut conversations = vec![turn("human", q), turn("gpt", a)];
+        let mut image = name.clone();
+        if cfg.faults {
+            match i % 97 {
+                13 => {
+                    // A download cut off inside the header.
+                    bytes.truncate(150);
+                    fault("corrupt_image");
+                }
+                29 => {
+                    bytes.clear();
+                    fault("empty_image");
+                }
+                41 => {
+                    image = format!("GCC_missing_{i:09}.jpg");
+                    fault("missing_image");
+                }
+                53 => {
+                    conversations[0] = turn("human", "Describe the picture.".into());
+                    fault("image_tag_mismatch");
+                }
+                67 => {
+                    conversations.clear();
+                    fault("no_conversations");
+                }
+                79 => {
+                    conversations[0] = turn("human", "Describe this image: <image>".into());
+                    fault("space_before_image_repaired");
+                }
+                _ => {}
+            }
+        }
+        zip_add(&mut z, &zpath, &format!("pretrain_images/{name}"), &bytes)?;
+        labels.insert(name, label(&scene));
+        records.push(json!({"id": format!("GCC_train_{i:09}"), "image": image, "conversations": conversations}));
+    }
+    if cfg.faults {
+        records.push(json!({"id": "broken", "image": 17, "conversations": "not a list"}));
+        fault("malformed_record");
+    }
+    z.finish()
+        .map_err(|e| crate::error::bad_file(&zpath, e.to_string()))?;
+    summary.pretrain_records = records.len();
+    write_json(
+        &cfg.out.join("LLaVA-Pretrain/chat-translated.json"),
+        &serde_json::Value::Array(records),
+    )?;
+
+    // SFT: several conversations per COCO-style image; names carry no prefix in the JSON.
+    let zpath = cfg.out.join("sft_images.zip");
+    let mut z = zip_writer(&zpath)?;
+    let mut records = Vec::new();
+    for i in 0..cfg.sft {
+        let short = format!("{:012}.jpg", 100_000 + i);
+        let full = format!("COCO_train2014_{short}");
+        let scene = Scene::random(&mut rng, IMAGE_SIZE);
+        zip_add(
+            &mut z,
+            &zpath,
+            &format!("sft_images/{full}"),
+            &jpeg(&draw::render(&scene, IMAGE_SIZE, &mut rng)),
+        )?;
+        labels.insert(full, label(&scene));
+        let pairs = instructions(&scene);
+        for k in 0..3 {
+            let (q, a) = pairs[(i + k) % pairs.len()].clone();
+            let (q2, a2) = pairs[(i + k + 1) % pairs.len()].clone();
+            let mut conv = vec![
+                turn("human", q),
+                turn("gpt", a),
+                turn("human", q2.replace("<image>\n", "")),
+                turn("gpt", a2),
+            ];
+            if cfg.faults && i % 89 == 7 && k == 0 {
+                conv[1] = turn("gpt", String::new());
+                fault("empty_answer");
+            }
+            records.push(json!({"id": format!("{:012}-{k}", 100_000 + i), "image": short, "conversations": conv}));
+        }
+    }
+    z.finish()
+        .map_err(|e| crate::error::bad_file(&zpath, e.to_string()))?;
+    summary.sft_records = records.len();
+    write_json(
+        &cfg.out.join("LLaVA-Instruct/llava_instruct_230k.json"),
+        &serde_json::Value::Array(records),
+    )?;
+
+    // Two-image SFT: pairs that differ in colour or in shape; images in a plain directory.
+    let dir = cfg.out.join("sft_multi_images");
+    std::fs::create_dir_all(&dir).at(&dir)?;
+    let mut records = Vec::new();
+    for i in 0..cfg.multi {
+        let a = Scene::random(&mut rng, IMAGE_SIZE);
+        let mut b = Scene::random(&mut rng, IMAGE_SIZE);
+        let colour_differs = rng.random_bool(0.5);
+        if colour_differs {
+            b.shape = a.shape;
+            b.colour = (a.colour + rng.random_range(1..COLOURS.len())) % COLOURS.len();
+        } else {
+            b.colour = a.colour;
+            b.shape = draw::SHAPES[(draw::SHAPES.iter().position(|s| *s == a.shape).unwrap_or(0)
+                + rng.random_range(1..5))
+                % 5];
+        }
+        let names = [format!("{}.jpg", 2 * i), format!("{}.jpg", 2 * i + 1)];
+        for (scene, name) in [(&a, &names[0]), (&b, &names[1])] {
+            let path = dir.join(name);
+            std::fs::write(&path, jpeg(&draw::render(scene, IMAGE_SIZE, &mut rng))).at(&path)?;
+            labels.insert(format!("sft_multi_images/{name}"), label(scene));
+        }
+        let answer = if colour_differs {
+            format!(
+                "The colour differs: the first is {}, the second is {}.",
+                COLOURS[a.colour].en, COLOURS[b.colour].en
+            )
+        } else {
+            format!(
+                "The shape differs: the first is a {}, the second is a {}.",
+                a.shape.en(),
+                b.shape.en()
+            )
+        };
+        let mut q = "<image>\n<image>\nWhat differs between the two images?".to_string();
+        if cfg.faults && i % 83 == 11 {
+            q = "<image>\nWhat differs between the two images?".into();
+            fault("image_tag_mismatch");
+        }
+        records.push(json!({
+            "id": format!("multi_{i}"),
+            "image": format!("{}, {}", names[0], names[1]),
+            "conversations": [turn("human", q), turn("gpt", answer)],
+        }));
+    }
+    summary.multi_records = records.len();
+    summary.faults = faults;
+    write_json(&dir.join("output.json"), &serde_json::Value::Array(records))?;
+    write_json(
+        &cfg.out.join("labels.json"),
+        &serde_json::to_value(&labels)?,
+    )?;
+    Ok(summary)
+}

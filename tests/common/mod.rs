@@ -1,0 +1,36 @@
+//! Shared test helpers: where the reference vectors live, and tensor comparison.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `../shared/reference` beside the checkout (CI clones with shared/ beside it).
+pub fn reference() -> PathBuf {
+    let p = repo().join("../shared/reference");
+    assert!(
+        p.exists(),
+        "golden vectors missing: expected {}",
+        p.display()
+    );
+    p
+}
+
+pub fn tokenizer_dir() -> PathBuf {
+    repo().join("assets/tokenizer")
+}
+
+/// Largest absolute difference between two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_minimind-v")
+}

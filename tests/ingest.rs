@@ -1,0 +1,409 @@
+//! End-to-end ingest through the real binary on synthetic datasets in upstream's three formats:
+//! counts, rejects, deduplication, token ids and features against direct computation, Polars
+//! readability, SIGKILL + resume, and multi-worker splits.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::Device;
+use minimind_v::ingest::chat::{ChatTokenizer, Stage, Turn};
+use minimind_v::ingest::clip::ClipTower;
+use minimind_v::ingest::preprocess::load_resized;
+use minimind_v::ingest::source::ImageSource;
+use minimind_v::shards::f16_bytes_to_f32;
+use minimind_v::shards::manifest::{read_manifest, read_rejects, Manifest};
+use minimind_v::shards::reader::{list_shards, read_shard};
+use minimind_v::synth::{self, SynthConfig};
+
+const CLIP: &str = "random-small:3";
+
+fn pipeline(
+    dir: &Path,
+    name: &str,
+    stage: &str,
+    json: &Path,
+    images: &Path,
+    prefix: &str,
+    rows: usize,
+) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let text = format!(
+        "[ingest]\nstage = \"{stage}\"\njson = {json:?}\nimages = {images:?}\nimage_prefix = \"{prefix}\"\nout = {out:?}\ntokenizer = {tok:?}\nclip = \"{CLIP}\"\nrows_per_shard = {rows}\nclip_batch = 16\n",
+        out = dir.join(format!("cache/{name}")),
+        tok = common::tokenizer_dir(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn ingest(pipeline: &Path, extra: &[&str]) -> std::process::Output {
+    let out = Command::new(common::bin())
+        .args(["ingest", pipeline.to_str().unwrap(), "--device", "cpu"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ingest failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn reasons(m: &Manifest) -> Vec<(String, usize)> {
+    m.rejects_by_reason
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .collect()
+}
+
+fn n_residue(n: usize, modulus: usize, r: usize) -> usize {
+    (0..n).filter(|i| i % modulus == r).count()
+}
+
+#[test]
+fn three_upstream_formats_with_faults() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tmp.path().join("dataset");
+    let (n_pre, n_sft, n_multi) = (2000, 700, 300);
+    let planted = synth::generate(&SynthConfig {
+        out: ds.clone(),
+        seed: 1,
+        pretrain: n_pre,
+        sft: n_sft,
+        multi: n_multi,
+        faults: true,
+    })
+    .unwrap();
+
+    // --- pretrain: zip with a folder inside, one caption per image.
+    let p = pipeline(
+        tmp.path(),
+        "pretrain",
+        "pretrain",
+        &ds.join("LLaVA-Pretrain/chat-translated.json"),
+        &ds.join("pretrain_images.zip"),
+        "",
+        512,
+    );
+    let out = ingest(&p, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("RANDOM-INITIALISED"),
+        "random tower must be announced: {stdout}"
+    );
+    let m = read_manifest(&tmp.path().join("cache/pretrain")).unwrap();
+    assert_eq!(m.records_read, n_pre + 1);
+    assert_eq!(
+        m.samples_written + m.samples_rejected,
+        m.records_read,
+        "no sample vanishes"
+    );
+    let r = |k| n_residue(n_pre, 97, k);
+    assert_eq!(
+        reasons(&m),
+        vec![
+            ("corrupt_image".into(), r(13)),
+            ("empty_image".into(), r(29)),
+            ("image_tag_mismatch".into(), r(53)),
+            ("malformed_record".into(), 1),
+            ("missing_image".into(), r(41)),
+            ("no_conversations".into(), r(67)),
+        ]
+    );
+    assert_eq!(planted.faults["corrupt_image"], r(13));
+    assert_eq!(m.placeholders_repaired, r(79));
+    assert_eq!(m.rows, m.samples_written, "pretrain: one caption per image");
+    let image_rejects = r(13) + r(29) + r(41);
+    assert_eq!(m.shards.len(), (m.rows + image_rejects).div_ceil(512));
+    let meta = m.meta.clone().unwrap();
+    assert_eq!(meta.feature_shape, [50, 192]);
+    assert!(meta.clip_random && meta.clip_weights == CLIP);
+    let rejects = read_rejects(&tmp.path().join("cache/pretrain")).unwrap();
+    assert_eq!(
+        rejects.iter().map(|r| r.ids.len()).sum::<usize>(),
+        m.samples_rejected
+    );
+    assert!(
+        rejects.windows(2).all(|w| w[0].record <= w[1].record),
+        "rejects in source order"
+    );
+
+    // Token ids and features of a few rows against a direct computation.
+    let tok = ChatTokenizer::load(&common::tokenizer_dir()).unwrap();
+    let records: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ds.join("LLaVA-Pretrain/chat-translated.json")).unwrap(),
+    )
+    .unwrap();
+    let tower = ClipTower::load(&CLIP.parse().unwrap(), &Device::Cpu).unwrap();
+    let mut zip = ImageSource::open(&ds.join("pretrain_images.zip")).unwrap();
+    let (_, rows) = read_shard(&tmp.path().join("cache/pretrain/shard-00000.parquet")).unwrap();
+    for row in rows.iter().step_by(97).take(6) {
+        let rec = records
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["image"] == row.image_key.as_str())
+            .unwrap();
+        let turns: Vec<Turn> = serde_json::from_value(rec["conversations"].clone()).unwrap();
+        let enc = tok.encode_sample(Stage::Pretrain, &turns, 1, 512).unwrap();
+        assert_eq!(
+            row.samples[0].input_ids,
+            enc.input_ids.iter().map(|&t| t as u16).collect::<Vec<_>>()
+        );
+        assert_eq!(row.samples[0].loss_mask, enc.loss_mask);
+        let px = load_resized(&zip.read(&row.images[0]).unwrap(), 224).unwrap();
+        let want = tower
+            .features_u8(&[&px])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = f16_bytes_to_f32(&row.features[0]);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
+            .fold(0.0, f32::max);
+        assert!(
+            worst < 2e-3,
+            "{}: feature differs by {worst} (f16 storage)",
+            row.image_key
+        );
+    }
+
+    // Polars reads the shards: scan_parquet(...).explode("samples").
+    let stats = minimind_v::inspect::sample_stats(&tmp.path().join("cache/pretrain")).unwrap();
+    assert_eq!(
+        (stats.rows, stats.samples, stats.images),
+        (m.rows, m.samples_written, m.unique_images)
+    );
+    let report = Command::new(common::bin())
+        .args([
+            "inspect",
+            tmp.path().join("cache/pretrain").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&report.stdout);
+    assert!(
+        report.contains("samples: ")
+            && report.contains("loss-token share")
+            && report.contains("rejected corrupt_image"),
+        "{report}"
+    );
+
+    // --- SFT: prefixed COCO names, three conversations per image, deduplicated to one row.
+    let p = pipeline(
+        tmp.path(),
+        "sft",
+        "sft",
+        &ds.join("LLaVA-Instruct/llava_instruct_230k.json"),
+        &ds.join("sft_images.zip"),
+        "COCO_train2014_",
+        256,
+    );
+    ingest(&p, &[]);
+    let m = read_manifest(&tmp.path().join("cache/sft")).unwrap();
+    assert_eq!(m.records_read, 3 * n_sft);
+    assert_eq!(m.rows, n_sft, "CLIP once per unique image");
+    assert_eq!(m.unique_images, n_sft);
+    assert_eq!(
+        reasons(&m),
+        vec![("empty_answer".into(), n_residue(n_sft, 89, 7))]
+    );
+    assert_eq!(m.samples_written + m.samples_rejected, m.records_read);
+    let (_, rows) = read_shard(&tmp.path().join("cache/sft/shard-00000.parquet")).unwrap();
+    assert!(rows[0].images[0].starts_with("COCO_train2014_"));
+    assert!(rows
+        .iter()
+        .all(|r| !r.samples.is_empty() && r.samples.len() <= 3));
+
+    // --- Two-image SFT: "a.jpg, b.jpg" from a plain directory.
+    let dir = ds.join("sft_multi_images");
+    let p = pipeline(
+        tmp.path(),
+        "multi",
+        "sft_multi",
+        &dir.join("output.json"),
+        &dir,
+        "",
+        128,
+    );
+    ingest(&p, &[]);
+    let m = read_manifest(&tmp.path().join("cache/multi")).unwrap();
+    let bad = n_residue(n_multi, 83, 11);
+    assert_eq!(m.records_read, n_multi);
+    assert_eq!(reasons(&m), vec![("image_tag_mismatch".into(), bad)]);
+    assert_eq!(
+        (m.rows, m.unique_images),
+        (n_multi - bad, 2 * (n_multi - bad))
+    );
+    let (_, rows) = read_shard(&tmp.path().join("cache/multi/shard-00000.parquet")).unwrap();
+    assert_eq!(rows[0].images, vec!["0.jpg", "1.jpg"]);
+    assert_eq!(rows[0].features.len(), 2);
+    assert_ne!(rows[0].features[0], rows[0].features[1]);
+    assert_eq!(
+        minimind_v::ingest::chat::placeholder_starts(
+            &rows[0].samples[0]
+                .input_ids
+                .iter()
+                .map(|&t| t as u32)
+                .collect::<Vec<_>>()
+        )
+        .len(),
+        2
+    );
+}
+
+fn shard_hashes(dir: &Path) -> Vec<(String, String)> {
+    list_shards(dir)
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().to_string(),
+                minimind_v::util::sha256_file(p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn small_dataset(tmp: &Path) -> (PathBuf, PathBuf) {
+    let ds = tmp.join("dataset");
+    synth::generate(&SynthConfig {
+        out: ds.clone(),
+        seed: 5,
+        pretrain: 700,
+        sft: 0,
+        multi: 0,
+        faults: true,
+    })
+    .unwrap();
+    (
+        ds.join("LLaVA-Pretrain/chat-translated.json"),
+        ds.join("pretrain_images.zip"),
+    )
+}
+
+#[test]
+fn sigkill_at_any_point_then_resume_gives_identical_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (json, zip) = small_dataset(tmp.path());
+    let whole = pipeline(tmp.path(), "whole", "pretrain", &json, &zip, "", 48);
+    ingest(&whole, &[]);
+    let expected = shard_hashes(&tmp.path().join("cache/whole"));
+    assert!(expected.len() >= 10);
+
+    let p = pipeline(tmp.path(), "killed", "pretrain", &json, &zip, "", 48);
+    let out = tmp.path().join("cache/killed");
+    // Kill after the first shard is committed, then at arbitrary moments (mid-shard, mid-write).
+    for wait_ms in [0u64, 700, 1100, 1900] {
+        let mut child = Command::new(common::bin())
+            .args(["ingest", p.to_str().unwrap(), "--device", "cpu"])
+            .spawn()
+            .unwrap();
+        if wait_ms == 0 {
+            while !out.join("progress/shard-00000.json").exists() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    assert!(!out.join("manifest.json").exists() || shard_hashes(&out) == expected);
+    let resumed = ingest(&p, &[]);
+    assert_eq!(shard_hashes(&out), expected, "same rows, same bytes");
+    assert!(String::from_utf8_lossy(&resumed.stdout).contains("already done"));
+    assert_eq!(
+        std::fs::read_to_string(out.join("rejects.jsonl")).unwrap(),
+        std::fs::read_to_string(tmp.path().join("cache/whole/rejects.jsonl")).unwrap()
+    );
+    let leftovers: Vec<_> = walk(&out)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            all.extend(walk(&p));
+        } else {
+            all.push(p);
+        }
+    }
+    all
+}
+
+#[test]
+fn workers_write_disjoint_shards_that_add_up_to_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (json, zip) = small_dataset(tmp.path());
+    let whole = pipeline(tmp.path(), "whole", "pretrain", &json, &zip, "", 100);
+    ingest(&whole, &[]);
+    let p = pipeline(tmp.path(), "split", "pretrain", &json, &zip, "", 100);
+    let out = tmp.path().join("cache/split");
+    let first = ingest(&p, &["--workers", "2", "--worker", "1"]);
+    assert!(String::from_utf8_lossy(&first.stdout).contains("still missing"));
+    assert!(!out.join("manifest.json").exists());
+    assert!(shard_hashes(&out).iter().all(|(name, _)| {
+        let i: usize = name[6..11].parse().unwrap();
+        i % 2 == 1
+    }));
+    ingest(&p, &["--workers", "2", "--worker", "0"]);
+    assert_eq!(
+        shard_hashes(&out),
+        shard_hashes(&tmp.path().join("cache/whole"))
+    );
+    let (a, b) = (
+        read_manifest(&out).unwrap(),
+        read_manifest(&tmp.path().join("cache/whole")).unwrap(),
+    );
+    assert_eq!(
+        (
+            a.samples_written,
+            a.rejects_by_reason.clone(),
+            a.shards.clone()
+        ),
+        (b.samples_written, b.rejects_by_reason, b.shards)
+    );
+}
+
+#[test]
+fn user_errors_name_the_file_and_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (json, zip) = small_dataset(tmp.path());
+    let p = pipeline(tmp.path(), "x", "pretrain", &json, &zip, "", 100);
+    let run = |args: &[&str]| Command::new(common::bin()).args(args).output().unwrap();
+
+    let out = run(&["ingest", p.to_str().unwrap(), "--clip", "/no/such/clip"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/no/such/clip") && err.contains("HINT"),
+        "{err}"
+    );
+
+    let out = run(&["ingest", p.to_str().unwrap(), "--set", "ingest.colour=1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("colour") && err.contains("x.toml"),
+        "{err}"
+    );
+
+    let out = run(&[
+        "ingest",
+        p.to_str().unwrap(),
+        "--set",
+        "ingest.images=/no/such.zip",
+    ]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("/no/such.zip"));
+}

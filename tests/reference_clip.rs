@@ -1,0 +1,188 @@
+//! Image preprocessing and CLIP features against `../shared/reference/clip_small/` (HF
+//! transformers' CLIPImageProcessor and CLIPVisionModel on a small seeded tower).
+//! Tolerances: resized pixels within 1 u8 step (PIL's fixed-point bicubic vs ours); pixel values
+//! 1e-6 (f32 rounding); features 1e-4 (f32, 4 layers, different matmul order).
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use minimind_v::ingest::clip::{ClipSource, ClipTower};
+use minimind_v::ingest::preprocess::{decode_rgb, pixel_values, resize_rgb, Normalization};
+
+fn expected() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        common::reference().join("clip_small/expected.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn u8s(t: &Tensor) -> Vec<u8> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::U8)
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap()
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+fn max_u8_diff(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
+const IMAGES: [&str; 4] = ["img0.png", "img1.png", "img2.jpg", "img3.jpg"];
+
+#[test]
+fn decode_matches_pil() {
+    let exp = expected();
+    for (i, name) in IMAGES.iter().enumerate() {
+        let bytes =
+            std::fs::read(common::reference().join("clip_small/images").join(name)).unwrap();
+        let img = decode_rgb(&bytes).unwrap();
+        let want = &exp[&format!("decoded_u8.{i}")];
+        let (h, w, _) = want.dims3().unwrap();
+        assert_eq!(
+            (img.height() as usize, img.width() as usize),
+            (h, w),
+            "{name}"
+        );
+        let diff = max_u8_diff(img.as_raw(), &u8s(want));
+        // PNG decoding is exact; JPEG IDCTs (libjpeg vs zune-jpeg) may differ by a few steps.
+        let tol = if name.ends_with(".png") { 0 } else { 4 };
+        assert!(diff <= tol, "{name}: decoded pixels differ by {diff}");
+    }
+}
+
+#[test]
+fn resize_matches_pil_bicubic_within_one_step() {
+    let exp = expected();
+    let resized = u8s(&exp["resized_u8"]);
+    let per = 224 * 224 * 3;
+    for (i, name) in IMAGES.iter().enumerate() {
+        // Resize PIL's own decoded pixels, so only the resize is compared.
+        let dec = &exp[&format!("decoded_u8.{i}")];
+        let (h, w, _) = dec.dims3().unwrap();
+        let img = image::RgbImage::from_raw(w as u32, h as u32, u8s(dec)).unwrap();
+        let ours = resize_rgb(&img, 224);
+        let diff = max_u8_diff(&ours, &resized[i * per..(i + 1) * per]);
+        assert!(diff <= 1, "{name}: resize differs from PIL by {diff} steps");
+    }
+}
+
+#[test]
+fn pixel_values_match_clip_image_processor() {
+    let exp = expected();
+    let resized = u8s(&exp["resized_u8"]);
+    let per = 224 * 224 * 3;
+    let imgs: Vec<&[u8]> = (0..4).map(|i| &resized[i * per..(i + 1) * per]).collect();
+    let pre: Normalization = serde_json::from_str(
+        &std::fs::read_to_string(common::reference().join("clip_small/preprocessor_config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let ours = pixel_values(&imgs, 224, &pre, &Device::Cpu).unwrap();
+    assert_eq!(ours.dims(), &[4, 3, 224, 224]);
+    let diff = common::max_abs_diff(&f32s(&ours), &f32s(&exp["pixel_values"]));
+    assert!(diff < 1e-6, "pixel values differ by {diff}");
+}
+
+#[test]
+fn features_match_hf_last_hidden_state_before_post_layernorm() {
+    let exp = expected();
+    let tower = ClipTower::load(
+        &ClipSource::Dir(common::reference().join("clip_small")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!((tower.tokens, tower.hidden), (50, 192));
+    assert!(!tower.is_random());
+    let feats = tower.features(&exp["pixel_values"]).unwrap();
+    assert_eq!(feats.dims(), &[4, 50, 192]);
+    let diff = common::max_abs_diff(&f32s(&feats), &f32s(&exp["last_hidden_state"]));
+    assert!(diff < 1e-4, "features differ by {diff}");
+    // The weights hash is recorded in shard metadata.
+    let sha =
+        minimind_v::util::sha256_file(&common::reference().join("clip_small/model.safetensors"))
+            .unwrap();
+    assert_eq!(tower.weights_id, sha);
+}
+
+#[test]
+fn missing_clip_directory_says_where_to_put_it() {
+    let err = ClipTower::load(&ClipSource::Dir("/nonexistent/clip".into()), &Device::Cpu)
+        .err()
+        .unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("/nonexistent/clip") && msg.contains("HINT"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn random_tower_is_seeded_and_labelled() {
+    let src: ClipSource = "random-small:7".parse().unwrap();
+    let a = ClipTower::load(&src, &Device::Cpu).unwrap();
+    let b = ClipTower::load(&src, &Device::Cpu).unwrap();
+    let c = ClipTower::load(&"random-small:8".parse().unwrap(), &Device::Cpu).unwrap();
+    assert!(a.is_random());
+    assert_eq!(a.weights_id, "random-small:7");
+    let img = vec![90u8; 224 * 224 * 3];
+    let fa = f32s(&a.features_u8(&[&img]).unwrap());
+    assert_eq!(fa, f32s(&b.features_u8(&[&img]).unwrap()));
+    assert_ne!(fa, f32s(&c.features_u8(&[&img]).unwrap()));
+    let big = ClipTower::load(&"random:1".parse().unwrap(), &Device::Cpu).unwrap();
+    assert_eq!((big.tokens, big.hidden), (50, 768));
+}
+
+#[test]
+fn any_colour_type_decodes_to_rgb() {
+    // CMYK JPEG written by PIL: left-top block (10,200,90), rest (200,40,60) after convert('RGB').
+    let cmyk = std::fs::read(common::repo().join("tests/fixtures/cmyk.jpg")).unwrap();
+    let img = decode_rgb(&cmyk).unwrap();
+    let close =
+        |p: &image::Rgb<u8>, q: [u8; 3]| p.0.iter().zip(q).all(|(a, b)| a.abs_diff(b) <= 12);
+    assert!(
+        close(img.get_pixel(5, 5), [10, 200, 90]),
+        "{:?}",
+        img.get_pixel(5, 5)
+    );
+    assert!(
+        close(img.get_pixel(35, 25), [200, 40, 60]),
+        "{:?}",
+        img.get_pixel(35, 25)
+    );
+
+    let mut rgba = image::RgbaImage::new(4, 4);
+    rgba.pixels_mut()
+        .for_each(|p| *p = image::Rgba([10, 20, 30, 0]));
+    let mut gray = image::GrayImage::new(4, 4);
+    gray.pixels_mut().for_each(|p| *p = image::Luma([77]));
+    for (img, want) in [
+        (image::DynamicImage::ImageRgba8(rgba), [10, 20, 30]),
+        (image::DynamicImage::ImageLuma8(gray), [77, 77, 77]),
+    ] {
+        let mut png = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+        // PIL's convert('RGB') drops alpha without compositing; so do we.
+        assert_eq!(decode_rgb(png.get_ref()).unwrap().get_pixel(1, 1).0, want);
+    }
+    assert!(decode_rgb(&[]).is_err());
+    assert!(decode_rgb(b"not an image").is_err());
+}
