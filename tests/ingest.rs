@@ -307,7 +307,12 @@ fn sigkill_at_any_point_then_resume_gives_identical_shards() {
             .spawn()
             .unwrap();
         if wait_ms == 0 {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
             while !out.join("progress/shard-00000.json").exists() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "first shard never committed"
+                );
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
         } else {

@@ -81,7 +81,14 @@ fn resize_matches_pil_bicubic_within_one_step() {
         let img = image::RgbImage::from_raw(w as u32, h as u32, u8s(dec)).unwrap();
         let ours = resize_rgb(&img, 224);
         let diff = max_u8_diff(&ours, &resized[i * per..(i + 1) * per]);
+        let off = ours
+            .iter()
+            .zip(&resized[i * per..(i + 1) * per])
+            .filter(|(a, b)| a != b)
+            .count();
         assert!(diff <= 1, "{name}: resize differs from PIL by {diff} steps");
+        // Same two-pass structure as PIL: all but a handful of values are identical.
+        assert!(off * 10_000 < per, "{name}: {off} values differ");
     }
 }
 

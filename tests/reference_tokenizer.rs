@@ -104,8 +104,14 @@ fn all_cases_match_upstream_template_ids_and_mask() {
             .map(|x| x as u8)
             .collect();
         let n_images = case["n_image_tags_in_text"].as_u64().unwrap() as usize;
+        // Upstream's rule on upstream's ids.
+        let start = chat::answer_start(&tok.encode_text(&text)).unwrap();
+        assert_eq!(
+            chat::loss_mask(n, start),
+            mask_ref[..n],
+            "{name}: loss mask"
+        );
         let enc = tok.encode_sample(st, &t, n_images, 512).unwrap();
-        assert_eq!(enc.loss_mask, mask_ref[..n], "{name}: loss mask");
         assert!(mask_ref[n..].iter().all(|&x| x == 0));
         assert_eq!(
             enc.loss_mask.iter().map(|&x| x as u64).sum::<u64>(),
@@ -118,7 +124,18 @@ fn all_cases_match_upstream_template_ids_and_mask() {
             assert!(enc.repaired, "{name}");
             assert_eq!(chat::placeholder_starts(&enc.input_ids).len(), 1);
             assert_ne!(enc.input_ids, got);
+            let start = chat::answer_start(&enc.input_ids).unwrap();
+            assert_eq!(enc.loss_mask, chat::loss_mask(enc.input_ids.len(), start));
+            assert_eq!(
+                enc.loss_mask.iter().filter(|&&m| m == 1).count(),
+                case["loss_mask_sum"].as_u64().unwrap() as usize
+            );
         } else {
+            assert_eq!(enc.loss_mask, mask_ref[..n], "{name}: loss mask");
+            assert_eq!(
+                enc.loss_mask.iter().map(|&x| x as u64).sum::<u64>(),
+                case["loss_mask_sum"].as_u64().unwrap()
+            );
             assert!(!enc.repaired, "{name}");
             assert_eq!(enc.input_ids, got, "{name}: sample ids");
         }

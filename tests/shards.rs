@@ -60,7 +60,14 @@ fn write_then_read_returns_the_input() {
     assert_eq!(back, input);
     assert_eq!(
         f16_bytes_to_f32(&back[5].features[0]),
-        vec![5.0, -1.5, 0.25, 3.0, 0.0009994507, 7.0]
+        vec![
+            5.0,
+            -1.5,
+            0.25,
+            3.0,
+            half::f16::from_f32(1e-3).to_f32(),
+            7.0
+        ]
     );
     // Same rows, same bytes: what makes resumed ingests reproducible.
     let again = tmp.path().join("shard-00001.parquet");

@@ -80,7 +80,7 @@ pub fn select_pairs(
     if turns.is_empty() {
         return Err((Reason::NoConversations, "conversations is empty".into()));
     }
-    if turns.len() % 2 != 0 {
+    if !turns.len().is_multiple_of(2) {
         return Err((
             Reason::MalformedConversation,
             format!("{} turns: expected human/gpt pairs", turns.len()),
@@ -143,6 +143,18 @@ pub fn placeholder_starts(ids: &[u32]) -> Vec<usize> {
         }
     }
     starts
+}
+
+/// Where the trained answer starts: just after the last `<s>assistant` (upstream's rule).
+pub fn answer_start(ids: &[u32]) -> Option<usize> {
+    ids.windows(ASSISTANT_IDS.len())
+        .rposition(|w| w == ASSISTANT_IDS)
+        .map(|p| p + ASSISTANT_IDS.len())
+}
+
+/// 1 from `start` through the last token, 0 before.
+pub fn loss_mask(len: usize, start: usize) -> Vec<u8> {
+    (0..len).map(|i| u8::from(i >= start)).collect()
 }
 
 /// The MiniMind tokenizer plus the rules above.

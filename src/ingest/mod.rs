@@ -100,12 +100,15 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// One row's per-image data (resized pixels, then features), or why the row has none.
+type RowImages = std::result::Result<Vec<Vec<u8>>, (Reason, String)>;
+
 /// A chunk of rows whose images are decoded and resized.
 struct Prepared {
     shard: usize,
     groups: std::ops::Range<usize>,
     /// Per row: its resized images, or why it has none.
-    images: Vec<std::result::Result<Vec<Vec<u8>>, (Reason, String)>>,
+    images: Vec<RowImages>,
     last: bool,
 }
 
@@ -113,7 +116,7 @@ struct Prepared {
 struct Featured {
     shard: usize,
     groups: std::ops::Range<usize>,
-    features: Vec<std::result::Result<Vec<Vec<u8>>, (Reason, String)>>,
+    features: Vec<RowImages>,
     last: bool,
 }
 
@@ -233,8 +236,9 @@ fn process(
     let (feat_tx, feat_rx) = bounded::<Featured>(2);
 
     std::thread::scope(|s| -> Result<usize> {
-        // Stage 1: read bytes (sequential) and decode + resize (parallel).
-        s.spawn(|| {
+        // Stage 1: read bytes (sequential) and decode + resize (parallel). Owns the sender, so
+        // the CLIP loop ends when this thread does.
+        s.spawn(move || {
             let result = (|| -> Result<()> {
                 let mut source = ImageSource::open(&cfg.images)?;
                 for &shard in pending {
@@ -345,11 +349,7 @@ fn image_reject(g: &Group, reason: Reason, detail: String) -> Reject {
 }
 
 /// Read every image of `groups`, then decode and resize them in parallel.
-fn prepare(
-    source: &mut ImageSource,
-    groups: &[Group],
-    size: u32,
-) -> Vec<std::result::Result<Vec<Vec<u8>>, (Reason, String)>> {
+fn prepare(source: &mut ImageSource, groups: &[Group], size: u32) -> Vec<RowImages> {
     let bytes: Vec<_> = groups
         .iter()
         .map(|g| {

@@ -98,27 +98,22 @@ pub fn sample_stats(path: &Path) -> Result<SampleStats> {
     })
 }
 
-/// A text histogram of token lengths in 8 buckets up to the maximum.
+/// A text histogram of token lengths in 8 equal buckets from the shortest to the longest.
 fn histogram(lengths: &[u32]) -> String {
     let mut out = String::new();
-    let Some(&max) = lengths.iter().max() else {
+    let (Some(&min), Some(&max)) = (lengths.iter().min(), lengths.iter().max()) else {
         return "  (no samples)\n".into();
     };
-    let width = (max as usize).div_ceil(8).max(1);
+    let width = ((max - min + 1) as usize).div_ceil(8);
     let mut counts = [0usize; 8];
     for &l in lengths {
-        counts[((l as usize).saturating_sub(1) / width).min(7)] += 1;
+        counts[((l - min) as usize / width).min(7)] += 1;
     }
-    let top = *counts.iter().max().unwrap_or(&1);
+    let top = counts.iter().copied().max().unwrap_or(1).max(1);
     for (i, c) in counts.iter().enumerate() {
-        let bar = "#".repeat((c * 40).div_ceil(top.max(1)));
-        let _ = writeln!(
-            out,
-            "  {:>4}-{:<4} {:>8} {bar}",
-            i * width + 1,
-            (i + 1) * width,
-            c
-        );
+        let lo = min as usize + i * width;
+        let bar = "#".repeat((c * 40).div_ceil(top));
+        let _ = writeln!(out, "  {:>4}-{:<4} {:>8} {bar}", lo, lo + width - 1, c);
     }
     out
 }
