@@ -135,8 +135,8 @@ pub fn report(path: &Path) -> Result<String> {
     }
     let _ = writeln!(out, "\nmetadata:");
     for (k, v) in meta.to_kv() {
-        let v = if v.len() > 80 {
-            format!("{}…", &v[..80])
+        let v = if v.chars().count() > 80 {
+            format!("{}…", v.chars().take(80).collect::<String>())
         } else {
             v
         };
@@ -173,7 +173,7 @@ pub fn report(path: &Path) -> Result<String> {
 
     let _ = writeln!(
         out,
-        "feature stats of the first rows ({} f16):",
+        "feature stats of the first rows (stored as {}):",
         meta.feature_dtype
     );
     for row in ShardReader::open(first)?.take(3) {

@@ -103,6 +103,8 @@ pub fn write_shard(path: &Path, rows: &[ShardRow], meta: &ShardMeta) -> Result<(
         .collect();
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
+        // Features are unique per row: dictionary pages would only cost time.
+        .set_dictionary_enabled(false)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .set_key_value_metadata(Some(kv))
         .build();
