@@ -11,6 +11,7 @@ pub mod device;
 pub mod error;
 pub mod ingest;
 pub mod inspect;
+pub mod model;
 pub mod shards;
 pub mod synth;
 pub mod util;

@@ -1,0 +1,302 @@
+//! The MiniMind LLM, upstream v1: tied embeddings; per layer RMSNorm → GQA attention with
+//! interleaved-pair RoPE (upstream's complex form), causal, no biases; RMSNorm → SwiGLU.
+//! Every op here has a backward pass (no fused candle-nn kernels that silently drop gradients).
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{linear_no_bias, Embedding, Linear, VarBuilder};
+
+use super::ModelConfig;
+
+/// Upstream's RMSNorm: `weight * x / sqrt(mean(x²) + eps)`, in f32.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?,
+            eps,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// cos/sin tables of RoPE: (max_seq_len, head_dim / 2).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim() / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32)
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, half), device)?;
+        let t = Tensor::arange(0u32, cfg.max_seq_len as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.max_seq_len, 1))?;
+        let freqs = t.broadcast_mul(&inv)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rotate (B, H, T, hd) whose first position is `offset`.
+    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        candle_nn::rotary_emb::rope_i_slow(x, &cos, &sin)
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+        }
+    }
+
+    /// Tokens already cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let hd = cfg.head_dim();
+        Ok(Self {
+            wq: linear_no_bias(cfg.dim, cfg.n_heads * hd, vb.pp("wq"))?,
+            wk: linear_no_bias(cfg.dim, cfg.n_kv_heads * hd, vb.pp("wk"))?,
+            wv: linear_no_bias(cfg.dim, cfg.n_kv_heads * hd, vb.pp("wv"))?,
+            wo: linear_no_bias(cfg.n_heads * hd, cfg.dim, vb.pp("wo"))?,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// (B, KV, T, hd) → (B, H, T, hd): head h reads KV head h / n_rep, as upstream's repeat_kv.
+    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
+        let n_rep = self.n_heads / self.n_kv_heads;
+        if n_rep == 1 {
+            return Ok(x);
+        }
+        let (b, kv, t, hd) = x.dims4()?;
+        x.unsqueeze(2)?
+            .expand((b, kv, n_rep, t, hd))?
+            .reshape((b, kv * n_rep, t, hd))
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?; // (B, T, C)
+        let offset = cache
+            .as_ref()
+            .and_then(|c| c.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
+        let q = x
+            .apply(&self.wq)?
+            .reshape((b, t, self.n_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let k = x
+            .apply(&self.wk)?
+            .reshape((b, t, self.n_kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let v = x
+            .apply(&self.wv)?
+            .reshape((b, t, self.n_kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let q = rope.apply(&q.contiguous()?, offset)?;
+        let mut k = rope.apply(&k.contiguous()?, offset)?;
+        let mut v = v.contiguous()?;
+        if let Some(cache) = cache {
+            if let Some((pk, pv)) = cache.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        let k = self.repeat_kv(k)?.contiguous()?;
+        let v = self.repeat_kv(v)?.contiguous()?;
+        let s = k.dim(2)?; // keys: cached + new
+        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?; // (B, H, T, S)
+        let scores = if t > 1 {
+            scores.broadcast_add(&causal_mask(t, s, x.device())?.to_dtype(scores.dtype())?)?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
+            .to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?; // (B, H, T, hd)
+        out.transpose(1, 2)?
+            .reshape((b, t, self.n_heads * self.head_dim))?
+            .apply(&self.wo)
+    }
+}
+
+/// (T, S) additive mask: query i (at absolute position S - T + i) sees keys ≤ its position.
+fn causal_mask(t: usize, s: usize, device: &Device) -> Result<Tensor> {
+    let off = s - t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j > i + off { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, s), device)
+}
+
+#[derive(Debug, Clone)]
+struct FeedForward {
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let h = cfg.ffn_hidden();
+        Ok(Self {
+            w1: linear_no_bias(cfg.dim, h, vb.pp("w1"))?,
+            w2: linear_no_bias(h, cfg.dim, vb.pp("w2"))?,
+            w3: linear_no_bias(cfg.dim, h, vb.pp("w3"))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&x.apply(&self.w1)?)?;
+        (gate * x.apply(&self.w3)?)?.apply(&self.w2)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attention_norm: RmsNorm,
+    attention: Attention,
+    ffn_norm: RmsNorm,
+    feed_forward: FeedForward,
+}
+
+impl Block {
+    fn new(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        Ok(Self {
+            attention_norm: RmsNorm::new(vb.pp("attention_norm"), cfg.dim, cfg.norm_eps)?,
+            attention: Attention::new(vb.pp("attention"), cfg)?,
+            ffn_norm: RmsNorm::new(vb.pp("ffn_norm"), cfg.dim, cfg.norm_eps)?,
+            feed_forward: FeedForward::new(vb.pp("feed_forward"), cfg)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let h = (x + self
+            .attention
+            .forward(&x.apply(&self.attention_norm)?, rope, cache)?)?;
+        &h + h.apply(&self.ffn_norm)?.apply(&self.feed_forward)?
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MiniMind {
+    pub tok_embeddings: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    /// Tied: the embedding matrix.
+    output: Linear,
+    rope: Rope,
+    pub cfg: ModelConfig,
+}
+
+impl MiniMind {
+    pub fn new(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let emb = vb.get_with_hints(
+            (cfg.vocab_size, cfg.dim),
+            "tok_embeddings.weight",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        let layers = (0..cfg.n_layers)
+            .map(|i| Block::new(vb.pp(format!("layers.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            tok_embeddings: Embedding::new(emb.clone(), cfg.dim),
+            layers,
+            norm: RmsNorm::new(vb.pp("norm"), cfg.dim, cfg.norm_eps)?,
+            output: Linear::new(emb, None),
+            rope: Rope::new(cfg, vb.dtype(), vb.device())?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Token embeddings (B, T) → (B, T, C).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.tok_embeddings.forward(ids)
+    }
+
+    /// Hidden states after the final norm: (B, T, C) → (B, T, C). With a cache, `h` holds only
+    /// the new positions and the cache grows by them.
+    pub fn hidden(&self, h: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let mut h = h.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let c = cache.as_mut().map(|c| &mut c.layers[i]);
+            h = layer.forward(&h, &self.rope, c)?;
+        }
+        h.apply(&self.norm)
+    }
+
+    /// (…, C) → (…, V).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        hidden.apply(&self.output)
+    }
+}

@@ -1,0 +1,101 @@
+//! MiniMind-V in candle: the MiniMind LLM (upstream v1, exactly), the linear vision projector,
+//! the splice of projected image features into placeholder positions, the masked loss, and strict
+//! weight loading under upstream's parameter names (safetensors or upstream `*.pth`).
+
+pub mod llm;
+pub mod vlm;
+pub mod weights;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ingest::chat::placeholder_ids;
+
+/// Model shape, in upstream's `LMConfig` names; `config.json` beside `model.safetensors`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub dim: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub vocab_size: usize,
+    /// Feed-forward width; `None` derives upstream's `multiple_of * ceil(int(8 dim / 3) / multiple_of)`.
+    #[serde(default)]
+    pub hidden_dim: Option<usize>,
+    pub multiple_of: usize,
+    pub norm_eps: f64,
+    pub max_seq_len: usize,
+    pub rope_theta: f64,
+    /// Width of the CLIP features the projector takes (768 for ViT-B/32).
+    pub vision_dim: usize,
+    /// The 50 placeholder ids one image occupies.
+    pub image_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    fn preset(dim: usize, n_layers: usize, n_heads: usize, n_kv_heads: usize) -> Self {
+        Self {
+            dim,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            vocab_size: 6400,
+            hidden_dim: None,
+            multiple_of: 64,
+            norm_eps: 1e-5,
+            max_seq_len: 512,
+            rope_theta: 1e4,
+            vision_dim: 768,
+            image_ids: placeholder_ids(),
+        }
+    }
+
+    /// Upstream's default: 27M parameters.
+    pub fn minimind_512() -> Self {
+        Self::preset(512, 8, 16, 8)
+    }
+
+    /// Upstream's larger model: 109M parameters.
+    pub fn minimind_768() -> Self {
+        Self::preset(768, 16, 16, 8)
+    }
+
+    /// For tests: the shape of `../shared/reference/tiny_llm`.
+    pub fn tiny() -> Self {
+        Self {
+            max_seq_len: 128,
+            ..Self::preset(64, 2, 4, 2)
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.n_heads
+    }
+
+    pub fn ffn_hidden(&self) -> usize {
+        self.hidden_dim.unwrap_or_else(|| {
+            let h = 2 * (4 * self.dim) / 3;
+            self.multiple_of * h.div_ceil(self.multiple_of)
+        })
+    }
+
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |m: String| Err(crate::Error::Config(format!("model: {m}")));
+        if self.dim % self.n_heads != 0 || self.head_dim() % 2 != 0 {
+            return bad(format!(
+                "dim {} must split into {} heads of even size",
+                self.dim, self.n_heads
+            ));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!(
+                "n_heads {} must be a multiple of n_kv_heads {}",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.image_ids.is_empty() {
+            return bad("image_ids is empty".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,182 @@
+//! MiniMind-V: projector (Linear vision_dim → dim, with bias) + MiniMind. Each image's projected
+//! features replace one 50-token placeholder window of its row, left to right; the loss is
+//! upstream's `sum(CE * mask) / sum(mask)`, with the output head evaluated only where the mask is 1.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{linear, Linear, VarBuilder};
+
+use super::llm::{KvCache, MiniMind};
+use super::ModelConfig;
+
+/// Image features of a batch and where they go.
+#[derive(Debug, Clone)]
+pub struct Images {
+    /// (M, tokens, vision_dim): every image of the batch, in slot order.
+    pub feats: Tensor,
+    /// Per image: (row, first position of its placeholder window).
+    pub slots: Vec<(usize, usize)>,
+}
+
+impl Images {
+    /// Pair each row's placeholder windows, left to right, with that row's images.
+    /// `feats[r]` is (n_r, tokens, vision_dim); extra images without a window are not used.
+    pub fn for_rows(rows: &[&[u32]], feats: &[Tensor], image_ids: &[u32]) -> Result<Option<Self>> {
+        let mut used = Vec::new();
+        let mut slots = Vec::new();
+        for (r, (ids, f)) in rows.iter().zip(feats).enumerate() {
+            let starts = placeholder_starts(ids, image_ids);
+            let n = starts.len().min(f.dim(0)?);
+            for (k, &start) in starts.iter().take(n).enumerate() {
+                slots.push((r, start));
+                used.push(f.get(k)?);
+            }
+        }
+        if used.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            feats: Tensor::stack(&used, 0)?,
+            slots,
+        }))
+    }
+}
+
+/// Start positions of complete, non-overlapping `image_ids` windows.
+pub fn placeholder_starts(ids: &[u32], image_ids: &[u32]) -> Vec<usize> {
+    let n = image_ids.len();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + n <= ids.len() {
+        if &ids[i..i + n] == image_ids {
+            out.push(i);
+            i += n;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone)]
+pub struct Vlm {
+    pub llm: MiniMind,
+    pub vision_proj: Linear,
+    pub cfg: ModelConfig,
+}
+
+impl Vlm {
+    pub fn new(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        Ok(Self {
+            llm: MiniMind::new(vb.clone(), cfg)?,
+            vision_proj: linear(cfg.vision_dim, cfg.dim, vb.pp("vision_proj.vision_proj.0"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Token embeddings with image features spliced in: (B, T) → (B, T, C). `pos0` is the
+    /// absolute position of column 0 (slots are absolute positions).
+    pub fn embed(&self, ids: &Tensor, images: Option<&Images>, pos0: usize) -> Result<Tensor> {
+        let h = self.llm.embed(ids)?;
+        let Some(images) = images else { return Ok(h) };
+        let (b, t, c) = h.dims3()?;
+        let tokens = images.feats.dim(1)?;
+        let proj = self
+            .vision_proj
+            .forward(&images.feats.to_dtype(h.dtype())?)?; // (M, tokens, C)
+        let mut index: Vec<u32> = (0..(b * t) as u32).collect();
+        let mut any = false;
+        for (k, &(row, start)) in images.slots.iter().enumerate() {
+            for j in 0..tokens {
+                let Some(p) = (start + j).checked_sub(pos0).filter(|p| *p < t) else {
+                    continue;
+                };
+                index[row * t + p] = (b * t + k * tokens + j) as u32;
+                any = true;
+            }
+        }
+        if !any {
+            return Ok(h);
+        }
+        let all = Tensor::cat(
+            &[
+                h.reshape((b * t, c))?,
+                proj.reshape((images.slots.len() * tokens, c))?,
+            ],
+            0,
+        )?;
+        let index = Tensor::from_vec(index, b * t, h.device())?;
+        all.index_select(&index, 0)?.reshape((b, t, c))
+    }
+
+    /// Full logits (B, T, V).
+    pub fn forward(&self, ids: &Tensor, images: Option<&Images>) -> Result<Tensor> {
+        let h = self.embed(ids, images, 0)?;
+        self.llm.logits(&self.llm.hidden(&h, None)?)
+    }
+
+    /// Logits of the last position only, (B, V), extending `cache` by the new tokens.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        images: Option<&Images>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let pos0 = cache.len();
+        let h = self.embed(ids, images, pos0)?;
+        let hidden = self.llm.hidden(&h, Some(cache))?;
+        let t = hidden.dim(1)?;
+        self.llm.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    /// Upstream's loss, `sum(CE(logits, targets) * mask) / sum(mask)`, computing the output head
+    /// only at positions whose mask is 1 (they are the only ones that contribute).
+    /// `targets`, `mask`: (B, T) u32 / any numeric dtype.
+    pub fn loss(
+        &self,
+        ids: &Tensor,
+        images: Option<&Images>,
+        targets: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let h = self.llm.hidden(&self.embed(ids, images, 0)?, None)?; // (B, T, C)
+        let (b, t, c) = h.dims3()?;
+        let mask: Vec<f32> = mask.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let keep: Vec<u32> = (0..(b * t) as u32)
+            .filter(|&i| mask[i as usize] != 0.0)
+            .collect();
+        if keep.is_empty() {
+            candle_core::bail!("loss mask is all zero: no answer token in the batch");
+        }
+        let keep = Tensor::from_vec(keep.clone(), keep.len(), h.device())?;
+        let h = h.reshape((b * t, c))?.index_select(&keep, 0)?;
+        let tg = targets
+            .flatten_all()?
+            .to_dtype(DType::U32)?
+            .index_select(&keep, 0)?;
+        cross_entropy(&self.llm.logits(&h)?, &tg)
+    }
+}
+
+/// Mean cross-entropy of (N, V) logits against (N,) u32 targets, in f32.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    picked.mean_all()?.neg()
+}
+
+/// The full-logits form of the loss, for checking the fast one: (B, T, V), (B, T), (B, T).
+pub fn masked_loss_full(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let logp = candle_nn::ops::log_softmax(
+        &logits.to_dtype(DType::F32)?.reshape((b * t, v))?,
+        D::Minus1,
+    )?;
+    let tg = targets.flatten_all()?.to_dtype(DType::U32)?;
+    let ce = logp.gather(&tg.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+    let m = mask.flatten_all()?.to_dtype(DType::F32)?;
+    (ce * &m)?.sum_all()? / m.sum_all()?.to_scalar::<f32>()? as f64
+}
+
+pub fn device_of(v: &Vlm) -> Device {
+    v.vision_proj.weight().device().clone()
+}
