@@ -86,7 +86,6 @@ fn read_pth(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let repacked = || -> std::result::Result<Vec<(String, Tensor)>, String> {
         let cfg = zip::read::Config {
             archive_offset: zip::read::ArchiveOffset::Known(0),
-            ..Default::default()
         };
         let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
         let mut archive = zip::ZipArchive::with_config(cfg, file).map_err(|e| e.to_string())?;
