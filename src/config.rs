@@ -14,8 +14,7 @@ use crate::ingest::chat::Stage;
 #[serde(deny_unknown_fields)]
 pub struct Pipeline {
     pub ingest: Option<IngestConfig>,
-    /// Read by the trainer.
-    pub train: Option<toml::Table>,
+    pub train: Option<crate::train::TrainConfig>,
 }
 
 /// `[ingest]`: upstream's JSON + images → shards.

@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod model;
 pub mod shards;
 pub mod synth;
+pub mod train;
 pub mod util;
 
 pub use error::{Error, Result};

@@ -67,7 +67,8 @@ fn n_residue(n: usize, modulus: usize, r: usize) -> usize {
 fn three_upstream_formats_with_faults() {
     let tmp = tempfile::tempdir().unwrap();
     let ds = tmp.path().join("dataset");
-    let (n_pre, n_sft, n_multi) = (2000, 700, 300);
+    // ≥2,000 images in each format.
+    let (n_pre, n_sft, n_multi) = (2000, 2000, 1000);
     let planted = synth::generate(&SynthConfig {
         out: ds.clone(),
         seed: 1,
@@ -105,12 +106,14 @@ fn three_upstream_formats_with_faults() {
     assert_eq!(
         reasons(&m),
         vec![
+            ("answer_truncated".into(), r(89)),
             ("corrupt_image".into(), r(13)),
             ("empty_image".into(), r(29)),
             ("image_tag_mismatch".into(), r(53)),
             ("malformed_record".into(), 1),
             ("missing_image".into(), r(41)),
             ("no_conversations".into(), r(67)),
+            ("placeholder_truncated".into(), r(5)),
         ]
     );
     assert_eq!(planted.faults["corrupt_image"], r(13));

@@ -196,6 +196,22 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
                     conversations[0] = turn("human", "Describe this image: <image>".into());
                     fault("space_before_image_repaired");
                 }
+                89 => {
+                    // Truncation to 512 tokens would leave no answer token.
+                    conversations[0] = turn(
+                        "human",
+                        format!("<image>\n{}", "请仔细看这张图片。".repeat(120)),
+                    );
+                    fault("answer_truncated");
+                }
+                5 => {
+                    // Truncation to 512 tokens would cut the image placeholder.
+                    conversations[0] = turn(
+                        "human",
+                        format!("{}<image>", "请仔细看这张图片。".repeat(120)),
+                    );
+                    fault("placeholder_truncated");
+                }
                 _ => {}
             }
         }

@@ -1,0 +1,276 @@
+//! Shards → training batches, streamed: rows are read a row group at a time, samples pass a
+//! seeded shuffle buffer, are grouped into length buckets and padded only to the longest sample
+//! of their batch (upstream pads every row to 512). The stream is a pure function of
+//! (files, seed, settings), so a position — batches drawn so far — is all a checkpoint needs.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{bad_file, Result};
+use crate::model::vlm::Images;
+use crate::shards::reader::ShardReader;
+use crate::shards::{f16_bytes_to_f32, ShardMeta};
+
+/// One tokenized sample with its row's image features (shared between a row's samples).
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub id: String,
+    pub ids: Vec<u16>,
+    pub mask: Vec<u8>,
+    pub features: Arc<Vec<Vec<u8>>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataConfig {
+    pub batch_size: usize,
+    pub shuffle_buffer: usize,
+    /// Batches sorted by length together; 1 disables bucketing.
+    pub bucket_batches: usize,
+    pub seed: u64,
+    /// Pad every batch to this length instead (upstream's behaviour, for comparison).
+    pub pad_to: Option<usize>,
+}
+
+/// Endless, epoch after epoch, deterministic stream of item batches.
+pub struct Stream {
+    files: Vec<PathBuf>,
+    cfg: DataConfig,
+    epoch: u64,
+    /// Batches handed out so far, over all epochs: the resume position.
+    pub position: u64,
+    rng: ChaCha8Rng,
+    order: VecDeque<PathBuf>,
+    reader: Option<ShardReader>,
+    pending: VecDeque<Item>,
+    buffer: Vec<Item>,
+    ready: VecDeque<Vec<Item>>,
+}
+
+impl Stream {
+    pub fn new(files: Vec<PathBuf>, cfg: DataConfig) -> Result<Self> {
+        if files.is_empty() {
+            return Err(crate::Error::Config("no shard files to train on".into()));
+        }
+        let mut s = Self {
+            files,
+            cfg,
+            epoch: 0,
+            position: 0,
+            rng: ChaCha8Rng::seed_from_u64(0),
+            order: VecDeque::new(),
+            reader: None,
+            pending: VecDeque::new(),
+            buffer: Vec::new(),
+            ready: VecDeque::new(),
+        };
+        s.start_epoch(0);
+        Ok(s)
+    }
+
+    fn start_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+        self.rng =
+            ChaCha8Rng::seed_from_u64(self.cfg.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut files = self.files.clone();
+        files.shuffle(&mut self.rng);
+        self.order = files.into();
+    }
+
+    /// Next sample in file order, or `None` at the end of the epoch.
+    fn next_item(&mut self) -> Result<Option<Item>> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Ok(Some(item));
+            }
+            if let Some(reader) = self.reader.as_mut() {
+                match reader.next() {
+                    Some(row) => {
+                        let row = row?;
+                        let features = Arc::new(row.features);
+                        self.pending.extend(row.samples.into_iter().map(|s| Item {
+                            id: s.id,
+                            ids: s.input_ids,
+                            mask: s.loss_mask,
+                            features: features.clone(),
+                        }));
+                        continue;
+                    }
+                    None => self.reader = None,
+                }
+            }
+            match self.order.pop_front() {
+                Some(path) => self.reader = Some(ShardReader::open(&path)?),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Fill the next group of length-sorted batches.
+    fn refill(&mut self) -> Result<()> {
+        let group = self.cfg.batch_size * self.cfg.bucket_batches.max(1);
+        let mut picked = Vec::with_capacity(group);
+        let mut exhausted = false;
+        while picked.len() < group {
+            while !exhausted && self.buffer.len() < self.cfg.shuffle_buffer.max(1) {
+                match self.next_item()? {
+                    Some(item) => self.buffer.push(item),
+                    None => exhausted = true,
+                }
+            }
+            if self.buffer.is_empty() {
+                break;
+            }
+            let i = self.rng.random_range(0..self.buffer.len());
+            picked.push(self.buffer.swap_remove(i));
+        }
+        if picked.is_empty() {
+            return Ok(());
+        }
+        if self.cfg.bucket_batches > 1 {
+            picked.sort_by_key(|it| it.ids.len());
+        }
+        let mut batches: Vec<Vec<Item>> = Vec::new();
+        let mut iter = picked.into_iter().peekable();
+        while iter.peek().is_some() {
+            batches.push(iter.by_ref().take(self.cfg.batch_size).collect());
+        }
+        batches.shuffle(&mut self.rng);
+        self.ready.extend(batches);
+        Ok(())
+    }
+
+    /// The next batch of items; epochs roll over.
+    pub fn next_items(&mut self) -> Result<Vec<Item>> {
+        for _ in 0..3 {
+            if let Some(b) = self.ready.pop_front() {
+                self.position += 1;
+                return Ok(b);
+            }
+            self.refill()?;
+            if self.ready.is_empty() {
+                self.start_epoch(self.epoch + 1);
+            }
+        }
+        Err(crate::Error::Config("the shards hold no samples".into()))
+    }
+
+    /// Advance to `position` without building tensors (resume).
+    pub fn skip_to(&mut self, position: u64) -> Result<()> {
+        while self.position < position {
+            self.next_items()?;
+        }
+        Ok(())
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+}
+
+/// A padded batch on a device, shifted as upstream does: X = ids[:-1], Y = ids[1:], mask[1:].
+pub struct Batch {
+    pub x: Tensor,
+    pub y: Tensor,
+    pub mask: Tensor,
+    pub images: Option<Images>,
+    pub ids: Vec<String>,
+    /// Real (unpadded) input tokens.
+    pub tokens: usize,
+    pub loss_tokens: usize,
+}
+
+/// Build the device tensors of a batch. `zero_images` replaces features by zeros (ablation).
+pub fn collate(
+    items: &[Item],
+    meta: &ShardMeta,
+    pad_to: Option<usize>,
+    zero_images: bool,
+    image_ids: &[u32],
+    device: &Device,
+) -> Result<Batch> {
+    let longest = items
+        .iter()
+        .map(|i| i.ids.len().saturating_sub(1))
+        .max()
+        .unwrap_or(0);
+    let t = pad_to.map_or(longest, |p| p.max(longest));
+    let b = items.len();
+    let (mut x, mut y, mut m) = (vec![0u32; b * t], vec![0u32; b * t], vec![0f32; b * t]);
+    let mut tokens = 0;
+    for (r, it) in items.iter().enumerate() {
+        let n = it.ids.len().saturating_sub(1);
+        tokens += n;
+        for p in 0..n {
+            x[r * t + p] = it.ids[p] as u32;
+            y[r * t + p] = it.ids[p + 1] as u32;
+            m[r * t + p] = it.mask[p + 1] as f32;
+        }
+    }
+    let loss_tokens = m.iter().filter(|&&v| v != 0.0).count();
+    let [tok, hid] = meta.feature_shape;
+    let feats: Vec<Tensor> = items
+        .iter()
+        .map(|it| {
+            let mut data = Vec::with_capacity(it.features.len() * tok * hid);
+            for f in it.features.iter() {
+                if zero_images {
+                    data.extend(std::iter::repeat_n(0f32, tok * hid));
+                } else {
+                    data.extend(f16_bytes_to_f32(f));
+                }
+            }
+            Tensor::from_vec(data, (it.features.len(), tok, hid), device)
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let rows: Vec<Vec<u32>> = items
+        .iter()
+        .map(|it| it.ids.iter().take(t).map(|&v| v as u32).collect())
+        .collect();
+    let row_refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+    let images = Images::for_rows(&row_refs, &feats, image_ids)?;
+    Ok(Batch {
+        x: Tensor::from_vec(x, (b, t), device)?,
+        y: Tensor::from_vec(y, (b, t), device)?,
+        mask: Tensor::from_vec(m, (b, t), device)?,
+        images,
+        ids: items.iter().map(|i| i.id.clone()).collect(),
+        tokens,
+        loss_tokens,
+    })
+}
+
+/// Every shard's metadata must agree and fit the model; refuse before training starts.
+pub fn check_shards(files: &[PathBuf], vision_dim: usize) -> Result<ShardMeta> {
+    let mut first: Option<ShardMeta> = None;
+    for f in files {
+        let meta = crate::shards::reader::read_meta(f)?;
+        if meta.feature_shape[1] != vision_dim {
+            return Err(bad_file(
+                f,
+                format!(
+                    "features are {}×{} but the model's projector takes {vision_dim}-wide features\nHINT: set model vision_dim = {} or ingest with the CLIP the model expects",
+                    meta.feature_shape[0], meta.feature_shape[1], meta.feature_shape[1]
+                ),
+            ));
+        }
+        match &first {
+            Some(m)
+                if m.feature_shape != meta.feature_shape || m.clip_weights != meta.clip_weights =>
+            {
+                return Err(bad_file(
+                    f,
+                    "was ingested with another CLIP than the first shard",
+                ))
+            }
+            Some(_) => {}
+            None => first = Some(meta),
+        }
+    }
+    first.ok_or_else(|| crate::Error::Config("no shard files".into()))
+}

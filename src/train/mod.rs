@@ -1,0 +1,409 @@
+//! The trainer: shards → checkpoint. Reads `[train]` of a pipeline file; streams batches
+//! (`data`), trains the projector (+ LLM) with AdamW (`optim`), logs one JSONL line per step to
+//! `out/metrics.jsonl`, and checkpoints atomically to `out/checkpoint/` (weights, config,
+//! optimizer moments, step and data position) so `--resume` continues bit for bit.
+
+pub mod data;
+pub mod optim;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{bad_file, Error, IoContext, Result};
+use crate::model::{vlm::Vlm, weights, ModelConfig};
+use data::{DataConfig, Stream};
+use optim::{AdamW, AdamWConfig};
+
+/// A named preset or a full model config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ModelChoice {
+    Preset(String),
+    Custom(ModelConfig),
+}
+
+impl ModelChoice {
+    pub fn resolve(&self) -> Result<ModelConfig> {
+        match self {
+            Self::Custom(c) => Ok(c.clone()),
+            Self::Preset(p) => match p.as_str() {
+                "minimind_512" => Ok(ModelConfig::minimind_512()),
+                "minimind_768" => Ok(ModelConfig::minimind_768()),
+                "tiny" => Ok(ModelConfig::tiny()),
+                other => Err(Error::Config(format!(
+                    "model {other:?}: expected minimind_512, minimind_768, tiny or a table"
+                ))),
+            },
+        }
+    }
+}
+
+/// Which parameters learn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trainable {
+    Projector,
+    /// Projector and LLM: upstream's default.
+    All,
+}
+
+/// `[train]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Shard directory written by ingest.
+    pub shards: PathBuf,
+    /// Checkpoint, metrics and plots go here.
+    pub out: PathBuf,
+    #[serde(default = "default_model")]
+    pub model: ModelChoice,
+    /// Start from this checkpoint (`.safetensors` or upstream `.pth`); none = random init.
+    #[serde(default)]
+    pub init: Option<PathBuf>,
+    #[serde(default = "default_trainable")]
+    pub trainable: Trainable,
+    pub steps: usize,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_shuffle")]
+    pub shuffle_buffer: usize,
+    #[serde(default = "default_bucket")]
+    pub bucket_batches: usize,
+    /// Pad every batch to this length (upstream pads to 512); default: dynamic padding.
+    #[serde(default)]
+    pub pad_to: Option<usize>,
+    #[serde(default = "default_ckpt")]
+    pub checkpoint_every: usize,
+}
+
+fn default_model() -> ModelChoice {
+    ModelChoice::Preset("minimind_512".into())
+}
+fn default_trainable() -> Trainable {
+    Trainable::All
+}
+fn default_batch() -> usize {
+    16
+}
+fn one() -> usize {
+    1
+}
+fn default_lr() -> f64 {
+    4e-4
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_shuffle() -> usize {
+    4096
+}
+fn default_bucket() -> usize {
+    16
+}
+fn default_ckpt() -> usize {
+    500
+}
+
+/// Saved beside the weights; enough to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub step: usize,
+    pub data_position: u64,
+    pub adam_t: u64,
+    pub config: TrainConfig,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub loss: f32,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub samples_per_s: f64,
+    /// Share of the step spent waiting for data (reading, collating).
+    pub data_wait: f64,
+    pub epoch: u64,
+}
+
+pub struct RunOptions {
+    pub resume: bool,
+    /// Stop after this many steps of this invocation (tests; a clean "interruption").
+    pub stop_after: Option<usize>,
+    pub progress: bool,
+    pub device: Device,
+}
+
+fn checkpoint_dir(out: &Path) -> PathBuf {
+    out.join("checkpoint")
+}
+
+/// Build the model: from `init`, a checkpoint to resume, or random.
+fn build_model(
+    cfg: &TrainConfig,
+    mcfg: &ModelConfig,
+    resume_from: Option<&Path>,
+    device: &Device,
+) -> Result<(Vlm, VarMap)> {
+    if let Some(dir) = resume_from {
+        let (m, vm, _) = weights::load(&dir.join("model.safetensors"), mcfg, false, device)?;
+        return Ok((m, vm));
+    }
+    if let Some(init) = &cfg.init {
+        let (m, vm, report) = weights::load(init, mcfg, true, device)?;
+        if report.fresh_projector {
+            eprintln!(
+                "{}: no projector in this checkpoint (LLM only): initialising vision_proj freshly",
+                init.display()
+            );
+        }
+        return Ok((m, vm));
+    }
+    let vm = VarMap::new();
+    let m = Vlm::new(VarBuilder::from_varmap(&vm, DType::F32, device), mcfg)?;
+    Ok((m, vm))
+}
+
+fn save_checkpoint(
+    out: &Path,
+    vm: &VarMap,
+    mcfg: &ModelConfig,
+    opt: &AdamW,
+    state: &TrainState,
+) -> Result<()> {
+    let dir = checkpoint_dir(out);
+    let tmp = crate::util::tmp_path(&dir);
+    let _ = std::fs::remove_dir_all(&tmp);
+    weights::save(vm, mcfg, &tmp)?;
+    opt.save(&tmp.join("optimizer.safetensors"))?;
+    crate::util::write_bytes_atomic(&tmp.join("state.json"), &serde_json::to_vec_pretty(state)?)?;
+    let old = out.join("checkpoint.old");
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(&dir, &old).at(&dir)?;
+    }
+    std::fs::rename(&tmp, &dir).at(&dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Keep the metrics lines of steps ≤ `step` (a resumed run rewrites the rest).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).at(path)?;
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::util::write_bytes_atomic(path, kept.as_bytes())
+}
+
+pub fn read_metrics(out: &Path) -> Result<Vec<StepLog>> {
+    let path = out.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).at(&path)?;
+    text.lines()
+        .map(|l| serde_json::from_str(l).map_err(|e| bad_file(&path, e.to_string())))
+        .collect()
+}
+
+pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
+    let mcfg = cfg.model.resolve()?;
+    mcfg.validate()?;
+    let files = crate::shards::reader::list_shards(&cfg.shards)?;
+    let meta = data::check_shards(&files, mcfg.vision_dim)?;
+    if meta.clip_random {
+        eprintln!(
+            "NOTE: {} holds features of a RANDOM-INITIALISED CLIP tower",
+            cfg.shards.display()
+        );
+    }
+    std::fs::create_dir_all(&cfg.out).at(&cfg.out)?;
+
+    let ckpt = checkpoint_dir(&cfg.out);
+    let state: Option<TrainState> = if opts.resume && ckpt.join("state.json").exists() {
+        let p = ckpt.join("state.json");
+        Some(
+            serde_json::from_slice(&std::fs::read(&p).at(&p)?)
+                .map_err(|e| bad_file(&p, e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    let (model, varmap) = build_model(
+        cfg,
+        &mcfg,
+        state.as_ref().map(|_| ckpt.as_path()),
+        &opts.device,
+    )?;
+    let mut params: Vec<(String, candle_core::Var)> = varmap
+        .data()
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(n, _)| {
+            cfg.trainable == Trainable::All || n.starts_with(weights::PROJECTOR_PREFIX)
+        })
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    let adam = AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(params, adam)?;
+
+    let mut stream = Stream::new(
+        files,
+        DataConfig {
+            batch_size: cfg.batch_size,
+            shuffle_buffer: cfg.shuffle_buffer,
+            bucket_batches: cfg.bucket_batches,
+            seed: cfg.seed,
+            pad_to: cfg.pad_to,
+        },
+    )?;
+    let mut step = 0;
+    if let Some(s) = &state {
+        opt.load(&ckpt.join("optimizer.safetensors"), s.adam_t)?;
+        stream.skip_to(s.data_position)?;
+        step = s.step;
+        eprintln!(
+            "resuming at step {step} (data position {})",
+            s.data_position
+        );
+    }
+    let metrics_path = cfg.out.join("metrics.jsonl");
+    if state.is_some() {
+        truncate_metrics(&metrics_path, step)?;
+    } else if metrics_path.exists() {
+        std::fs::remove_file(&metrics_path).at(&metrics_path)?;
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .at(&metrics_path)?;
+
+    let pb = if opts.progress {
+        ProgressBar::new(cfg.steps as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "train [{elapsed_precise}] {wide_bar} {pos}/{len} steps (ETA {eta}) {msg}",
+        )
+        .expect("static template"),
+    );
+    pb.set_position(step as u64);
+    let mut logs = Vec::new();
+    let mut done_here = 0;
+    while step < cfg.steps {
+        let t0 = Instant::now();
+        let lr = optim::lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps);
+        let mut grads: Option<Vec<Tensor>> = None;
+        let (mut loss_sum, mut tokens, mut samples, mut wait) = (0f32, 0, 0, 0f64);
+        for _ in 0..cfg.grad_accum {
+            let tw = Instant::now();
+            let items = stream.next_items()?;
+            let batch = data::collate(
+                &items,
+                &meta,
+                cfg.pad_to,
+                false,
+                &mcfg.image_ids,
+                &opts.device,
+            )?;
+            wait += tw.elapsed().as_secs_f64();
+            let loss = (model.loss(&batch.x, batch.images.as_ref(), &batch.y, &batch.mask)?
+                / cfg.grad_accum as f64)?;
+            let l = loss.to_scalar::<f32>()?;
+            if !l.is_finite() {
+                return Err(Error::Config(format!(
+                    "loss is {l} at step {step} (batch ids {:?}); stopping — the last good checkpoint is in {}",
+                    &batch.ids[..batch.ids.len().min(8)],
+                    ckpt.display()
+                )));
+            }
+            loss_sum += l;
+            tokens += batch.tokens;
+            samples += items.len();
+            let store = loss.backward()?;
+            let g: Vec<Tensor> = opt
+                .params
+                .iter()
+                .map(|(_, p)| {
+                    store
+                        .get(p.as_tensor())
+                        .cloned()
+                        .map_or_else(|| p.as_tensor().zeros_like(), Ok)
+                })
+                .collect::<candle_core::Result<_>>()?;
+            grads = Some(match grads {
+                None => g,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let mut grads = grads.expect("grad_accum >= 1");
+        let grad_norm = optim::clip_global_norm(&mut grads, cfg.grad_clip)?;
+        opt.step(&grads, lr)?;
+        step += 1;
+        done_here += 1;
+        let secs = t0.elapsed().as_secs_f64();
+        let log = StepLog {
+            step,
+            loss: loss_sum,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / secs,
+            samples_per_s: samples as f64 / secs,
+            data_wait: wait / secs,
+            epoch: stream.epoch(),
+        };
+        writeln!(metrics, "{}", serde_json::to_string(&log)?).at(&metrics_path)?;
+        pb.set_message(format!("loss {:.4} lr {:.2e}", log.loss, lr));
+        pb.inc(1);
+        logs.push(log);
+        let stopping = opts.stop_after.is_some_and(|n| done_here >= n);
+        if step % cfg.checkpoint_every == 0 || step == cfg.steps || stopping {
+            let state = TrainState {
+                step,
+                data_position: stream.position,
+                adam_t: opt.t,
+                config: cfg.clone(),
+            };
+            save_checkpoint(&cfg.out, &varmap, &mcfg, &opt, &state)?;
+        }
+        if stopping {
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    Ok(logs)
+}
