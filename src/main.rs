@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use minimind_v::{bench, config, demo, device, ingest, inspect, synth};
+use minimind_v::{bench, config, demo, device, ingest, inspect, synth, train};
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +53,21 @@ enum Command {
         multi: usize,
         #[arg(long, default_value = "model/clip_model/clip-vit-base-patch32")]
         clip: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Train the projector (+ LLM) on shards: pipeline file with a [train] section.
+    Train {
+        pipeline: PathBuf,
+        /// Override a setting: --set train.steps=100 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Continue from out/checkpoint exactly where it stopped.
+        #[arg(long)]
+        resume: bool,
+        /// Stop (with a checkpoint) after this many steps of this run.
+        #[arg(long)]
+        stop_after: Option<usize>,
         #[arg(long, default_value = "auto")]
         device: String,
     },
@@ -157,6 +172,34 @@ fn main() -> anyhow::Result<()> {
             };
             print!("{}", demo::run(&cfg, &opts)?);
             println!("report: {}", demo::report_path(&out).display());
+        }
+        Command::Train {
+            pipeline,
+            overrides,
+            resume,
+            stop_after,
+            device,
+        } => {
+            let p = config::load_pipeline(&pipeline, &overrides)?;
+            let cfg = p
+                .train
+                .with_context(|| format!("{}: no [train] section", pipeline.display()))?;
+            let opts = train::RunOptions {
+                resume,
+                stop_after,
+                progress: true,
+                device: device::select(&device)?,
+            };
+            let logs = train::run(&cfg, &opts)?;
+            if let Some(last) = logs.last() {
+                println!(
+                    "step {} loss {:.4} ({:.0} tokens/s); checkpoint: {}",
+                    last.step,
+                    last.loss,
+                    last.tokens_per_s,
+                    cfg.out.join("checkpoint").display()
+                );
+            }
         }
         Command::Inspect { path } => print!("{}", inspect::report(&path)?),
         Command::Synth {

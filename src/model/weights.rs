@@ -186,6 +186,38 @@ pub fn build(
     Ok((model, varmap, LoadReport { fresh_projector }))
 }
 
+/// Seeded initial weights, as upstream initialises them: N(0, 0.02) for embeddings and linear
+/// layers, N(0, 0.02/sqrt(2·n_layers)) for `w3`/`wo`, ones for norms, zero bias.
+pub fn random_state(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut normal = |n: usize, std: f64| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                // Box-Muller: deterministic across platforms for a seed.
+                let (u1, u2): (f64, f64) =
+                    (rng.random::<f64>().max(f64::MIN_POSITIVE), rng.random());
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+            })
+            .collect()
+    };
+    let mut state = HashMap::new();
+    for (name, shape) in expected_shapes(cfg) {
+        let n: usize = shape.iter().product();
+        let data = if name.ends_with("norm.weight") {
+            vec![1f32; n]
+        } else if name.ends_with(".bias") {
+            vec![0f32; n]
+        } else if name.ends_with("w3.weight") || name.ends_with("wo.weight") {
+            normal(n, 0.02 / (2.0 * cfg.n_layers as f64).sqrt())
+        } else {
+            normal(n, 0.02)
+        };
+        state.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+    }
+    Ok(state)
+}
+
 /// Load a checkpoint file into a trainable model.
 pub fn load(
     path: &Path,

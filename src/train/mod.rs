@@ -10,8 +10,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -178,8 +178,8 @@ fn build_model(
         }
         return Ok((m, vm));
     }
-    let vm = VarMap::new();
-    let m = Vlm::new(VarBuilder::from_varmap(&vm, DType::F32, device), mcfg)?;
+    let state = weights::random_state(mcfg, cfg.seed)?;
+    let (m, vm, _) = weights::build(Path::new("random init"), state, mcfg, false, device)?;
     Ok((m, vm))
 }
 
