@@ -50,7 +50,7 @@ fn pipeline(tmp: &Path, name: &str, shards: &Path, steps: usize, vision_dim: usi
     std::fs::write(
         &p,
         format!(
-            "[train]\nshards = {shards:?}\nout = {:?}\nsteps = {steps}\nbatch_size = 4\ngrad_accum = 2\nlr = 1e-3\nwarmup_steps = 2\nshuffle_buffer = 64\nbucket_batches = 4\ncheckpoint_every = 4\nseed = 9\n\n[train.model]\ndim = 64\nn_layers = 2\nn_heads = 4\nn_kv_heads = 2\nvocab_size = 6400\nmultiple_of = 64\nnorm_eps = 1e-5\nmax_seq_len = 512\nrope_theta = 10000.0\nvision_dim = {vision_dim}\nimage_ids = {:?}\n",
+            "[train]\nshards = {shards:?}\nout = {:?}\nsteps = {steps}\nbatch_size = 4\ngrad_accum = 2\nlr = 1e-3\nwarmup_steps = 2\nshuffle_buffer = 64\nbucket_batches = 4\ncheckpoint_every = 4\nseed = 9\nval_shards = {shards:?}\nval_every = 6\nval_batches = 3\n\n[train.model]\ndim = 64\nn_layers = 2\nn_heads = 4\nn_kv_heads = 2\nvocab_size = 6400\nmultiple_of = 64\nnorm_eps = 1e-5\nmax_seq_len = 512\nrope_theta = 10000.0\nvision_dim = {vision_dim}\nimage_ids = {:?}\n",
             tmp.join(name),
             minimind_v::ingest::chat::placeholder_ids()
         ),
@@ -107,6 +107,21 @@ fn stop_and_resume_reproduces_the_uninterrupted_run_exactly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming at step 6"));
     let got = read_metrics(&tmp.path().join("split")).unwrap();
     assert_eq!(losses(&got), losses(&want), "bit-exact loss sequence");
+
+    // Held-out loss at steps 6 and 12, with and without the image features, identical too.
+    let val = |run: &str| std::fs::read_to_string(tmp.path().join(run).join("val.jsonl")).unwrap();
+    assert_eq!(val("split"), val("whole"));
+    let lines: Vec<minimind_v::train::ValLog> = val("whole")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.iter().map(|v| v.step).collect::<Vec<_>>(),
+        vec![6, 12]
+    );
+    assert!(lines
+        .iter()
+        .all(|v| v.loss.is_finite() && v.loss != v.loss_no_image));
 }
 
 #[test]

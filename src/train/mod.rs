@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{bad_file, Error, IoContext, Result};
 use crate::model::{vlm::Vlm, weights, ModelConfig};
+use crate::shards::ShardMeta;
 use data::{DataConfig, Stream};
 use optim::{AdamW, AdamWConfig};
 
@@ -92,6 +93,74 @@ pub struct TrainConfig {
     pub pad_to: Option<usize>,
     #[serde(default = "default_ckpt")]
     pub checkpoint_every: usize,
+    /// Held-out shards: every `val_every` steps and at the end, the loss over `val_batches`
+    /// batches, with the image features and with them zeroed (the gap shows the image is used).
+    #[serde(default)]
+    pub val_shards: Option<PathBuf>,
+    #[serde(default = "default_val_every")]
+    pub val_every: usize,
+    #[serde(default = "default_val_batches")]
+    pub val_batches: usize,
+}
+
+fn default_val_every() -> usize {
+    500
+}
+fn default_val_batches() -> usize {
+    20
+}
+
+/// One line of `val.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValLog {
+    pub step: usize,
+    pub loss: f32,
+    pub loss_no_image: f32,
+}
+
+/// Mean held-out loss per loss token over the first `batches` batches of a fixed stream.
+pub fn evaluate(
+    model: &Vlm,
+    files: &[PathBuf],
+    meta: &ShardMeta,
+    batch_size: usize,
+    batches: usize,
+    zero_images: bool,
+    device: &Device,
+) -> Result<f32> {
+    let cfg = DataConfig {
+        batch_size,
+        shuffle_buffer: 1,
+        bucket_batches: 1,
+        seed: 0,
+        pad_to: None,
+    };
+    let mut stream = Stream::new(files.to_vec(), cfg)?;
+    let (mut sum, mut n) = (0f64, 0usize);
+    for _ in 0..batches {
+        let items = stream.next_items()?;
+        if stream.epoch() > 0 {
+            break; // fewer held-out samples than asked for: each counted once
+        }
+        let b = data::collate(
+            &items,
+            meta,
+            None,
+            zero_images,
+            &model.cfg.image_ids,
+            device,
+        )?;
+        if b.loss_tokens == 0 {
+            continue;
+        }
+        let l = model
+            .loss(&b.x, b.images.as_ref(), &b.y, &b.mask)?
+            .detach()
+            .to_scalar::<f32>()?;
+        sum += l as f64 * b.loss_tokens as f64;
+        n += b.loss_tokens;
+    }
+    Ok((sum / n.max(1) as f64) as f32)
 }
 
 fn default_model() -> ModelChoice {
@@ -208,13 +277,20 @@ fn save_checkpoint(
 
 /// Keep the metrics lines of steps ≤ `step` (a resumed run rewrites the rest).
 fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    truncate_jsonl::<StepLog>(path, |s| s.step <= step)
+}
+
+fn truncate_jsonl<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    keep: impl Fn(&T) -> bool,
+) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
     let text = std::fs::read_to_string(path).at(path)?;
     let kept: String = text
         .lines()
-        .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step <= step))
+        .filter(|l| serde_json::from_str::<T>(l).is_ok_and(|s| keep(&s)))
         .map(|l| format!("{l}\n"))
         .collect();
     crate::util::write_bytes_atomic(path, kept.as_bytes())
@@ -240,6 +316,14 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
         );
     }
     std::fs::create_dir_all(&cfg.out).at(&cfg.out)?;
+    let val = match &cfg.val_shards {
+        Some(dir) => {
+            let files = crate::shards::reader::list_shards(dir)?;
+            let meta = data::check_shards(&files, mcfg.vision_dim)?;
+            Some((files, meta))
+        }
+        None => None,
+    };
 
     let ckpt = checkpoint_dir(&cfg.out);
     let state: Option<TrainState> = if opts.resume && ckpt.join("state.json").exists() {
@@ -295,10 +379,16 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
         );
     }
     let metrics_path = cfg.out.join("metrics.jsonl");
+    let val_path = cfg.out.join("val.jsonl");
     if state.is_some() {
         truncate_metrics(&metrics_path, step)?;
-    } else if metrics_path.exists() {
-        std::fs::remove_file(&metrics_path).at(&metrics_path)?;
+        truncate_jsonl::<ValLog>(&val_path, |v| v.step <= step)?;
+    } else {
+        for p in [&metrics_path, &val_path] {
+            if p.exists() {
+                std::fs::remove_file(p).at(p)?;
+            }
+        }
     }
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -399,6 +489,43 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
                 config: cfg.clone(),
             };
             save_checkpoint(&cfg.out, &varmap, &mcfg, &opt, &state)?;
+        }
+        if let Some(val) = &val {
+            if step % cfg.val_every == 0 || step == cfg.steps {
+                let loss = evaluate(
+                    &model,
+                    &val.0,
+                    &val.1,
+                    cfg.batch_size,
+                    cfg.val_batches,
+                    false,
+                    &opts.device,
+                )?;
+                let loss_no_image = evaluate(
+                    &model,
+                    &val.0,
+                    &val.1,
+                    cfg.batch_size,
+                    cfg.val_batches,
+                    true,
+                    &opts.device,
+                )?;
+                let line = serde_json::to_string(&ValLog {
+                    step,
+                    loss,
+                    loss_no_image,
+                })?;
+                let path = cfg.out.join("val.jsonl");
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .at(&path)?;
+                writeln!(f, "{line}").at(&path)?;
+                pb.println(format!(
+                    "step {step}: held-out loss {loss:.4}, with images zeroed {loss_no_image:.4}"
+                ));
+            }
         }
         if stopping {
             break;
