@@ -123,3 +123,111 @@ pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
     ));
     Ok(out)
 }
+
+/// `bench train`: optimizer steps of a model on synthetic batches with an upstream-like length
+/// distribution, dynamic padding vs upstream's pad-to-512.
+pub struct TrainBench {
+    pub model: crate::model::ModelConfig,
+    pub batch_size: usize,
+    pub steps: usize,
+    /// Mean sample length in tokens (upstream pretrain ~94, SFT ~114).
+    pub mean_len: usize,
+}
+
+pub fn train(b: &TrainBench, device: &Device) -> Result<String> {
+    use crate::model::weights;
+    use crate::train::data::{collate, Item};
+    use crate::train::optim::{clip_global_norm, AdamW, AdamWConfig};
+    use std::sync::Arc;
+
+    let cfg = &b.model;
+    let (model, varmap, _) = weights::build(
+        std::path::Path::new("random init"),
+        weights::random_state(cfg, 0)?,
+        cfg,
+        false,
+        device,
+    )?;
+    let params: Vec<_> = varmap
+        .data()
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    let mut opt = AdamW::new(params, AdamWConfig::default())?;
+    let meta = ShardMeta {
+        schema_version: SCHEMA_VERSION.into(),
+        stage: "pretrain".into(),
+        clip_source: "bench".into(),
+        clip_weights: "bench".into(),
+        clip_random: true,
+        tokenizer_sha256: String::new(),
+        image_size: 224,
+        feature_dtype: "f16".into(),
+        feature_shape: [cfg.image_ids.len(), cfg.vision_dim],
+        placeholder_ids: cfg.image_ids.clone(),
+        max_seq_len: cfg.max_seq_len,
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let feature = Arc::new(vec![crate::shards::f32_to_f16_bytes(
+        &vec![0.1; cfg.image_ids.len() * cfg.vision_dim],
+    )]);
+    let item = |rng: &mut rand_chacha::ChaCha8Rng| {
+        let len = (b.mean_len as f64 * rng.random_range(0.8..1.2)) as usize;
+        let mut ids: Vec<u16> = vec![1, 320, 275, 201];
+        ids.extend(cfg.image_ids.iter().map(|&t| t as u16));
+        ids.extend((ids.len()..len).map(|_| rng.random_range(100..6000) as u16));
+        let answer = len * 3 / 4;
+        Item {
+            id: String::new(),
+            mask: (0..ids.len()).map(|i| u8::from(i >= answer)).collect(),
+            ids,
+            features: feature.clone(),
+        }
+    };
+    let mut out = format!(
+        "| padding | model | batch | mean len | tokens/s (real) | samples/s |\n|---|---|---|---|---|---|\n"
+    );
+    for pad_to in [None, Some(cfg.max_seq_len)] {
+        let batches: Vec<Vec<Item>> = (0..b.steps + 1)
+            .map(|_| (0..b.batch_size).map(|_| item(&mut rng)).collect())
+            .collect();
+        let mut run = |items: &[Item]| -> Result<usize> {
+            let batch = collate(items, &meta, pad_to, false, &cfg.image_ids, device)?;
+            let loss = model.loss(&batch.x, batch.images.as_ref(), &batch.y, &batch.mask)?;
+            let store = loss.backward()?;
+            let mut grads: Vec<_> = opt
+                .params
+                .iter()
+                .map(|(_, p)| {
+                    store
+                        .get(p.as_tensor())
+                        .cloned()
+                        .map_or_else(|| p.as_tensor().zeros_like(), Ok)
+                })
+                .collect::<candle_core::Result<_>>()?;
+            clip_global_norm(&mut grads, 1.0)?;
+            opt.step(&grads, 1e-4)?;
+            Ok(batch.tokens)
+        };
+        run(&batches[0])?; // warm-up
+        let t = Instant::now();
+        let mut tokens = 0;
+        for items in &batches[1..] {
+            tokens += run(items)?;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        out.push_str(&format!(
+            "| {} | dim {} × {} layers | {} | {} | {:.0} | {:.1} |\n",
+            pad_to.map_or("dynamic".to_string(), |p| format!("pad to {p}")),
+            cfg.dim,
+            cfg.n_layers,
+            b.batch_size,
+            b.mean_len,
+            tokens as f64 / secs,
+            (b.steps * b.batch_size) as f64 / secs
+        ));
+    }
+    Ok(out)
+}

@@ -113,6 +113,21 @@ enum BenchWhat {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Training-step throughput: dynamic padding vs pad-to-512.
+    Train {
+        /// minimind_512, minimind_768 or tiny.
+        #[arg(long, default_value = "minimind_512")]
+        model: String,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Mean sample length (upstream: pretrain ~94, SFT ~114).
+        #[arg(long, default_value_t = 94)]
+        mean_len: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -246,6 +261,25 @@ fn main() -> anyhow::Result<()> {
                 shard_rows,
             };
             print!("{}", bench::ingest(&b, &device::select(&device)?)?);
+        }
+        Command::Bench {
+            what:
+                BenchWhat::Train {
+                    model,
+                    batch_size,
+                    steps,
+                    mean_len,
+                    device,
+                },
+        } => {
+            let model = train::ModelChoice::Preset(model).resolve()?;
+            let b = bench::TrainBench {
+                model,
+                batch_size,
+                steps,
+                mean_len,
+            };
+            print!("{}", bench::train(&b, &device::select(&device)?)?);
         }
     }
     Ok(())
