@@ -186,9 +186,7 @@ pub fn train(b: &TrainBench, device: &Device) -> Result<String> {
             features: feature.clone(),
         }
     };
-    let mut out = format!(
-        "| padding | model | batch | mean len | tokens/s (real) | samples/s |\n|---|---|---|---|---|---|\n"
-    );
+    let mut out = String::from("| padding | model | batch | mean len | tokens/s (real) | samples/s |\n|---|---|---|---|---|---|\n");
     for pad_to in [None, Some(cfg.max_seq_len)] {
         let batches: Vec<Vec<Item>> = (0..b.steps + 1)
             .map(|_| (0..b.batch_size).map(|_| item(&mut rng)).collect())
