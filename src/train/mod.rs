@@ -5,6 +5,7 @@
 
 pub mod data;
 pub mod optim;
+pub mod plot;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -297,10 +298,17 @@ fn truncate_jsonl<T: serde::de::DeserializeOwned>(
 }
 
 pub fn read_metrics(out: &Path) -> Result<Vec<StepLog>> {
-    let path = out.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).at(&path)?;
+    read_jsonl(&out.join("metrics.jsonl"))
+}
+
+/// All lines of a JSONL file; none if it does not exist.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(path).at(path)?;
     text.lines()
-        .map(|l| serde_json::from_str(l).map_err(|e| bad_file(&path, e.to_string())))
+        .map(|l| serde_json::from_str(l).map_err(|e| bad_file(path, e.to_string())))
         .collect()
 }
 
@@ -532,5 +540,11 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
         }
     }
     pb.finish_and_clear();
+    if step == cfg.steps {
+        let all = read_metrics(&cfg.out)?;
+        let val_logs = read_jsonl::<ValLog>(&val_path)?;
+        let title = format!("{} — {} steps", cfg.out.display(), cfg.steps);
+        plot::loss_curve(&cfg.out.join("loss.png"), &all, &val_logs, &title)?;
+    }
     Ok(logs)
 }
