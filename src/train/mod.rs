@@ -530,9 +530,14 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
                     .open(&path)
                     .at(&path)?;
                 writeln!(f, "{line}").at(&path)?;
-                pb.println(format!(
+                let msg = format!(
                     "step {step}: held-out loss {loss:.4}, with images zeroed {loss_no_image:.4}"
-                ));
+                );
+                if pb.is_hidden() {
+                    eprintln!("{msg}");
+                } else {
+                    pb.println(msg);
+                }
             }
         }
         if stopping {

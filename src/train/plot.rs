@@ -9,6 +9,9 @@ use plotters::prelude::*;
 use crate::error::{bad_file, Result};
 use crate::train::{StepLog, ValLog};
 
+/// A named, coloured line.
+type Series = (&'static str, RGBColor, Vec<(f64, f64)>);
+
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
 fn register_font() {
@@ -54,7 +57,7 @@ pub fn loss_curve(path: &Path, train: &[StepLog], val: &[ValLog], title: &str) -
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| err(e.to_string()))?;
-        let series: [(&str, RGBColor, Vec<(f64, f64)>); 3] = [
+        let series: [Series; 3] = [
             (
                 "train",
                 BLUE,
