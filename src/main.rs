@@ -113,6 +113,18 @@ enum BenchWhat {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Trainer data loading: peak memory and rate streaming a large synthetic shard set.
+    Stream {
+        /// Where the synthetic shards go (deleted afterwards).
+        #[arg(long, default_value = "cache/bench-stream")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        samples: usize,
+        #[arg(long, default_value_t = 3)]
+        per_row: usize,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+    },
     /// Training-step throughput: dynamic padding vs pad-to-512.
     Train {
         /// minimind_512, minimind_768 or tiny.
@@ -261,6 +273,19 @@ fn main() -> anyhow::Result<()> {
                 shard_rows,
             };
             print!("{}", bench::ingest(&b, &device::select(&device)?)?);
+        }
+        Command::Bench {
+            what:
+                BenchWhat::Stream {
+                    dir,
+                    samples,
+                    per_row,
+                    batch_size,
+                },
+        } => {
+            let result = bench::stream(&dir, samples, per_row, batch_size);
+            let _ = std::fs::remove_dir_all(&dir);
+            print!("{}", result?);
         }
         Command::Bench {
             what:
