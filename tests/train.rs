@@ -137,3 +137,40 @@ fn shards_that_do_not_fit_the_projector_are_refused_before_training() {
     );
     assert!(!tmp.path().join("bad/metrics.jsonl").exists());
 }
+
+#[test]
+fn sigkill_mid_run_then_resume_matches_the_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = shards(tmp.path());
+    let whole = pipeline(tmp.path(), "whole", &cache, 12, 192);
+    assert!(train(&whole, &[]).status.success());
+    let want = read_metrics(&tmp.path().join("whole")).unwrap();
+
+    let p = pipeline(tmp.path(), "killed", &cache, 12, 192);
+    let state = tmp.path().join("killed/checkpoint/state.json");
+    let mut child = Command::new(common::bin())
+        .args(["train", p.to_str().unwrap(), "--device", "cpu"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !state.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL, somewhere after the step-4 checkpoint
+    child.wait().unwrap();
+    let out = train(&p, &["--resume"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        losses(&read_metrics(&tmp.path().join("killed")).unwrap()),
+        losses(&want)
+    );
+}

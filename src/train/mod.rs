@@ -334,6 +334,17 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
     };
 
     let ckpt = checkpoint_dir(&cfg.out);
+    // A kill between the two renames of `save_checkpoint` leaves only the previous checkpoint.
+    let previous = cfg.out.join("checkpoint.old");
+    if !ckpt.exists() && previous.exists() {
+        std::fs::rename(&previous, &ckpt).at(&ckpt)?;
+    }
+    if opts.resume && !ckpt.join("state.json").exists() {
+        eprintln!(
+            "--resume: no checkpoint in {}; starting at step 0",
+            cfg.out.display()
+        );
+    }
     let state: Option<TrainState> = if opts.resume && ckpt.join("state.json").exists() {
         let p = ckpt.join("state.json");
         Some(
