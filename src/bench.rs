@@ -35,6 +35,29 @@ fn synth_jpegs(n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Metadata of the synthetic shards the benchmarks make.
+fn bench_meta(
+    stage: &str,
+    clip: String,
+    feature_shape: [usize; 2],
+    placeholder_ids: Vec<u32>,
+    max_seq_len: usize,
+) -> ShardMeta {
+    ShardMeta {
+        schema_version: SCHEMA_VERSION.into(),
+        stage: stage.into(),
+        clip_weights: clip.clone(),
+        clip_source: clip,
+        clip_random: true,
+        tokenizer_sha256: String::new(),
+        image_size: 224,
+        feature_dtype: "f16".into(),
+        feature_shape,
+        placeholder_ids,
+        max_seq_len,
+    }
+}
+
 /// Runs every stage and returns a Markdown table.
 pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
     let mut out = String::from("| stage | result |\n|---|---|\n");
@@ -96,19 +119,13 @@ pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
             }],
         })
         .collect();
-    let meta = ShardMeta {
-        schema_version: SCHEMA_VERSION.into(),
-        stage: "pretrain".into(),
-        clip_source: b.clip.to_string(),
-        clip_weights: b.clip.to_string(),
-        clip_random: true,
-        tokenizer_sha256: String::new(),
-        image_size: 224,
-        feature_dtype: "f16".into(),
-        feature_shape: [tower.tokens, tower.hidden],
-        placeholder_ids: crate::ingest::chat::placeholder_ids(),
-        max_seq_len: 512,
-    };
+    let meta = bench_meta(
+        "pretrain",
+        b.clip.to_string(),
+        [tower.tokens, tower.hidden],
+        crate::ingest::chat::placeholder_ids(),
+        512,
+    );
     let dir = std::env::temp_dir().join(format!("minimind-v-bench-{}", std::process::id()));
     let path = dir.join("shard-00000.parquet");
     let t = Instant::now();
@@ -156,19 +173,13 @@ pub fn train(b: &TrainBench, device: &Device) -> Result<String> {
         .map(|(n, v)| (n.clone(), v.clone()))
         .collect();
     let mut opt = AdamW::new(params, AdamWConfig::default())?;
-    let meta = ShardMeta {
-        schema_version: SCHEMA_VERSION.into(),
-        stage: "pretrain".into(),
-        clip_source: "bench".into(),
-        clip_weights: "bench".into(),
-        clip_random: true,
-        tokenizer_sha256: String::new(),
-        image_size: 224,
-        feature_dtype: "f16".into(),
-        feature_shape: [cfg.image_ids.len(), cfg.vision_dim],
-        placeholder_ids: cfg.image_ids.clone(),
-        max_seq_len: cfg.max_seq_len,
-    };
+    let meta = bench_meta(
+        "pretrain",
+        "bench".into(),
+        [cfg.image_ids.len(), cfg.vision_dim],
+        cfg.image_ids.clone(),
+        cfg.max_seq_len,
+    );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let feature = Arc::new(vec![crate::shards::f32_to_f16_bytes(
         &vec![0.1; cfg.image_ids.len() * cfg.vision_dim],
@@ -195,16 +206,7 @@ pub fn train(b: &TrainBench, device: &Device) -> Result<String> {
             let batch = collate(items, &meta, pad_to, false, &cfg.image_ids, device)?;
             let loss = model.loss(&batch.x, batch.images.as_ref(), &batch.y, &batch.mask)?;
             let store = loss.backward()?;
-            let mut grads: Vec<_> = opt
-                .params
-                .iter()
-                .map(|(_, p)| {
-                    store
-                        .get(p.as_tensor())
-                        .cloned()
-                        .map_or_else(|| p.as_tensor().zeros_like(), Ok)
-                })
-                .collect::<candle_core::Result<_>>()?;
+            let mut grads: Vec<_> = opt.grads(&store)?;
             clip_global_norm(&mut grads, 1.0)?;
             opt.step(&grads, 1e-4)?;
             Ok(batch.tokens)
@@ -249,19 +251,13 @@ pub fn stream(
     use crate::train::data::{collate, DataConfig, Stream};
 
     let rows_total = samples.div_ceil(per_row);
-    let meta = ShardMeta {
-        schema_version: SCHEMA_VERSION.into(),
-        stage: "sft".into(),
-        clip_source: "bench".into(),
-        clip_weights: "bench".into(),
-        clip_random: true,
-        tokenizer_sha256: String::new(),
-        image_size: 224,
-        feature_dtype: "f16".into(),
-        feature_shape: [50, 768],
-        placeholder_ids: crate::ingest::chat::placeholder_ids(),
-        max_seq_len: 512,
-    };
+    let meta = bench_meta(
+        "sft",
+        "bench".into(),
+        [50, 768],
+        crate::ingest::chat::placeholder_ids(),
+        512,
+    );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let t = Instant::now();
     let mut n = 0;

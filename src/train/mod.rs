@@ -460,16 +460,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
             tokens += batch.tokens;
             samples += items.len();
             let store = loss.backward()?;
-            let g: Vec<Tensor> = opt
-                .params
-                .iter()
-                .map(|(_, p)| {
-                    store
-                        .get(p.as_tensor())
-                        .cloned()
-                        .map_or_else(|| p.as_tensor().zeros_like(), Ok)
-                })
-                .collect::<candle_core::Result<_>>()?;
+            let g: Vec<Tensor> = opt.grads(&store)?;
             grads = Some(match grads {
                 None => g,
                 Some(acc) => acc

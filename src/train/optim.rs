@@ -52,6 +52,20 @@ impl AdamW {
         })
     }
 
+    /// The gradients of `params` in a backward pass; zeros where none reached a parameter.
+    pub fn grads(&self, store: &candle_core::backprop::GradStore) -> Result<Vec<Tensor>> {
+        Ok(self
+            .params
+            .iter()
+            .map(|(_, p)| {
+                store
+                    .get(p.as_tensor())
+                    .cloned()
+                    .map_or_else(|| p.as_tensor().zeros_like(), Ok)
+            })
+            .collect::<candle_core::Result<_>>()?)
+    }
+
     /// One update with gradients in `params` order.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.t += 1;
