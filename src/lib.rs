@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod device;
 pub mod error;
+pub mod generate;
 pub mod ingest;
 pub mod inspect;
 pub mod model;

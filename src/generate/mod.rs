@@ -1,0 +1,213 @@
+//! Generation: upstream's sampling (temperature, top-k, repetition penalty; plus top-p) with or
+//! without a KV cache, stopping at `</s>`, and UTF-8-safe streaming of the decoded text.
+//! Images go through the same preprocessing and frozen CLIP as ingest (`ingest::preprocess`,
+//! `ingest::clip`), never a copy.
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::Result;
+use crate::ingest::chat::{placeholder_text, ChatTokenizer, EOS_ID, IMAGE_TAG};
+use crate::model::llm::KvCache;
+use crate::model::vlm::{Images, Vlm};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    /// Upstream's: logits of tokens already in the sequence are divided by this; 1 = off.
+    pub repetition_penalty: f64,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// Upstream's chat defaults.
+    pub fn upstream_chat() -> Self {
+        Self {
+            temperature: 0.5,
+            top_k: Some(8),
+            top_p: None,
+            repetition_penalty: 1.0,
+            max_new_tokens: 512,
+            seed: 0,
+        }
+    }
+
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            repetition_penalty: 1.0,
+            max_new_tokens,
+            seed: 0,
+        }
+    }
+}
+
+/// The chat prompt upstream's model was trained on, with images placed by `<image>` tags or, if
+/// the question has none, one placeholder per image prepended.
+pub fn chat_prompt(question: &str, n_images: usize) -> String {
+    let tagged = question.matches(IMAGE_TAG).count();
+    let q = if tagged == 0 && n_images > 0 {
+        format!("{}{question}", format!("{IMAGE_TAG}\n").repeat(n_images))
+    } else {
+        question.to_string()
+    };
+    format!(
+        "<s>user\n{}</s>\n<s>assistant\n",
+        q.replace(IMAGE_TAG, &placeholder_text())
+    )
+}
+
+/// Pick the next token from (V,) logits.
+pub fn sample(logits: &Tensor, seen: &[u32], s: &Sampling, rng: &mut ChaCha8Rng) -> Result<u32> {
+    let mut l: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+    if s.repetition_penalty != 1.0 {
+        let mut uniq = seen.to_vec();
+        uniq.sort_unstable();
+        uniq.dedup();
+        for &t in &uniq {
+            if let Some(v) = l.get_mut(t as usize) {
+                *v /= s.repetition_penalty as f32;
+            }
+        }
+    }
+    if s.temperature <= 0.0 {
+        return Ok(argmax(&l));
+    }
+    for v in l.iter_mut() {
+        *v /= s.temperature as f32;
+    }
+    if let Some(k) = s.top_k.filter(|&k| k > 0 && k < l.len()) {
+        let mut sorted = l.clone();
+        sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+        let kth = sorted[k - 1];
+        l.iter_mut()
+            .filter(|v| **v < kth)
+            .for_each(|v| *v = f32::NEG_INFINITY);
+    }
+    let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut p: Vec<f64> = l.iter().map(|&v| ((v - max) as f64).exp()).collect();
+    if let Some(top_p) = s.top_p.filter(|&p| p < 1.0) {
+        let total: f64 = p.iter().sum();
+        let mut order: Vec<usize> = (0..p.len()).collect();
+        order.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]));
+        let mut acc = 0.0;
+        let mut keep = vec![false; p.len()];
+        for &i in &order {
+            keep[i] = true;
+            acc += p[i] / total;
+            if acc >= top_p {
+                break;
+            }
+        }
+        p.iter_mut()
+            .zip(&keep)
+            .filter(|(_, k)| !**k)
+            .for_each(|(v, _)| *v = 0.0);
+    }
+    let total: f64 = p.iter().sum();
+    let mut r = rng.random::<f64>() * total;
+    for (i, v) in p.iter().enumerate() {
+        r -= v;
+        if r <= 0.0 && *v > 0.0 {
+            return Ok(i as u32);
+        }
+    }
+    Ok(argmax(&l))
+}
+
+fn argmax(l: &[f32]) -> u32 {
+    l.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0 as u32
+}
+
+/// Generate after `prompt`; `on_token` sees each new token and may stop generation by returning
+/// false. With `use_cache` false every step recomputes the whole sequence (the reference the
+/// cache is tested against). Returns the new tokens, without `</s>`.
+pub fn generate(
+    model: &Vlm,
+    prompt: &[u32],
+    images: Option<&Images>,
+    s: &Sampling,
+    use_cache: bool,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>> {
+    let device = crate::model::vlm::device_of(model);
+    let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+    let mut seq = prompt.to_vec();
+    let mut cache = KvCache::new(model.cfg.n_layers);
+    let mut out = Vec::new();
+    let limit = model.cfg.max_seq_len;
+    while out.len() < s.max_new_tokens && seq.len() < limit {
+        let logits = if use_cache {
+            let new = &seq[cache.len()..];
+            model.forward_cached(&row(new, &device)?, images, &mut cache)?
+        } else {
+            let full = model.forward(&row(&seq, &device)?, images)?;
+            let t = full.dim(1)?;
+            full.narrow(1, t - 1, 1)?.squeeze(1)?
+        };
+        let next = sample(&logits.squeeze(0)?, &seq, s, &mut rng)?;
+        if next == EOS_ID {
+            break;
+        }
+        seq.push(next);
+        out.push(next);
+        if !on_token(next) {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn row(ids: &[u32], device: &Device) -> Result<Tensor> {
+    Ok(Tensor::new(ids, device)?.unsqueeze(0)?)
+}
+
+/// Turns a growing token sequence into text pieces that never split a UTF-8 character.
+pub struct TextStream<'a> {
+    tokenizer: &'a ChatTokenizer,
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(tokenizer: &'a ChatTokenizer) -> Self {
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Add a token; returns the newly completed text, if any.
+    pub fn push(&mut self, id: u32) -> Option<String> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids);
+        // Byte-level BPE decodes an incomplete character as U+FFFD: wait for its other bytes.
+        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted {
+            return None;
+        }
+        let piece = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Some(piece)
+    }
+
+    pub fn text(&self) -> String {
+        self.tokenizer.decode(&self.ids)
+    }
+}
