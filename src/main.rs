@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use minimind_v::{bench, config, demo, device, ingest, inspect, synth, train};
+use minimind_v::{bench, config, demo, device, generate, ingest, inspect, synth, train};
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +68,38 @@ enum Command {
         /// Stop (with a checkpoint) after this many steps of this run.
         #[arg(long)]
         stop_after: Option<usize>,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Ask the model about one or two images (interactive without --prompt).
+    Chat {
+        /// Checkpoint directory (model.safetensors + config.json) or a weights file (.safetensors/.pth).
+        #[arg(long)]
+        ckpt: PathBuf,
+        /// Model preset for a bare weights file: minimind_512, minimind_768, tiny.
+        #[arg(long)]
+        model: Option<String>,
+        /// Image file (repeatable, at most 2).
+        #[arg(long)]
+        image: Vec<PathBuf>,
+        #[arg(long)]
+        prompt: Option<String>,
+        /// HF CLIP directory (must be the one the model was trained with) or random:<seed>.
+        #[arg(long, default_value = "model/clip_model/clip-vit-base-patch32")]
+        clip: String,
+        #[arg(long, default_value_t = 0.5)]
+        temperature: f64,
+        #[arg(long, default_value_t = 8)]
+        top_k: usize,
+        #[arg(long)]
+        top_p: Option<f64>,
+        /// Upstream's repetition penalty (1 = off).
+        #[arg(long, default_value_t = 1.0)]
+        rp: f64,
+        #[arg(long, default_value_t = 512)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         #[arg(long, default_value = "auto")]
         device: String,
     },
@@ -142,8 +174,19 @@ enum BenchWhat {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole cause chain, one line each; no backtrace noise for user errors.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Ingest {
             pipeline,
             mut overrides,
@@ -228,6 +271,37 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Chat {
+            ckpt,
+            model,
+            image,
+            prompt,
+            clip,
+            temperature,
+            top_k,
+            top_p,
+            rp,
+            max_new_tokens,
+            seed,
+            device,
+        } => {
+            chat(
+                ckpt,
+                model,
+                image,
+                prompt,
+                clip,
+                generate::Sampling {
+                    temperature,
+                    top_k: Some(top_k),
+                    top_p,
+                    repetition_penalty: rp,
+                    max_new_tokens,
+                    seed,
+                },
+                &device,
+            )?;
+        }
         Command::Inspect { path } => print!("{}", inspect::report(&path)?),
         Command::Synth {
             out,
@@ -305,6 +379,87 @@ fn main() -> anyhow::Result<()> {
                 mean_len,
             };
             print!("{}", bench::train(&b, &device::select(&device)?)?);
+        }
+    }
+    Ok(())
+}
+
+/// `chat`: one answer for --prompt, or a question per stdin line.
+fn chat(
+    ckpt: PathBuf,
+    model: Option<String>,
+    images: Vec<PathBuf>,
+    prompt: Option<String>,
+    clip: String,
+    sampling: generate::Sampling,
+    device: &str,
+) -> anyhow::Result<()> {
+    use minimind_v::ingest::chat::ChatTokenizer;
+    use minimind_v::ingest::clip::ClipTower;
+    use minimind_v::model::vlm::Images;
+    use std::io::{BufRead, Write};
+
+    anyhow::ensure!(
+        images.len() <= generate::MAX_IMAGES,
+        "{} images given; the model was trained with at most {}",
+        images.len(),
+        generate::MAX_IMAGES
+    );
+    let device = device::select(device)?;
+    let preset = model
+        .map(|m| train::ModelChoice::Preset(m).resolve())
+        .transpose()?;
+    let vlm = generate::load_model(&ckpt, preset.as_ref(), &device)?;
+    let tok = ChatTokenizer::load(std::path::Path::new("assets/tokenizer"))?;
+    let feats = if images.is_empty() {
+        None
+    } else {
+        let tower = ClipTower::load(&clip.parse()?, &device)?;
+        if tower.is_random() {
+            eprintln!("NOTE: using a RANDOM-INITIALISED CLIP tower ({clip}): answers cannot depend on real image content");
+        }
+        anyhow::ensure!(
+            tower.hidden == vlm.cfg.vision_dim,
+            "CLIP {clip} gives {}-wide features but the model's projector takes {}",
+            tower.hidden,
+            vlm.cfg.vision_dim
+        );
+        generate::image_features(&tower, &images)?
+    };
+    let answer = |question: &str| -> anyhow::Result<()> {
+        let ids = tok.encode_text(&generate::chat_prompt(question, images.len()));
+        anyhow::ensure!(
+            ids.len() < vlm.cfg.max_seq_len,
+            "the prompt is {} tokens; the model's max_seq_len is {}",
+            ids.len(),
+            vlm.cfg.max_seq_len
+        );
+        let imgs = match &feats {
+            Some(f) => Images::for_rows(&[&ids], std::slice::from_ref(f), &vlm.cfg.image_ids)?,
+            None => None,
+        };
+        let mut stream = generate::TextStream::new(&tok);
+        let mut out = std::io::stdout();
+        generate::generate(&vlm, &ids, imgs.as_ref(), &sampling, true, |t| {
+            if let Some(piece) = stream.push(t) {
+                let _ = write!(out, "{piece}");
+                let _ = out.flush();
+            }
+            true
+        })?;
+        println!();
+        Ok(())
+    };
+    match prompt {
+        Some(p) => answer(&p)?,
+        None => {
+            eprintln!("ask a question per line (Ctrl-D to quit)");
+            for line in std::io::stdin().lock().lines() {
+                let line = line?;
+                if !line.trim().is_empty() {
+                    answer(line.trim())?;
+                }
+            }
         }
     }
     Ok(())

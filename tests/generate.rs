@@ -150,3 +150,68 @@ fn streamed_text_never_splits_a_character() {
     assert_eq!(pieces.concat(), text);
     assert_eq!(stream.text(), text);
 }
+
+#[test]
+fn chat_cli_answers_and_refuses_bad_input_clearly() {
+    let pth = common::reference().join("tiny_llm/model.pth");
+    let bear = common::repo().join("../shared/assets/eval_images/a-bear.png");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(common::bin())
+            .current_dir(common::repo())
+            .args([
+                "chat",
+                "--ckpt",
+                pth.to_str().unwrap(),
+                "--model",
+                "tiny",
+                "--clip",
+                "random:1",
+                "--device",
+                "cpu",
+            ])
+            .args(["--temperature", "0", "--max-new-tokens", "8"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&[
+        "--image",
+        bear.to_str().unwrap(),
+        "--prompt",
+        "这张图片里有什么？",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&ok.stdout).trim().is_empty());
+    assert!(String::from_utf8_lossy(&ok.stderr).contains("RANDOM-INITIALISED"));
+
+    let b = bear.to_str().unwrap();
+    let three = run(&["--image", b, "--image", b, "--image", b, "--prompt", "x"]);
+    assert!(
+        !three.status.success() && String::from_utf8_lossy(&three.stderr).contains("at most 2")
+    );
+    let missing = run(&["--image", "/no/such.png", "--prompt", "x"]);
+    assert!(
+        !missing.status.success()
+            && String::from_utf8_lossy(&missing.stderr).contains("/no/such.png")
+    );
+    let corrupt = run(&[
+        "--image",
+        common::repo().join("Cargo.toml").to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert!(
+        !corrupt.status.success()
+            && String::from_utf8_lossy(&corrupt.stderr).contains("not a readable image")
+    );
+    let long = "很长".repeat(400);
+    let too_long = run(&["--prompt", &long]);
+    assert!(
+        !too_long.status.success()
+            && String::from_utf8_lossy(&too_long.stderr).contains("max_seq_len")
+    );
+}

@@ -178,6 +178,55 @@ fn row(ids: &[u32], device: &Device) -> Result<Tensor> {
     Ok(Tensor::new(ids, device)?.unsqueeze(0)?)
 }
 
+/// Most images a prompt may carry (upstream trains with at most two).
+pub const MAX_IMAGES: usize = 2;
+
+/// A checkpoint for chatting: a directory with `model.safetensors` + `config.json`, or a weights
+/// file (`.safetensors` / upstream `.pth`) with a preset or config given by the caller.
+pub fn load_model(
+    ckpt: &std::path::Path,
+    preset: Option<&crate::model::ModelConfig>,
+    device: &Device,
+) -> Result<Vlm> {
+    let (weights_path, cfg) = if ckpt.is_dir() {
+        let cfg_path = ckpt.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| crate::error::bad_file(&cfg_path, e.to_string()))?;
+        let cfg = serde_json::from_str(&text)
+            .map_err(|e| crate::error::bad_file(&cfg_path, e.to_string()))?;
+        (ckpt.join("model.safetensors"), cfg)
+    } else {
+        let cfg = preset.cloned().ok_or_else(|| {
+            crate::error::bad_file(
+                ckpt,
+                "a bare weights file needs --model (minimind_512, minimind_768, tiny)",
+            )
+        })?;
+        (ckpt.to_path_buf(), cfg)
+    };
+    Ok(crate::model::weights::load(&weights_path, &cfg, false, device)?.0)
+}
+
+/// Features of image files through the ingest path: decode, PIL-bicubic resize, frozen CLIP.
+/// (n, tokens, hidden).
+pub fn image_features(
+    tower: &crate::ingest::clip::ClipTower,
+    paths: &[std::path::PathBuf],
+) -> Result<Option<Tensor>> {
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    let mut pixels = Vec::with_capacity(paths.len());
+    for p in paths {
+        let bytes = std::fs::read(p).map_err(|e| crate::error::bad_file(p, e.to_string()))?;
+        let img = crate::ingest::preprocess::load_resized(&bytes, tower.image_size as u32)
+            .map_err(|(_, d)| crate::error::bad_file(p, format!("not a readable image: {d}")))?;
+        pixels.push(img);
+    }
+    let refs: Vec<&[u8]> = pixels.iter().map(|p| p.as_slice()).collect();
+    Ok(Some(tower.features_u8(&refs)?))
+}
+
 /// Turns a growing token sequence into text pieces that never split a UTF-8 character.
 pub struct TextStream<'a> {
     tokenizer: &'a ChatTokenizer,
