@@ -19,12 +19,15 @@ pub struct DemoConfig {
     pub multi: usize,
     pub clip_dir: PathBuf,
     pub tokenizer: PathBuf,
+    pub pretrain_steps: usize,
+    pub sft_steps: usize,
+    pub eval_images: usize,
 }
 
 pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<String> {
     let ds = cfg.out.join("dataset");
     eprintln!(
-        "[1/3] synth: {} pretrain images, {} SFT images, {} image pairs → {}",
+        "[1/5] synth: {} pretrain images, {} SFT images, {} image pairs → {}",
         cfg.pretrain,
         cfg.sft,
         cfg.multi,
@@ -80,7 +83,7 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<String> {
         ),
     ];
     for (stage, name, json, images, prefix) in stages {
-        eprintln!("[2/3] ingest {name}");
+        eprintln!("[2/5] ingest {name}");
         let mut c = IngestConfig::new(stage, json, images, cfg.out.join("cache").join(name));
         c.image_prefix = prefix.into();
         c.tokenizer = cfg.tokenizer.clone();
@@ -90,15 +93,79 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<String> {
         eprint!("{summary}");
         let _ = writeln!(report, "## ingest {name}\n\n```\n{summary}```\n");
     }
-    eprintln!("[3/3] inspect");
+    eprintln!("[3/5] inspect");
     let inspect = crate::inspect::report(&cfg.out.join("cache/pretrain"))?;
     let _ = writeln!(report, "## inspect cache/pretrain\n\n```\n{inspect}```\n");
+
+    // Held-out images: another seed, never seen in training.
+    let eval_ds = cfg.out.join("eval");
+    synth::generate(&SynthConfig {
+        out: eval_ds.clone(),
+        seed: cfg.seed + 1_000_003,
+        pretrain: 0,
+        sft: cfg.eval_images,
+        multi: 0,
+        faults: false,
+    })?;
+    let mut c = IngestConfig::new(
+        Stage::Sft,
+        eval_ds.join("LLaVA-Instruct/llava_instruct_230k.json"),
+        eval_ds.join("sft_images.zip"),
+        cfg.out.join("cache/eval"),
+    );
+    c.image_prefix = "COCO_train2014_".into();
+    c.tokenizer = cfg.tokenizer.clone();
+    c.clip = clip.clone();
+    ingest::run(&c, opts)?;
+
+    let vision_dim =
+        crate::shards::reader::read_meta(&cfg.out.join("cache/eval/shard-00000.parquet"))?
+            .feature_shape[1];
+    let model = crate::demo_eval::demo_model(vision_dim);
+    let eval_cache = cfg.out.join("cache/eval");
+    eprintln!(
+        "[4/5] train: pretrain {} steps, then SFT {} steps (dim {}, {} layers)",
+        cfg.pretrain_steps, cfg.sft_steps, model.dim, model.n_layers
+    );
+    crate::demo_eval::train_stage(
+        &cfg.out.join("cache/pretrain"),
+        &eval_cache,
+        &cfg.out.join("pretrain"),
+        &model,
+        None,
+        cfg.pretrain_steps,
+        2e-3,
+        &opts.device,
+    )?;
+    let init = Some(cfg.out.join("pretrain/checkpoint/model.safetensors"));
+    crate::demo_eval::train_stage(
+        &cfg.out.join("cache/sft"),
+        &eval_cache,
+        &cfg.out.join("sft"),
+        &model,
+        init,
+        cfg.sft_steps,
+        1e-3,
+        &opts.device,
+    )?;
+
+    eprintln!("[5/5] evaluate on {} held-out images", cfg.eval_images);
+    let tok = crate::ingest::chat::ChatTokenizer::load(&cfg.tokenizer)?;
+    let acc = crate::demo_eval::evaluate(
+        &cfg.out.join("sft/checkpoint"),
+        &eval_cache,
+        &eval_ds.join("labels.json"),
+        &tok,
+        cfg.eval_images,
+        &opts.device,
+    )?;
+    let summary = acc.report();
     let _ = writeln!(
         report,
-        "Training, evaluation and chat are not part of this build yet."
+        "## held-out evaluation\n\n![loss](sft/loss.png)\n\n```\n{summary}```\n"
     );
     crate::util::write_bytes_atomic(&cfg.out.join("report.md"), report.as_bytes())?;
-    Ok(inspect)
+    Ok(format!("{inspect}\n{summary}"))
 }
 
 pub fn report_path(out: &Path) -> PathBuf {

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod config;
 pub mod demo;
+pub mod demo_eval;
 pub mod device;
 pub mod error;
 pub mod generate;

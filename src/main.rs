@@ -53,6 +53,12 @@ enum Command {
         multi: usize,
         #[arg(long, default_value = "model/clip_model/clip-vit-base-patch32")]
         clip: PathBuf,
+        #[arg(long, default_value_t = 400)]
+        pretrain_steps: usize,
+        #[arg(long, default_value_t = 400)]
+        sft_steps: usize,
+        #[arg(long, default_value_t = 200)]
+        eval_images: usize,
         #[arg(long, default_value = "auto")]
         device: String,
     },
@@ -224,6 +230,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             sft,
             multi,
             clip,
+            pretrain_steps,
+            sft_steps,
+            eval_images,
             device,
         } => {
             let cfg = demo::DemoConfig {
@@ -234,6 +243,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 multi,
                 clip_dir: clip,
                 tokenizer: "assets/tokenizer".into(),
+                pretrain_steps,
+                sft_steps,
+                eval_images,
             };
             let opts = ingest::IngestOptions {
                 progress: true,
