@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::config::IngestConfig;
+use crate::demo_eval::{train_stage, StageRun};
 use crate::error::Result;
 use crate::ingest::{self, chat::Stage, IngestOptions};
 use crate::synth::{self, SynthConfig};
@@ -127,27 +128,25 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<String> {
         "[4/5] train: pretrain {} steps, then SFT {} steps (dim {}, {} layers)",
         cfg.pretrain_steps, cfg.sft_steps, model.dim, model.n_layers
     );
-    crate::demo_eval::train_stage(
-        &cfg.out.join("cache/pretrain"),
-        &eval_cache,
-        &cfg.out.join("pretrain"),
-        &model,
-        None,
-        cfg.pretrain_steps,
-        2e-3,
-        &opts.device,
-    )?;
-    let init = Some(cfg.out.join("pretrain/checkpoint/model.safetensors"));
-    crate::demo_eval::train_stage(
-        &cfg.out.join("cache/sft"),
-        &eval_cache,
-        &cfg.out.join("sft"),
-        &model,
+    let (pre_shards, pre_out) = (cfg.out.join("cache/pretrain"), cfg.out.join("pretrain"));
+    let stage = StageRun {
+        shards: &pre_shards,
+        out: &pre_out,
+        init: None,
+        steps: cfg.pretrain_steps,
+        lr: 2e-3,
+    };
+    train_stage(stage, &eval_cache, &model, &opts.device)?;
+    let init = Some(pre_out.join("checkpoint/model.safetensors"));
+    let (sft_shards, sft_out) = (cfg.out.join("cache/sft"), cfg.out.join("sft"));
+    let stage = StageRun {
+        shards: &sft_shards,
+        out: &sft_out,
         init,
-        cfg.sft_steps,
-        1e-3,
-        &opts.device,
-    )?;
+        steps: cfg.sft_steps,
+        lr: 1e-3,
+    };
+    train_stage(stage, &eval_cache, &model, &opts.device)?;
 
     eprintln!("[5/5] evaluate on {} held-out images", cfg.eval_images);
     let tok = crate::ingest::chat::ChatTokenizer::load(&cfg.tokenizer)?;

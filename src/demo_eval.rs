@@ -29,16 +29,28 @@ pub fn demo_model(vision_dim: usize) -> ModelConfig {
     }
 }
 
+/// One training stage of the demo.
+pub struct StageRun<'a> {
+    pub shards: &'a Path,
+    pub out: &'a Path,
+    pub init: Option<PathBuf>,
+    pub steps: usize,
+    pub lr: f64,
+}
+
 pub fn train_stage(
-    shards: &Path,
+    stage: StageRun,
     val: &Path,
-    out: &Path,
     model: &ModelConfig,
-    init: Option<PathBuf>,
-    steps: usize,
-    lr: f64,
     device: &Device,
 ) -> Result<()> {
+    let StageRun {
+        shards,
+        out,
+        init,
+        steps,
+        lr,
+    } = stage;
     let cfg = TrainConfig {
         shards: shards.to_path_buf(),
         out: out.to_path_buf(),
