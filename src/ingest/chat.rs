@@ -131,13 +131,18 @@ pub fn render(pairs: &[(&str, &str)]) -> String {
 
 /// Start positions of complete placeholder windows in `ids`.
 pub fn placeholder_starts(ids: &[u32]) -> Vec<usize> {
-    let ph = placeholder_ids();
+    find_windows(ids, &placeholder_ids())
+}
+
+/// Start positions of complete, non-overlapping occurrences of `window` in `ids`, left to right.
+pub fn find_windows(ids: &[u32], window: &[u32]) -> Vec<usize> {
+    let n = window.len();
     let mut starts = Vec::new();
     let mut i = 0;
-    while i + PLACEHOLDER_LEN <= ids.len() {
-        if ids[i..i + PLACEHOLDER_LEN] == ph[..] {
+    while n > 0 && i + n <= ids.len() {
+        if &ids[i..i + n] == window {
             starts.push(i);
-            i += PLACEHOLDER_LEN;
+            i += n;
         } else {
             i += 1;
         }

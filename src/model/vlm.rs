@@ -24,7 +24,7 @@ impl Images {
         let mut used = Vec::new();
         let mut slots = Vec::new();
         for (r, (ids, f)) in rows.iter().zip(feats).enumerate() {
-            let starts = placeholder_starts(ids, image_ids);
+            let starts = crate::ingest::chat::find_windows(ids, image_ids);
             let n = starts.len().min(f.dim(0)?);
             for (k, &start) in starts.iter().take(n).enumerate() {
                 slots.push((r, start));
@@ -39,22 +39,6 @@ impl Images {
             slots,
         }))
     }
-}
-
-/// Start positions of complete, non-overlapping `image_ids` windows.
-pub fn placeholder_starts(ids: &[u32], image_ids: &[u32]) -> Vec<usize> {
-    let n = image_ids.len();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i + n <= ids.len() {
-        if &ids[i..i + n] == image_ids {
-            out.push(i);
-            i += n;
-        } else {
-            i += 1;
-        }
-    }
-    out
 }
 
 #[derive(Debug, Clone)]
