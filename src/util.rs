@@ -47,7 +47,7 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, |f| f.write_all(bytes).at(path))
 }
 
-/// Remove leftovers of writers that were killed mid-write.
+/// Remove leftovers (files or directories) of writers that were killed mid-write.
 pub fn remove_stale_tmp(dir: &Path) -> Result<usize> {
     let mut removed = 0;
     if !dir.exists() {
@@ -60,7 +60,11 @@ pub fn remove_stale_tmp(dir: &Path) -> Result<usize> {
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.contains(".tmp-"))
         {
-            std::fs::remove_file(&path).at(&path)?;
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).at(&path)?;
+            } else {
+                std::fs::remove_file(&path).at(&path)?;
+            }
             removed += 1;
         }
     }

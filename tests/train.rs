@@ -173,4 +173,10 @@ fn sigkill_mid_run_then_resume_matches_the_uninterrupted_run() {
         losses(&read_metrics(&tmp.path().join("killed")).unwrap()),
         losses(&want)
     );
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path().join("killed"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains(".tmp-") || n == "checkpoint.old")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use rayon::prelude::*;
 
 use crate::config::IngestConfig;
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::ingest::chat::ChatTokenizer;
-use crate::ingest::records::{read_records, ImageNaming};
+use crate::ingest::records::{parse_records, ImageNaming};
 use crate::ingest::reject::Reject;
 use crate::shards::Sample;
 
@@ -49,8 +49,11 @@ pub fn make_plan(cfg: &IngestConfig, tokenizer: &ChatTokenizer, clip_id: &str) -
         prefix: cfg.image_prefix.clone(),
         max_images: cfg.max_images(),
     };
-    let json_sha = crate::util::sha256_file(&cfg.json)?;
-    let (records, mut record_rejects) = read_records(&cfg.json, &naming)?;
+    // Read once: the same bytes are hashed (plan identity) and parsed.
+    let bytes = std::fs::read(&cfg.json).at(&cfg.json)?;
+    let json_sha = crate::util::sha256_hex(&bytes);
+    let (records, mut record_rejects) = parse_records(&cfg.json, &bytes, &naming)?;
+    drop(bytes);
     let records_read = records.len() + record_rejects.len();
 
     let encoded: Vec<_> = records

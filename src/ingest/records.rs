@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::error::{bad_file, IoContext, Result};
+use crate::error::{bad_file, Result};
 use crate::ingest::chat::Turn;
 use crate::ingest::reject::{Reason, Reject};
 
@@ -52,10 +52,14 @@ impl ImageNaming {
     }
 }
 
-/// Read the whole JSON array; good records and rejects, in source order.
-pub fn read_records(path: &Path, naming: &ImageNaming) -> Result<(Vec<Record>, Vec<Reject>)> {
-    let bytes = std::fs::read(path).at(path)?;
-    let elements: Vec<&RawValue> = serde_json::from_slice(&bytes)
+/// Parse the whole JSON array (`bytes` of the file at `path`); good records and rejects, in
+/// source order.
+pub fn parse_records(
+    path: &Path,
+    bytes: &[u8],
+    naming: &ImageNaming,
+) -> Result<(Vec<Record>, Vec<Reject>)> {
+    let elements: Vec<&RawValue> = serde_json::from_slice(bytes)
         .map_err(|e| bad_file(path, format!("not a JSON array of records: {e}")))?;
     let mut records = Vec::with_capacity(elements.len());
     let mut rejects = Vec::new();

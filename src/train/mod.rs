@@ -333,6 +333,8 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
         None => None,
     };
 
+    // Half-written checkpoints of killed runs (`checkpoint.tmp-PID`).
+    crate::util::remove_stale_tmp(&cfg.out)?;
     let ckpt = checkpoint_dir(&cfg.out);
     // A kill between the two renames of `save_checkpoint` leaves only the previous checkpoint.
     let previous = cfg.out.join("checkpoint.old");
