@@ -185,21 +185,21 @@ fn upstream_pth_checkpoints_load_like_safetensors() {
     );
 }
 
+/// The message of loading the reference weights into a model of shape `cfg`.
+fn load_error(cfg: &ModelConfig) -> String {
+    match weights::load(&dir().join("model.safetensors"), cfg, false, &Device::Cpu) {
+        Ok(_) => panic!("{cfg:?} should not fit the reference weights"),
+        Err(e) => e.to_string(),
+    }
+}
+
 #[test]
 fn loading_is_strict_and_lists_every_problem() {
     let wrong = ModelConfig {
         dim: 128,
         ..config()
     };
-    let err = weights::load(
-        &dir().join("model.safetensors"),
-        &wrong,
-        false,
-        &Device::Cpu,
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let err = load_error(&wrong);
     assert!(
         err.contains("tok_embeddings.weight: shape [6400, 64], config wants [6400, 128]"),
         "{err}"
@@ -210,15 +210,7 @@ fn loading_is_strict_and_lists_every_problem() {
         n_layers: 3,
         ..config()
     };
-    let err = weights::load(
-        &dir().join("model.safetensors"),
-        &deeper,
-        false,
-        &Device::Cpu,
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let err = load_error(&deeper);
     assert!(
         err.contains("missing tensor layers.2.attention.wq.weight"),
         "{err}"
