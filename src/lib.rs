@@ -14,6 +14,7 @@ pub mod generate;
 pub mod ingest;
 pub mod inspect;
 pub mod model;
+pub mod serve;
 pub mod shards;
 pub mod synth;
 pub mod train;

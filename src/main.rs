@@ -109,6 +109,29 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Serve a web page and an OpenAI-compatible API (/v1/chat/completions) for a checkpoint.
+    Serve {
+        /// Checkpoint directory (model.safetensors + config.json) or a weights file (.safetensors/.pth).
+        #[arg(long)]
+        ckpt: PathBuf,
+        /// Model preset for a bare weights file: minimind_512, minimind_768, tiny.
+        #[arg(long)]
+        model: Option<String>,
+        /// HF CLIP directory (the one the model was trained with), random-small:<seed> /
+        /// random:<seed> (tests only), or none (text only).
+        #[arg(long, default_value = "model/clip_model/clip-vit-base-patch32")]
+        clip: String,
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        addr: String,
+        /// Largest request body, MiB (images arrive base64-encoded inside the JSON).
+        #[arg(long, default_value_t = 16)]
+        max_body_mb: usize,
+        /// Requests allowed to wait for the model; more are refused with 503.
+        #[arg(long, default_value_t = 16)]
+        max_queue: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Show what a shard directory holds (Polars).
     Inspect { path: PathBuf },
     /// Write a synthetic dataset in upstream's three formats.
@@ -313,6 +336,36 @@ fn run(command: Command) -> anyhow::Result<()> {
                 },
                 &device,
             )?;
+        }
+        Command::Serve {
+            ckpt,
+            model,
+            clip,
+            addr,
+            max_body_mb,
+            max_queue,
+            device,
+        } => {
+            let device = device::select(&device)?;
+            let preset = model
+                .map(|m| train::ModelChoice::Preset(m).resolve())
+                .transpose()?;
+            let engine = minimind_v::serve::Engine::load(
+                &ckpt,
+                preset.as_ref(),
+                &clip,
+                std::path::Path::new("assets/tokenizer"),
+                &device,
+            )?;
+            if engine.tower.as_ref().is_some_and(|t| t.is_random()) {
+                eprintln!("NOTE: using a RANDOM-INITIALISED CLIP tower ({clip}): answers cannot depend on real image content");
+            }
+            let limits = minimind_v::serve::Limits {
+                max_body: max_body_mb << 20,
+                max_queue,
+            };
+            tokio::runtime::Runtime::new()?
+                .block_on(minimind_v::serve::run(engine, limits, &addr))?;
         }
         Command::Inspect { path } => print!("{}", inspect::report(&path)?),
         Command::Synth {

@@ -58,10 +58,12 @@ pub fn chat_prompt(question: &str, n_images: usize) -> String {
     } else {
         question.to_string()
     };
-    format!(
-        "<s>user\n{}</s>\n<s>assistant\n",
-        q.replace(IMAGE_TAG, &placeholder_text())
-    )
+    render_placeholders(&format!("<s>user\n{q}</s>\n<s>assistant\n"))
+}
+
+/// Replace each `<image>` tag with the 50-token placeholder text the features are spliced into.
+pub fn render_placeholders(text: &str) -> String {
+    text.replace(IMAGE_TAG, &placeholder_text())
 }
 
 /// Pick the next token from (V,) logits.

@@ -34,3 +34,4 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_minimind-v")
 }
+pub mod http;

@@ -1,0 +1,444 @@
+//! `minimind-v serve`: a web page and an OpenAI-compatible chat API over one loaded model.
+//!
+//! Requests are validated on the async side (size, JSON, images decoded and resized, prompt
+//! tokenised and length-checked) and then queued to a single generation thread that owns the
+//! model; each job gets its own KV cache, so concurrent requests never share state. The answer
+//! streams back through a channel, as server-sent events when the client asks for `stream`.
+
+pub mod api;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use candle_core::Tensor;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+
+use crate::generate::{generate, Sampling, TextStream};
+use crate::ingest::chat::{placeholder_starts, ChatTokenizer};
+use crate::ingest::clip::ClipTower;
+use crate::model::vlm::{Images, Vlm};
+use api::{ApiError, ChatRequest, Usage};
+
+/// What the server holds: the model, the frozen tower (if it serves images) and the tokenizer.
+pub struct Engine {
+    pub vlm: Vlm,
+    pub tower: Option<ClipTower>,
+    pub tokenizer: Arc<ChatTokenizer>,
+    /// Name reported by `/v1/models` and in completions.
+    pub model_id: String,
+}
+
+impl Engine {
+    /// Load a checkpoint (see `generate::load_model`) and, unless `clip` is `none`, the frozen
+    /// tower, checking that its feature width is what the projector takes.
+    pub fn load(
+        ckpt: &std::path::Path,
+        preset: Option<&crate::model::ModelConfig>,
+        clip: &str,
+        tokenizer: &std::path::Path,
+        device: &candle_core::Device,
+    ) -> crate::error::Result<Self> {
+        let vlm = crate::generate::load_model(ckpt, preset, device)?;
+        let tower = if clip == "none" {
+            None
+        } else {
+            let tower = ClipTower::load(&clip.parse()?, device)?;
+            if tower.hidden != vlm.cfg.vision_dim {
+                return Err(crate::error::Error::Config(format!(
+                    "CLIP {clip} gives {}-wide features but the model's projector takes {}",
+                    tower.hidden, vlm.cfg.vision_dim
+                )));
+            }
+            Some(tower)
+        };
+        let model_id = ckpt
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "minimind-v".into());
+        Ok(Self {
+            vlm,
+            tower,
+            tokenizer: Arc::new(ChatTokenizer::load(tokenizer)?),
+            model_id,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body accepted (bytes).
+    pub max_body: usize,
+    /// Requests waiting for the generation thread beyond this are refused with 503.
+    pub max_queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body: 16 << 20,
+            max_queue: 16,
+        }
+    }
+}
+
+/// One queued generation.
+struct Job {
+    ids: Vec<u32>,
+    /// Resized HWC u8 images, in prompt order.
+    images: Vec<Vec<u8>>,
+    sampling: Sampling,
+    out: mpsc::UnboundedSender<Piece>,
+}
+
+/// What the generation thread sends back for a job.
+#[derive(Debug)]
+enum Piece {
+    Text(String),
+    Done {
+        finish: &'static str,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+struct AppState {
+    jobs: crossbeam_channel::Sender<Job>,
+    queued: Arc<AtomicUsize>,
+    tokenizer: Arc<ChatTokenizer>,
+    model_id: String,
+    clip_id: Option<String>,
+    clip_random: bool,
+    image_size: Option<u32>,
+    max_seq_len: usize,
+    limits: Limits,
+    next_id: AtomicU64,
+}
+
+/// Build the router and start the generation thread that owns `engine`.
+pub fn app(engine: Engine, limits: Limits) -> Router {
+    let (tx, rx) = crossbeam_channel::bounded::<Job>(limits.max_queue);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let state = Arc::new(AppState {
+        jobs: tx,
+        queued: queued.clone(),
+        tokenizer: engine.tokenizer.clone(),
+        model_id: engine.model_id.clone(),
+        clip_id: engine.tower.as_ref().map(|t| t.source.to_string()),
+        clip_random: engine.tower.as_ref().is_some_and(|t| t.is_random()),
+        image_size: engine.tower.as_ref().map(|t| t.image_size as u32),
+        max_seq_len: engine.vlm.cfg.max_seq_len,
+        limits,
+        next_id: AtomicU64::new(0),
+    });
+    std::thread::Builder::new()
+        .name("generate".into())
+        .spawn(move || {
+            for job in rx {
+                run_job(&engine, job);
+                queued.fetch_sub(1, Ordering::SeqCst);
+            }
+        })
+        .expect("spawning the generation thread");
+    Router::new()
+        .route("/", get(page))
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(completions))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+fn run_job(engine: &Engine, job: Job) {
+    let result = (|| -> crate::error::Result<(&'static str, usize)> {
+        let images = match (&engine.tower, job.images.is_empty()) {
+            (_, true) => None,
+            (Some(tower), false) => {
+                let refs: Vec<&[u8]> = job.images.iter().map(|v| v.as_slice()).collect();
+                let feats: Tensor = tower.features_u8(&refs)?;
+                Images::for_rows(&[&job.ids], &[feats], &engine.vlm.cfg.image_ids)?
+            }
+            (None, false) => unreachable!("requests with images are refused without a tower"),
+        };
+        let mut text = TextStream::new(&engine.tokenizer);
+        let mut gone = false;
+        let out = generate(
+            &engine.vlm,
+            &job.ids,
+            images.as_ref(),
+            &job.sampling,
+            true,
+            |t| {
+                if let Some(piece) = text.push(t) {
+                    gone = job.out.send(Piece::Text(piece)).is_err();
+                }
+                !gone
+            },
+        )?;
+        let hit_limit = out.len() >= job.sampling.max_new_tokens
+            || job.ids.len() + out.len() >= engine.vlm.cfg.max_seq_len;
+        Ok((if hit_limit { "length" } else { "stop" }, out.len()))
+    })();
+    let last = match result {
+        Ok((finish, completion_tokens)) => Piece::Done {
+            finish,
+            completion_tokens,
+        },
+        Err(e) => Piece::Failed(format!("{e:#}")),
+    };
+    let _ = job.out.send(last);
+}
+
+fn error(e: ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
+    (status, Json(e.body())).into_response()
+}
+
+async fn not_found() -> Response {
+    error(ApiError {
+        status: 404,
+        code: "not_found",
+        message: "no such endpoint; see GET /, /health, /v1/models, POST /v1/chat/completions"
+            .into(),
+    })
+}
+
+async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "model": st.model_id,
+        "clip": st.clip_id,
+        "clip_random": st.clip_random,
+        "queued": st.queued.load(Ordering::SeqCst),
+        "max_seq_len": st.max_seq_len,
+    }))
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "object": "list",
+        "data": [{"id": st.model_id, "object": "model", "created": 0, "owned_by": "minimind-v"}],
+    }))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Validated, tokenised request, ready to queue.
+struct Prepared {
+    ids: Vec<u32>,
+    images: Vec<Vec<u8>>,
+    sampling: Sampling,
+    stream: bool,
+}
+
+fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
+    let req: ChatRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad("malformed_json", format!("request body: {e}")))?;
+    let parsed = api::parse(req)?;
+    let mut images = Vec::with_capacity(parsed.images.len());
+    if !parsed.images.is_empty() {
+        let Some(size) = st.image_size else {
+            return Err(ApiError::bad(
+                "images_unsupported",
+                "this server was started without a CLIP tower (--clip) and cannot take images",
+            ));
+        };
+        for (i, bytes) in parsed.images.iter().enumerate() {
+            let img = crate::ingest::preprocess::load_resized(bytes, size).map_err(|(_, d)| {
+                ApiError::bad(
+                    "not_an_image",
+                    format!("image {}: not a readable image: {d}", i + 1),
+                )
+            })?;
+            images.push(img);
+        }
+    }
+    let ids = st
+        .tokenizer
+        .encode_text(&crate::generate::render_placeholders(&parsed.text));
+    let windows = placeholder_starts(&ids).len();
+    if windows != images.len() {
+        return Err(ApiError::bad(
+            "image_placement",
+            format!(
+                "{} images but {windows} image slots after tokenisation; put image parts at the start of a line or after text",
+                images.len()
+            ),
+        ));
+    }
+    if ids.len() >= st.max_seq_len {
+        return Err(ApiError::bad(
+            "prompt_too_long",
+            format!(
+                "the prompt is {} tokens (each image takes 50); the model's max_seq_len is {}",
+                ids.len(),
+                st.max_seq_len
+            ),
+        ));
+    }
+    let mut sampling = parsed.sampling;
+    sampling.max_new_tokens = parsed
+        .max_tokens
+        .unwrap_or(st.max_seq_len)
+        .min(st.max_seq_len - ids.len());
+    Ok(Prepared {
+        ids,
+        images,
+        sampling,
+        stream: parsed.stream,
+    })
+}
+
+async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
+    let bytes = match axum::body::to_bytes(body, st.limits.max_body).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(ApiError {
+                status: 413,
+                code: "body_too_large",
+                message: format!(
+                    "request body over {} bytes (start the server with a larger --max-body-mb)",
+                    st.limits.max_body
+                ),
+            })
+        }
+    };
+    let st2 = st.clone();
+    let prepared = match tokio::task::spawn_blocking(move || prepare(&st2, &bytes)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return error(e),
+        Err(e) => {
+            return error(ApiError {
+                status: 500,
+                code: "internal",
+                message: e.to_string(),
+            })
+        }
+    };
+    let prompt_tokens = prepared.ids.len();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let job = Job {
+        ids: prepared.ids,
+        images: prepared.images,
+        sampling: prepared.sampling,
+        out: tx,
+    };
+    st.queued.fetch_add(1, Ordering::SeqCst);
+    if st.jobs.try_send(job).is_err() {
+        st.queued.fetch_sub(1, Ordering::SeqCst);
+        return error(ApiError {
+            status: 503,
+            code: "queue_full",
+            message: format!(
+                "{} requests are already waiting; try again shortly",
+                st.limits.max_queue
+            ),
+        });
+    }
+    let id = format!("chatcmpl-{}", st.next_id.fetch_add(1, Ordering::SeqCst));
+    let created = now();
+    let model = st.model_id.clone();
+    if prepared.stream {
+        let first = api::chunk(
+            &id,
+            &model,
+            created,
+            serde_json::json!({"role": "assistant", "content": ""}),
+            None,
+        );
+        let events = UnboundedReceiverStream::new(rx).map(move |piece| {
+            let data = match piece {
+                Piece::Text(t) => api::chunk(
+                    &id,
+                    &model,
+                    created,
+                    serde_json::json!({"content": t}),
+                    None,
+                ),
+                Piece::Done { finish, .. } => {
+                    api::chunk(&id, &model, created, serde_json::json!({}), Some(finish))
+                }
+                Piece::Failed(e) => {
+                    serde_json::json!({"error": {"message": e, "type": "server_error"}})
+                }
+            };
+            Ok::<_, std::convert::Infallible>(Event::default().data(data.to_string()))
+        });
+        let stream = tokio_stream::once(Ok(Event::default().data(first.to_string())))
+            .chain(events)
+            .chain(tokio_stream::once(Ok(Event::default().data("[DONE]"))));
+        return Sse::new(stream)
+            .keep_alive(KeepAlive::default())
+            .into_response();
+    }
+    let mut rx = rx;
+    let mut text = String::new();
+    while let Some(piece) = rx.recv().await {
+        match piece {
+            Piece::Text(t) => text.push_str(&t),
+            Piece::Done {
+                finish,
+                completion_tokens,
+            } => {
+                let usage = Usage {
+                    prompt_tokens,
+                    completion_tokens,
+                    total_tokens: prompt_tokens + completion_tokens,
+                };
+                let body = api::completion(&id, &model, created, &text, finish, usage);
+                return ([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response();
+            }
+            Piece::Failed(e) => {
+                return error(ApiError {
+                    status: 500,
+                    code: "generation_failed",
+                    message: e,
+                })
+            }
+        }
+    }
+    error(ApiError {
+        status: 500,
+        code: "generation_failed",
+        message: "the generation thread stopped".into(),
+    })
+}
+
+/// Bind and serve until Ctrl-C.
+pub async fn run(engine: Engine, limits: Limits, addr: &str) -> crate::error::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| crate::error::Error::Config(format!("cannot listen on {addr}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| crate::error::Error::Config(format!("{addr}: {e}")))?;
+    eprintln!(
+        "serving {} on http://{local}/ (OpenAI API at /v1/chat/completions); Ctrl-C stops",
+        engine.model_id
+    );
+    axum::serve(listener, app(engine, limits))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(|e| crate::error::Error::Config(format!("server on {local}: {e}")))?;
+    Ok(())
+}

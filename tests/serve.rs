@@ -1,0 +1,297 @@
+//! `serve` over loopback: the OpenAI-compatible API, streaming, limits and concurrency.
+//! The model is the reference tiny checkpoint (upstream `.pth`) with a random CLIP tower.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use base64::Engine as _;
+use common::http::{self, sse_data};
+use serde_json::{json, Value};
+
+/// One server for the whole file (loading the tower takes a moment), with a 1 MiB body limit.
+pub fn server() -> SocketAddr {
+    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let engine = minimind_v::serve::Engine::load(
+            &common::reference().join("tiny_llm/model.pth"),
+            Some(&minimind_v::model::ModelConfig::tiny()),
+            "random:1",
+            &common::tokenizer_dir(),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let limits = minimind_v::serve::Limits {
+            max_body: 1 << 20,
+            max_queue: 8,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                axum::serve(listener, minimind_v::serve::app(engine, limits))
+                    .await
+                    .unwrap();
+            });
+        });
+        rx.recv().unwrap()
+    })
+}
+
+/// A synthetic 128×128 PNG as a data URL.
+fn png_data_url(seed: u64) -> String {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let scene = minimind_v::synth::draw::Scene::random(&mut rng, 128);
+    let img = minimind_v::synth::draw::render(&scene, 128, &mut rng);
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png.into_inner())
+    )
+}
+
+fn ask(images: &[String], text: &str, extra: Value) -> Value {
+    let mut content: Vec<Value> = images
+        .iter()
+        .map(|u| json!({"type": "image_url", "image_url": {"url": u}}))
+        .collect();
+    content.push(json!({"type": "text", "text": text}));
+    let mut req = json!({"model": "tiny", "messages": [{"role": "user", "content": content}]});
+    for (k, v) in extra.as_object().unwrap() {
+        req[k] = v.clone();
+    }
+    req
+}
+
+fn content_of_stream(body: &str) -> (String, Option<String>) {
+    let data = sse_data(body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let mut text = String::new();
+    let mut finish = None;
+    for d in &data[..data.len() - 1] {
+        let v: Value = serde_json::from_str(d).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        let choice = &v["choices"][0];
+        if let Some(t) = choice["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+    }
+    (text, finish)
+}
+
+#[test]
+fn health_models_and_page() {
+    let addr = server();
+    let h = http::get(addr, "/health");
+    assert_eq!(h.status, 200);
+    let h = h.json();
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["clip_random"], true);
+    let m = http::get(addr, "/v1/models").json();
+    assert_eq!(m["object"], "list");
+    assert_eq!(m["data"][0]["id"], "model.pth");
+    let page = http::get(addr, "/");
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("/v1/chat/completions"));
+    let missing = http::get(addr, "/nope");
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json()["error"]["code"], "not_found");
+}
+
+#[test]
+fn completion_streamed_equals_completion_whole() {
+    let addr = server();
+    let img = png_data_url(3);
+    let req = ask(
+        std::slice::from_ref(&img),
+        "What shape is in the image?",
+        json!({"max_tokens": 12, "seed": 5}),
+    );
+    let whole = http::post_json(addr, "/v1/chat/completions", &req);
+    assert_eq!(whole.status, 200, "{}", whole.text());
+    let whole = whole.json();
+    assert_eq!(whole["object"], "chat.completion");
+    let text = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let usage = &whole["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 50, "{usage}");
+    assert!(usage["completion_tokens"].as_u64().unwrap() <= 12);
+
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    let mut chunks = 0;
+    let streamed = http::request_streaming(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(sreq.to_string().as_bytes()),
+        |_| chunks += 1,
+    );
+    assert_eq!(streamed.status, 200);
+    assert!(streamed
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let (stext, finish) = content_of_stream(&streamed.text());
+    assert_eq!(stext, text, "stream and non-stream differ");
+    assert_eq!(
+        finish.as_deref(),
+        whole["choices"][0]["finish_reason"].as_str()
+    );
+    // Tokens arrive as separate events, not one buffered body.
+    assert!(chunks >= 3, "{chunks} chunks");
+}
+
+#[test]
+fn two_concurrent_streams_do_not_disturb_each_other() {
+    let addr = server();
+    let reqs = [
+        ask(
+            &[png_data_url(1)],
+            "What colour is the shape?",
+            json!({"max_tokens": 20, "seed": 1, "stream": true}),
+        ),
+        ask(
+            &[png_data_url(2), png_data_url(4)],
+            "What differs between the two images?",
+            json!({"max_tokens": 20, "seed": 2, "stream": true, "temperature": 1.0}),
+        ),
+    ];
+    let run = |r: &Value| {
+        let resp = http::request(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(r.to_string().as_bytes()),
+        );
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        content_of_stream(&resp.text()).0
+    };
+    let alone: Vec<String> = reqs.iter().map(run).collect();
+    let together: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = reqs.iter().map(|r| s.spawn(move || run(r))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(alone, together);
+    assert_ne!(alone[0], alone[1]);
+}
+
+#[test]
+fn bad_requests_get_json_errors_and_the_server_keeps_serving() {
+    let addr = server();
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"{not json".to_vec(), 400, "malformed_json"),
+        (
+            ask(
+                &["data:image/png;base64,aGVsbG8gd29ybGQ=".into()],
+                "x",
+                json!({}),
+            )
+            .to_string()
+            .into_bytes(),
+            400,
+            "not_an_image",
+        ),
+        (
+            ask(&["https://example.com/a.png".into()], "x", json!({}))
+                .to_string()
+                .into_bytes(),
+            400,
+            "unsupported_image_url",
+        ),
+        (
+            ask(&vec![png_data_url(1); 3], "x", json!({}))
+                .to_string()
+                .into_bytes(),
+            400,
+            "too_many_images",
+        ),
+        (
+            ask(
+                &[png_data_url(1), png_data_url(2)],
+                &"很长的问题".repeat(20),
+                json!({}),
+            )
+            .to_string()
+            .into_bytes(),
+            400,
+            "prompt_too_long",
+        ),
+        (
+            ask(&[], "look: <image>", json!({}))
+                .to_string()
+                .into_bytes(),
+            400,
+            "image_tag_in_text",
+        ),
+        (
+            json!({"messages": [{"role": "assistant", "content": "hi"}]})
+                .to_string()
+                .into_bytes(),
+            400,
+            "last_message_not_user",
+        ),
+        (
+            ask(
+                &[format!("data:image/png;base64,{}", "A".repeat(2 << 20))],
+                "x",
+                json!({}),
+            )
+            .to_string()
+            .into_bytes(),
+            413,
+            "body_too_large",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let r = http::request(addr, "POST", "/v1/chat/completions", Some(&body));
+        assert_eq!(r.status, status, "{code}: {}", r.text());
+        let v = r.json();
+        assert_eq!(v["error"]["code"], code, "{v}");
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+        assert_eq!(http::get(addr, "/health").status, 200);
+    }
+    // And a good request still works afterwards.
+    let ok = http::post_json(
+        addr,
+        "/v1/chat/completions",
+        &ask(&[png_data_url(7)], "hi", json!({"max_tokens": 4})),
+    );
+    assert_eq!(ok.status, 200, "{}", ok.text());
+}
+
+#[test]
+fn multi_turn_uses_upstream_template_and_text_only_works() {
+    let addr = server();
+    let req = json!({
+        "messages": [
+            {"role": "system", "content": "You are helpful."},
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": "how are you?"},
+        ],
+        "max_tokens": 4,
+        "temperature": 0,
+    });
+    let r = http::post_json(addr, "/v1/chat/completions", &req);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // upstream's template: "You are helpful.<s>user\nhello</s>\n<s>assistant\nhi</s>\n<s>user\nhow are you?</s>\n<s>assistant\n"
+    let tok = minimind_v::ingest::chat::ChatTokenizer::load(&common::tokenizer_dir()).unwrap();
+    let expect = tok.encode_text(
+        "You are helpful.<s>user\nhello</s>\n<s>assistant\nhi</s>\n<s>user\nhow are you?</s>\n<s>assistant\n",
+    );
+    assert_eq!(
+        r.json()["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+        expect.len()
+    );
+}
