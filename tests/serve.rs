@@ -295,3 +295,190 @@ fn multi_turn_uses_upstream_template_and_text_only_works() {
         expect.len()
     );
 }
+
+/// A WebDriver session on headless Chromium (Debian `chromium` + `chromium-driver`).
+struct Browser {
+    driver: std::process::Child,
+    addr: SocketAddr,
+    session: String,
+}
+
+impl Browser {
+    fn start() -> Option<Self> {
+        let driver_bin = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists());
+        let Some(driver_bin) = driver_bin else {
+            assert!(
+                std::env::var("MMV_BROWSER_TEST").as_deref() != Ok("require"),
+                "MMV_BROWSER_TEST=require but chromedriver is not installed (apt-get install chromium chromium-driver)"
+            );
+            eprintln!("SKIPPED: no chromedriver (apt-get install chromium chromium-driver); .ci/run requires it");
+            return None;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = std::process::Command::new(driver_bin)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(t0.elapsed().as_secs() < 20, "chromedriver did not start");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                         "--disable-background-networking", "--disable-component-update",
+                         "--disable-sync", "--window-size=900,1000"],
+            },
+        }}});
+        let r = http::post_json(addr, "/session", &caps).json();
+        let session = r["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no WebDriver session: {r}"))
+            .to_string();
+        Some(Self {
+            driver,
+            addr,
+            session,
+        })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let path = format!("/session/{}{path}", self.session);
+        let body = body.map(|b| b.to_string());
+        let r = http::request(self.addr, method, &path, body.as_deref().map(str::as_bytes));
+        assert_eq!(r.status, 200, "{method} {path}: {}", r.text());
+        r.json()["value"].clone()
+    }
+
+    fn element(&self, css: &str) -> String {
+        let v = self.call(
+            "POST",
+            "/element",
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        v.as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = http::request(
+            self.addr,
+            "DELETE",
+            &format!("/session/{}", self.session),
+            None,
+        );
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// The web page in a real browser: upload an image, ask, watch the answer stream in; the text
+/// shown is exactly what the API answers for the same request. Saves a screenshot.
+#[test]
+fn web_page_in_headless_chromium() {
+    let addr = server();
+    let Some(b) = Browser::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let png_path = dir.path().join("shape.png");
+    let url = png_data_url(11);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(url.split_once(',').unwrap().1)
+        .unwrap();
+    std::fs::write(&png_path, &png).unwrap();
+
+    b.call(
+        "POST",
+        "/url",
+        Some(json!({"url": format!("http://{addr}/")})),
+    );
+    let file = b.element("#image1");
+    b.call(
+        "POST",
+        &format!("/element/{file}/value"),
+        Some(json!({"text": png_path.to_str().unwrap()})),
+    );
+    let q = b.element("#question");
+    b.call("POST", &format!("/element/{q}/clear"), Some(json!({})));
+    let question = "What colour is the shape?";
+    b.call(
+        "POST",
+        &format!("/element/{q}/value"),
+        Some(json!({"text": question})),
+    );
+    let send = b.element("#send");
+    let answer = b.element("#answer");
+    b.call("POST", &format!("/element/{send}/click"), Some(json!({})));
+    let t0 = std::time::Instant::now();
+    let mut seen = Vec::new();
+    let text = loop {
+        let t = b.call("GET", &format!("/element/{answer}/text"), None);
+        let t = t.as_str().unwrap().to_string();
+        if seen.last() != Some(&t) {
+            seen.push(t.clone());
+        }
+        let finished = b.call(
+            "GET",
+            &format!("/element/{answer}/attribute/data-finish"),
+            None,
+        );
+        if finished.is_string() {
+            break t;
+        }
+        let err = b.call(
+            "GET",
+            &format!("/element/{}/text", b.element("#error")),
+            None,
+        );
+        assert_eq!(err, "", "page shows an error");
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "no answer within 60 s; seen {seen:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let shot = b.call("GET", "/screenshot", None);
+    let shot = base64::engine::general_purpose::STANDARD
+        .decode(shot.as_str().unwrap())
+        .unwrap();
+    let out = common::repo().join("target/serve-screenshot.png");
+    std::fs::write(&out, shot).unwrap();
+    eprintln!(
+        "screenshot: {} (text states seen: {})",
+        out.display(),
+        seen.len()
+    );
+
+    // The same request through the API, without streaming.
+    let api = http::post_json(
+        addr,
+        "/v1/chat/completions",
+        &ask(&[url], question, json!({})),
+    );
+    assert_eq!(api.status, 200, "{}", api.text());
+    let expected = api.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!text.trim().is_empty());
+    assert_eq!(text.trim(), expected.trim());
+}

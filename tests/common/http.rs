@@ -93,7 +93,20 @@ pub fn request_streaming(
             body.extend(chunk);
         }
     } else {
-        r.read_to_end(&mut body).unwrap();
+        // Some servers (chromedriver) keep the connection open: trust Content-Length.
+        let length = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .map(|(_, v)| v.parse::<usize>().unwrap());
+        match length {
+            Some(n) => {
+                body.resize(n, 0);
+                r.read_exact(&mut body).unwrap();
+            }
+            None => {
+                r.read_to_end(&mut body).unwrap();
+            }
+        }
         on_chunk(&body);
     }
     Response {
