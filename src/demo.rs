@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::IngestConfig;
 use crate::demo_eval::{train_stage, StageRun};
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::ingest::{self, chat::Stage, IngestOptions};
 use crate::synth::{self, SynthConfig};
 
@@ -23,9 +23,10 @@ pub struct DemoConfig {
     pub pretrain_steps: usize,
     pub sft_steps: usize,
     pub eval_images: usize,
+    pub eval_pairs: usize,
 }
 
-pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<String> {
+pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::demo_eval::Accuracy)> {
     let ds = cfg.out.join("dataset");
     eprintln!(
         "[1/5] synth: {} pretrain images, {} SFT images, {} image pairs → {}",
@@ -98,26 +99,38 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<String> {
     let inspect = crate::inspect::report(&cfg.out.join("cache/pretrain"))?;
     let _ = writeln!(report, "## inspect cache/pretrain\n\n```\n{inspect}```\n");
 
-    // Held-out images: another seed, never seen in training.
+    // Held-out images and pairs: another seed, never seen in training.
     let eval_ds = cfg.out.join("eval");
     synth::generate(&SynthConfig {
         out: eval_ds.clone(),
         seed: cfg.seed + 1_000_003,
         pretrain: 0,
         sft: cfg.eval_images,
-        multi: 0,
+        multi: cfg.eval_pairs,
         faults: false,
     })?;
-    let mut c = IngestConfig::new(
-        Stage::Sft,
-        eval_ds.join("LLaVA-Instruct/llava_instruct_230k.json"),
-        eval_ds.join("sft_images.zip"),
-        cfg.out.join("cache/eval"),
-    );
-    c.image_prefix = "COCO_train2014_".into();
-    c.tokenizer = cfg.tokenizer.clone();
-    c.clip = clip.clone();
-    ingest::run(&c, opts)?;
+    for (stage, json, images, prefix, cache) in [
+        (
+            Stage::Sft,
+            eval_ds.join("LLaVA-Instruct/llava_instruct_230k.json"),
+            eval_ds.join("sft_images.zip"),
+            "COCO_train2014_",
+            "cache/eval",
+        ),
+        (
+            Stage::SftMulti,
+            eval_ds.join("sft_multi_images/output.json"),
+            eval_ds.join("sft_multi_images"),
+            "",
+            "cache/eval_multi",
+        ),
+    ] {
+        let mut c = IngestConfig::new(stage, json, images, cfg.out.join(cache));
+        c.image_prefix = prefix.into();
+        c.tokenizer = cfg.tokenizer.clone();
+        c.clip = clip.clone();
+        ingest::run(&c, opts)?;
+    }
 
     let vision_dim =
         crate::shards::reader::read_meta(&cfg.out.join("cache/eval/shard-00000.parquet"))?
@@ -148,23 +161,78 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<String> {
     };
     train_stage(stage, &eval_cache, &model, &opts.device)?;
 
-    eprintln!("[5/5] evaluate on {} held-out images", cfg.eval_images);
+    eprintln!(
+        "[5/5] evaluate on {} held-out images and {} pairs",
+        cfg.eval_images, cfg.eval_pairs
+    );
     let tok = crate::ingest::chat::ChatTokenizer::load(&cfg.tokenizer)?;
-    let acc = crate::demo_eval::evaluate(
-        &cfg.out.join("sft/checkpoint"),
+    let ckpt = cfg.out.join("sft/checkpoint");
+    let labels = eval_ds.join("labels.json");
+    let mut acc = crate::demo_eval::evaluate(
+        &ckpt,
         &eval_cache,
-        &eval_ds.join("labels.json"),
+        &labels,
         &tok,
         cfg.eval_images,
         &opts.device,
     )?;
+    crate::demo_eval::evaluate_pairs(
+        &ckpt,
+        &cfg.out.join("cache/eval_multi"),
+        &labels,
+        &tok,
+        &mut acc,
+        &opts.device,
+    )?;
     let summary = acc.report();
+    let shown = extract_examples(&acc, &eval_ds.join("sft_images.zip"), &cfg.out)?;
+    let table = acc.examples_markdown(&|name: &str| {
+        if shown.iter().any(|s| s == name) {
+            format!("report_images/{name}")
+        } else {
+            format!("eval/sft_multi_images/{name}")
+        }
+    });
     let _ = writeln!(
         report,
-        "## held-out evaluation\n\n![loss](sft/loss.png)\n\n```\n{summary}```\n"
+        "## held-out evaluation\n\n![loss](sft/loss.png)\n\n```\n{summary}```\n\n{table}"
     );
+    if clip.starts_with("random") {
+        let _ = writeln!(
+            report,
+            "\nFeatures came from a RANDOM-INITIALISED CLIP-shaped tower (`{clip}`), not real CLIP; see docs/DEMO.md for what such a tower can carry."
+        );
+    }
     crate::util::write_bytes_atomic(&cfg.out.join("report.md"), report.as_bytes())?;
-    Ok(format!("{inspect}\n{summary}"))
+    Ok((format!("{inspect}\n{summary}"), acc))
+}
+
+/// Copy the single-image examples out of the held-out zip so the report can show them.
+fn extract_examples(
+    acc: &crate::demo_eval::Accuracy,
+    zip_path: &Path,
+    out: &Path,
+) -> Result<Vec<String>> {
+    let file = std::fs::File::open(zip_path).at(zip_path)?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| crate::error::bad_file(zip_path, e.to_string()))?;
+    let dir = out.join("report_images");
+    std::fs::create_dir_all(&dir).at(&dir)?;
+    let mut shown = Vec::new();
+    for e in acc.examples.iter().filter(|e| e.images.len() == 1) {
+        let name = &e.images[0];
+        if shown.contains(name) {
+            continue;
+        }
+        let Ok(mut entry) = zip.by_name(name) else {
+            continue;
+        };
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut bytes).at(zip_path)?;
+        crate::util::write_bytes_atomic(&dir.join(name), &bytes)?;
+        shown.push(name.clone());
+    }
+    Ok(shown)
 }
 
 pub fn report_path(out: &Path) -> PathBuf {

@@ -59,6 +59,12 @@ enum Command {
         sft_steps: usize,
         #[arg(long, default_value_t = 200)]
         eval_images: usize,
+        /// Held-out image pairs asked "What differs between the two images?".
+        #[arg(long, default_value_t = 100)]
+        eval_pairs: usize,
+        /// Exit with an error when held-out accuracy misses the bar (colour ≥95%, shape ≥85%).
+        #[arg(long)]
+        require_bar: bool,
         #[arg(long, default_value = "auto")]
         device: String,
     },
@@ -256,6 +262,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             pretrain_steps,
             sft_steps,
             eval_images,
+            eval_pairs,
+            require_bar,
             device,
         } => {
             let cfg = demo::DemoConfig {
@@ -269,14 +277,24 @@ fn run(command: Command) -> anyhow::Result<()> {
                 pretrain_steps,
                 sft_steps,
                 eval_images,
+                eval_pairs,
             };
             let opts = ingest::IngestOptions {
                 progress: true,
                 device: device::select(&device)?,
                 ..Default::default()
             };
-            print!("{}", demo::run(&cfg, &opts)?);
+            let (summary, acc) = demo::run(&cfg, &opts)?;
+            print!("{summary}");
             println!("report: {}", demo::report_path(&out).display());
+            anyhow::ensure!(
+                !require_bar || acc.meets_bar(),
+                "held-out accuracy misses the bar: colour {:.1}% (≥{}%), shape {:.1}% (≥{}%)",
+                acc.colour_pct(),
+                minimind_v::demo_eval::COLOUR_BAR,
+                acc.shape_pct(),
+                minimind_v::demo_eval::SHAPE_BAR
+            );
         }
         Command::Train {
             pipeline,

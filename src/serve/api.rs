@@ -124,12 +124,14 @@ pub fn parse(req: ChatRequest) -> Result<Parsed, ApiError> {
             "system" if i == 0 => text.push_str(&content),
             "user" => text.push_str(&format!("<s>user\n{content}</s>\n<s>assistant\n")),
             "assistant" => text.push_str(&format!("{content}</s>\n")),
-            other => return Err(ApiError::bad(
-                "bad_role",
-                format!(
+            other => {
+                return Err(ApiError::bad(
+                    "bad_role",
+                    format!(
                     "message {i}: role {other:?} (expected a leading system, then user/assistant)"
                 ),
-            )),
+                ))
+            }
         }
     }
     if images.len() > MAX_IMAGES {

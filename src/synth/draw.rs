@@ -140,7 +140,9 @@ pub struct Scene {
 impl Scene {
     pub fn random(rng: &mut impl Rng, size: u32) -> Self {
         let s = size as f32;
-        let r = rng.random_range(0.18..0.34) * s;
+        // Big enough to span ~5 of the 7×7 patches a 224/32 tower sees: at 0.18–0.34 even a
+        // probe on raw pixels could not tell the shapes apart (docs/DEMO.md).
+        let r = rng.random_range(0.32..0.45) * s;
         Self {
             shape: SHAPES[rng.random_range(0..SHAPES.len())],
             colour: rng.random_range(0..COLOURS.len()),
