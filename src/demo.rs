@@ -224,9 +224,18 @@ fn extract_examples(
         if shown.contains(name) {
             continue;
         }
-        let Ok(mut entry) = zip.by_name(name) else {
+        // Entries may sit in a folder (`sft_images/<name>`), as upstream's zips do.
+        let suffix = format!("/{name}");
+        let Some(entry_name) = zip
+            .file_names()
+            .find(|n| *n == name.as_str() || n.ends_with(&suffix))
+            .map(str::to_string)
+        else {
             continue;
         };
+        let mut entry = zip
+            .by_name(&entry_name)
+            .map_err(|e| crate::error::bad_file(zip_path, e.to_string()))?;
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut entry, &mut bytes).at(zip_path)?;
         crate::util::write_bytes_atomic(&dir.join(name), &bytes)?;
