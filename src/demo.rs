@@ -228,8 +228,9 @@ fn extract_examples(
         let suffix = format!("/{name}");
         let Some(entry_name) = zip
             .file_names()
-            .find(|n| *n == name.as_str() || n.ends_with(&suffix))
-            .map(str::to_string)
+            .filter_map(|n| n.ok())
+            .find(|n| n.as_ref() == name.as_str() || n.ends_with(&suffix))
+            .map(|n| n.to_string())
         else {
             continue;
         };
