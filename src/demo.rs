@@ -61,37 +61,20 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         "CLIP: `{clip}`\n\nPlanted faults: {:?}\n",
         planted.faults
     );
-    let stages: [(Stage, &str, PathBuf, PathBuf, &str); 3] = [
-        (
-            Stage::Pretrain,
-            "pretrain",
-            ds.join("LLaVA-Pretrain/chat-translated.json"),
-            ds.join("pretrain_images.zip"),
-            "",
-        ),
-        (
-            Stage::Sft,
-            "sft",
-            ds.join("LLaVA-Instruct/llava_instruct_230k.json"),
-            ds.join("sft_images.zip"),
-            "COCO_train2014_",
-        ),
-        (
-            Stage::SftMulti,
-            "sft_multi",
-            ds.join("sft_multi_images/output.json"),
-            ds.join("sft_multi_images"),
-            "",
-        ),
-    ];
-    for (stage, name, json, images, prefix) in stages {
-        eprintln!("[2/5] ingest {name}");
-        let mut c = IngestConfig::new(stage, json, images, cfg.out.join("cache").join(name));
+    // One synthetic stage → shards under `cfg.out/<cache>`; returns the ingest summary.
+    let ingest_stage = |root: &Path, stage: Stage, cache: &str| -> Result<String> {
+        let (json, images, prefix) = synth::stage_files(root, stage);
+        let mut c = IngestConfig::new(stage, json, images, cfg.out.join(cache));
         c.image_prefix = prefix.into();
         c.tokenizer = cfg.tokenizer.clone();
         c.clip = clip.clone();
         c.rows_per_shard = 512;
-        let summary = ingest::run(&c, opts)?;
+        Ok(ingest::run(&c, opts)?.to_string())
+    };
+    for stage in [Stage::Pretrain, Stage::Sft, Stage::SftMulti] {
+        let name = stage.as_str();
+        eprintln!("[2/5] ingest {name}");
+        let summary = ingest_stage(&ds, stage, &format!("cache/{name}"))?;
         eprint!("{summary}");
         let _ = writeln!(report, "## ingest {name}\n\n```\n{summary}```\n");
     }
@@ -109,28 +92,8 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         multi: cfg.eval_pairs,
         faults: false,
     })?;
-    for (stage, json, images, prefix, cache) in [
-        (
-            Stage::Sft,
-            eval_ds.join("LLaVA-Instruct/llava_instruct_230k.json"),
-            eval_ds.join("sft_images.zip"),
-            "COCO_train2014_",
-            "cache/eval",
-        ),
-        (
-            Stage::SftMulti,
-            eval_ds.join("sft_multi_images/output.json"),
-            eval_ds.join("sft_multi_images"),
-            "",
-            "cache/eval_multi",
-        ),
-    ] {
-        let mut c = IngestConfig::new(stage, json, images, cfg.out.join(cache));
-        c.image_prefix = prefix.into();
-        c.tokenizer = cfg.tokenizer.clone();
-        c.clip = clip.clone();
-        ingest::run(&c, opts)?;
-    }
+    ingest_stage(&eval_ds, Stage::Sft, "cache/eval")?;
+    ingest_stage(&eval_ds, Stage::SftMulti, "cache/eval_multi")?;
 
     let vision_dim =
         crate::shards::reader::read_meta(&cfg.out.join("cache/eval/shard-00000.parquet"))?
@@ -185,7 +148,7 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         &opts.device,
     )?;
     let summary = acc.report();
-    let shown = extract_examples(&acc, &eval_ds.join("sft_images.zip"), &cfg.out)?;
+    let shown = extract_examples(&acc, &synth::stage_files(&eval_ds, Stage::Sft).1, &cfg.out)?;
     let table = acc.examples_markdown(&|name: &str| {
         if shown.iter().any(|s| s == name) {
             format!("report_images/{name}")

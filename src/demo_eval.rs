@@ -223,16 +223,7 @@ pub fn evaluate_pairs(
             } else {
                 "shape"
             };
-            let truth = match kind {
-                "colour" => format!(
-                    "The colour differs: the first is {}, the second is {}.",
-                    a["colour"], b["colour"]
-                ),
-                _ => format!(
-                    "The shape differs: the first is a {}, the second is a {}.",
-                    a["shape"], b["shape"]
-                ),
-            };
+            let truth = crate::synth::what_differs(kind, &a[kind], &b[kind]);
             let got = answer(&model, tokenizer, &feats, q)?;
             acc.pairs += 1;
             acc.pair_kind_right += got.contains(&format!("The {kind} differs")) as usize;

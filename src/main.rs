@@ -364,20 +364,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             max_queue,
             device,
         } => {
-            let device = device::select(&device)?;
-            let preset = model
-                .map(|m| train::ModelChoice::Preset(m).resolve())
-                .transpose()?;
-            let engine = minimind_v::serve::Engine::load(
+            let engine = generate::Engine::load(
                 &ckpt,
-                preset.as_ref(),
+                preset(model)?.as_ref(),
                 &clip,
                 std::path::Path::new("assets/tokenizer"),
-                &device,
+                &device::select(&device)?,
             )?;
-            if engine.tower.as_ref().is_some_and(|t| t.is_random()) {
-                eprintln!("NOTE: using a RANDOM-INITIALISED CLIP tower ({clip}): answers cannot depend on real image content");
-            }
             let limits = minimind_v::serve::Limits {
                 max_body: max_body_mb << 20,
                 max_queue,
@@ -468,6 +461,13 @@ fn run(command: Command) -> anyhow::Result<()> {
 }
 
 /// `chat`: one answer for --prompt, or a question per stdin line.
+/// The model config named by `--model` (for a bare weights file).
+fn preset(model: Option<String>) -> minimind_v::Result<Option<minimind_v::model::ModelConfig>> {
+    model
+        .map(|m| train::ModelChoice::Preset(m).resolve())
+        .transpose()
+}
+
 fn chat(
     ckpt: PathBuf,
     model: Option<String>,
@@ -477,8 +477,6 @@ fn chat(
     sampling: generate::Sampling,
     device: &str,
 ) -> anyhow::Result<()> {
-    use minimind_v::ingest::chat::ChatTokenizer;
-    use minimind_v::ingest::clip::ClipTower;
     use minimind_v::model::vlm::Images;
     use std::io::{BufRead, Write};
 
@@ -489,25 +487,19 @@ fn chat(
         generate::MAX_IMAGES
     );
     let device = device::select(device)?;
-    let preset = model
-        .map(|m| train::ModelChoice::Preset(m).resolve())
-        .transpose()?;
-    let vlm = generate::load_model(&ckpt, preset.as_ref(), &device)?;
-    let tok = ChatTokenizer::load(std::path::Path::new("assets/tokenizer"))?;
-    let feats = if images.is_empty() {
-        None
-    } else {
-        let tower = ClipTower::load(&clip.parse()?, &device)?;
-        if tower.is_random() {
-            eprintln!("NOTE: using a RANDOM-INITIALISED CLIP tower ({clip}): answers cannot depend on real image content");
-        }
-        anyhow::ensure!(
-            tower.hidden == vlm.cfg.vision_dim,
-            "CLIP {clip} gives {}-wide features but the model's projector takes {}",
-            tower.hidden,
-            vlm.cfg.vision_dim
-        );
-        generate::image_features(&tower, &images)?
+    // No images: no tower to load (the CLIP directory need not exist for text-only chat).
+    let clip = if images.is_empty() { "none" } else { &clip };
+    let engine = generate::Engine::load(
+        &ckpt,
+        preset(model)?.as_ref(),
+        clip,
+        std::path::Path::new("assets/tokenizer"),
+        &device,
+    )?;
+    let (vlm, tok) = (&engine.vlm, &engine.tokenizer);
+    let feats = match &engine.tower {
+        Some(tower) => generate::image_features(tower, &images)?,
+        None => None,
     };
     let answer = |question: &str| -> anyhow::Result<()> {
         let ids = tok.encode_text(&generate::chat_prompt(question, images.len()));
@@ -521,9 +513,9 @@ fn chat(
             Some(f) => Images::for_rows(&[&ids], std::slice::from_ref(f), &vlm.cfg.image_ids)?,
             None => None,
         };
-        let mut stream = generate::TextStream::new(&tok);
+        let mut stream = generate::TextStream::new(tok);
         let mut out = std::io::stdout();
-        generate::generate(&vlm, &ids, imgs.as_ref(), &sampling, true, |t| {
+        generate::generate(vlm, &ids, imgs.as_ref(), &sampling, true, |t| {
             if let Some(piece) = stream.push(t) {
                 let _ = write!(out, "{piece}");
                 let _ = out.flush();

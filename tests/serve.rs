@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 pub fn server() -> SocketAddr {
     static ADDR: OnceLock<SocketAddr> = OnceLock::new();
     *ADDR.get_or_init(|| {
-        let engine = minimind_v::serve::Engine::load(
+        let engine = minimind_v::generate::Engine::load(
             &common::reference().join("tiny_llm/model.pth"),
             Some(&minimind_v::model::ModelConfig::tiny()),
             "random:1",

@@ -209,6 +209,55 @@ pub fn load_model(
     Ok(crate::model::weights::load(&weights_path, &cfg, false, device)?.0)
 }
 
+/// A model ready to answer: the VLM, the frozen tower (when it takes images) and the tokenizer.
+/// What `chat` and `serve` load.
+pub struct Engine {
+    pub vlm: Vlm,
+    pub tower: Option<crate::ingest::clip::ClipTower>,
+    pub tokenizer: std::sync::Arc<ChatTokenizer>,
+    /// Name reported by `serve` (`/v1/models`, completions).
+    pub model_id: String,
+}
+
+impl Engine {
+    /// Load a checkpoint (see `generate::load_model`) and, unless `clip` is `none`, the frozen
+    /// tower, checking that its feature width is what the projector takes.
+    pub fn load(
+        ckpt: &std::path::Path,
+        preset: Option<&crate::model::ModelConfig>,
+        clip: &str,
+        tokenizer: &std::path::Path,
+        device: &candle_core::Device,
+    ) -> crate::error::Result<Self> {
+        let vlm = load_model(ckpt, preset, device)?;
+        let tower = if clip == "none" {
+            None
+        } else {
+            let tower = crate::ingest::clip::ClipTower::load(&clip.parse()?, device)?;
+            if tower.hidden != vlm.cfg.vision_dim {
+                return Err(crate::error::Error::Config(format!(
+                    "CLIP {clip} gives {}-wide features but the model's projector takes {}",
+                    tower.hidden, vlm.cfg.vision_dim
+                )));
+            }
+            if tower.is_random() {
+                eprintln!("NOTE: using a RANDOM-INITIALISED CLIP tower ({clip}): answers cannot depend on real image content");
+            }
+            Some(tower)
+        };
+        let model_id = ckpt
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "minimind-v".into());
+        Ok(Self {
+            vlm,
+            tower,
+            tokenizer: std::sync::Arc::new(ChatTokenizer::load(tokenizer)?),
+            model_id,
+        })
+    }
+}
+
 /// Features of image files through the ingest path: decode, PIL-bicubic resize, frozen CLIP.
 /// (n, tokens, hidden).
 pub fn image_features(

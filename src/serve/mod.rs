@@ -23,56 +23,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
-use crate::generate::{generate, Sampling, TextStream};
+use crate::generate::{generate, Engine, Sampling, TextStream};
 use crate::ingest::chat::{placeholder_starts, ChatTokenizer};
-use crate::ingest::clip::ClipTower;
-use crate::model::vlm::{Images, Vlm};
+use crate::model::vlm::Images;
 use api::{ApiError, ChatRequest, Usage};
-
-/// What the server holds: the model, the frozen tower (if it serves images) and the tokenizer.
-pub struct Engine {
-    pub vlm: Vlm,
-    pub tower: Option<ClipTower>,
-    pub tokenizer: Arc<ChatTokenizer>,
-    /// Name reported by `/v1/models` and in completions.
-    pub model_id: String,
-}
-
-impl Engine {
-    /// Load a checkpoint (see `generate::load_model`) and, unless `clip` is `none`, the frozen
-    /// tower, checking that its feature width is what the projector takes.
-    pub fn load(
-        ckpt: &std::path::Path,
-        preset: Option<&crate::model::ModelConfig>,
-        clip: &str,
-        tokenizer: &std::path::Path,
-        device: &candle_core::Device,
-    ) -> crate::error::Result<Self> {
-        let vlm = crate::generate::load_model(ckpt, preset, device)?;
-        let tower = if clip == "none" {
-            None
-        } else {
-            let tower = ClipTower::load(&clip.parse()?, device)?;
-            if tower.hidden != vlm.cfg.vision_dim {
-                return Err(crate::error::Error::Config(format!(
-                    "CLIP {clip} gives {}-wide features but the model's projector takes {}",
-                    tower.hidden, vlm.cfg.vision_dim
-                )));
-            }
-            Some(tower)
-        };
-        let model_id = ckpt
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "minimind-v".into());
-        Ok(Self {
-            vlm,
-            tower,
-            tokenizer: Arc::new(ChatTokenizer::load(tokenizer)?),
-            model_id,
-        })
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct Limits {

@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::error::{IoContext, Result};
+use crate::ingest::chat::Stage;
 use draw::{Scene, BACKGROUNDS, COLOURS};
 
 pub const IMAGE_SIZE: u32 = 128;
@@ -150,6 +151,36 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     crate::util::write_bytes_atomic(path, &serde_json::to_vec_pretty(value)?)
 }
 
+/// The two-image answer: `attribute` is `colour` or `shape`, the values are English words.
+pub fn what_differs(attribute: &str, first: &str, second: &str) -> String {
+    let article = if attribute == "shape" { "a " } else { "" };
+    format!(
+        "The {attribute} differs: the first is {article}{first}, the second is {article}{second}."
+    )
+}
+
+/// Where `generate` puts one stage's JSON and images under `out`, and the prefix ingest must put
+/// before the JSON's image names (upstream's SFT JSON drops `COCO_train2014_`).
+pub fn stage_files(out: &Path, stage: Stage) -> (PathBuf, PathBuf, &'static str) {
+    match stage {
+        Stage::Pretrain => (
+            out.join("LLaVA-Pretrain/chat-translated.json"),
+            out.join("pretrain_images.zip"),
+            "",
+        ),
+        Stage::Sft => (
+            out.join("LLaVA-Instruct/llava_instruct_230k.json"),
+            out.join("sft_images.zip"),
+            "COCO_train2014_",
+        ),
+        Stage::SftMulti => (
+            out.join("sft_multi_images/output.json"),
+            out.join("sft_multi_images"),
+            "",
+        ),
+    }
+}
+
 pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
     std::fs::create_dir_all(&cfg.out).at(&cfg.out)?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -159,7 +190,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
     let mut fault = |kind: &str| *faults.entry(kind.to_string()).or_insert(0) += 1;
 
     // Pretrain: one caption record per image, images in a zip folder like upstream's.
-    let zpath = cfg.out.join("pretrain_images.zip");
+    let (pre_json, zpath, _) = stage_files(&cfg.out, Stage::Pretrain);
     let mut z = zip_writer(&zpath)?;
     let mut records = Vec::new();
     for i in 0..cfg.pretrain {
@@ -226,13 +257,10 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
     z.finish()
         .map_err(|e| crate::error::bad_file(&zpath, e.to_string()))?;
     summary.pretrain_records = records.len();
-    write_json(
-        &cfg.out.join("LLaVA-Pretrain/chat-translated.json"),
-        &serde_json::Value::Array(records),
-    )?;
+    write_json(&pre_json, &serde_json::Value::Array(records))?;
 
     // SFT: several conversations per COCO-style image; names carry no prefix in the JSON.
-    let zpath = cfg.out.join("sft_images.zip");
+    let (sft_json, zpath, _) = stage_files(&cfg.out, Stage::Sft);
     let mut z = zip_writer(&zpath)?;
     let mut records = Vec::new();
     for i in 0..cfg.sft {
@@ -266,13 +294,10 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
     z.finish()
         .map_err(|e| crate::error::bad_file(&zpath, e.to_string()))?;
     summary.sft_records = records.len();
-    write_json(
-        &cfg.out.join("LLaVA-Instruct/llava_instruct_230k.json"),
-        &serde_json::Value::Array(records),
-    )?;
+    write_json(&sft_json, &serde_json::Value::Array(records))?;
 
     // Two-image SFT: pairs that differ in colour or in shape; images in a plain directory.
-    let dir = cfg.out.join("sft_multi_images");
+    let (multi_json, dir, _) = stage_files(&cfg.out, Stage::SftMulti);
     std::fs::create_dir_all(&dir).at(&dir)?;
     let mut records = Vec::new();
     for i in 0..cfg.multi {
@@ -295,16 +320,9 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
             labels.insert(format!("sft_multi_images/{name}"), label(scene));
         }
         let answer = if colour_differs {
-            format!(
-                "The colour differs: the first is {}, the second is {}.",
-                COLOURS[a.colour].en, COLOURS[b.colour].en
-            )
+            what_differs("colour", COLOURS[a.colour].en, COLOURS[b.colour].en)
         } else {
-            format!(
-                "The shape differs: the first is a {}, the second is a {}.",
-                a.shape.en(),
-                b.shape.en()
-            )
+            what_differs("shape", a.shape.en(), b.shape.en())
         };
         let mut q = "<image>\n<image>\nWhat differs between the two images?".to_string();
         if cfg.faults && i % 83 == 11 {
@@ -319,7 +337,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
     }
     summary.multi_records = records.len();
     summary.faults = faults;
-    write_json(&dir.join("output.json"), &serde_json::Value::Array(records))?;
+    write_json(&multi_json, &serde_json::Value::Array(records))?;
     write_json(
         &cfg.out.join("labels.json"),
         &serde_json::to_value(&labels)?,
