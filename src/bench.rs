@@ -149,6 +149,7 @@ pub struct TrainBench {
     pub steps: usize,
     /// Mean sample length in tokens (upstream pretrain ~94, SFT ~114).
     pub mean_len: usize,
+    pub precision: crate::train::Precision,
 }
 
 pub fn train(b: &TrainBench, device: &Device) -> Result<String> {
@@ -197,14 +198,20 @@ pub fn train(b: &TrainBench, device: &Device) -> Result<String> {
             features: feature.clone(),
         }
     };
-    let mut out = String::from("| padding | model | batch | mean len | tokens/s (real) | samples/s |\n|---|---|---|---|---|---|\n");
+    let mut out = String::from("| padding | model | precision | batch | mean len | tokens/s (real) | samples/s |\n|---|---|---|---|---|---|---|\n");
     for pad_to in [None, Some(cfg.max_seq_len)] {
         let batches: Vec<Vec<Item>> = (0..b.steps + 1)
             .map(|_| (0..b.batch_size).map(|_| item(&mut rng)).collect())
             .collect();
         let mut run = |items: &[Item]| -> Result<usize> {
             let batch = collate(items, &meta, pad_to, false, &cfg.image_ids, device)?;
-            let loss = model.loss(&batch.x, batch.images.as_ref(), &batch.y, &batch.mask)?;
+            let shadow = crate::train::compute_model(&model, &varmap, b.precision, device)?;
+            let loss = shadow.as_ref().unwrap_or(&model).loss(
+                &batch.x,
+                batch.images.as_ref(),
+                &batch.y,
+                &batch.mask,
+            )?;
             let store = loss.backward()?;
             let mut grads: Vec<_> = opt.grads(&store)?;
             clip_global_norm(&mut grads, 1.0)?;
@@ -217,12 +224,14 @@ pub fn train(b: &TrainBench, device: &Device) -> Result<String> {
         for items in &batches[1..] {
             tokens += run(items)?;
         }
+        device.synchronize()?;
         let secs = t.elapsed().as_secs_f64();
         out.push_str(&format!(
-            "| {} | dim {} × {} layers | {} | {} | {:.0} | {:.1} |\n",
+            "| {} | dim {} × {} layers | {:?} | {} | {} | {:.0} | {:.1} |\n",
             pad_to.map_or("dynamic".to_string(), |p| format!("pad to {p}")),
             cfg.dim,
             cfg.n_layers,
+            b.precision,
             b.batch_size,
             b.mean_len,
             tokens as f64 / secs,

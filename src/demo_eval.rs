@@ -72,6 +72,7 @@ pub fn train_stage(
         val_shards: Some(val.to_path_buf()),
         val_every: (steps / 4).max(1),
         val_batches: 8,
+        precision: Default::default(),
     };
     train::run(
         &cfg,

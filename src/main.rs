@@ -204,6 +204,9 @@ enum BenchWhat {
         /// Mean sample length (upstream: pretrain ~94, SFT ~114).
         #[arg(long, default_value_t = 94)]
         mean_len: usize,
+        /// f32, or bf16 (bf16 compute, f32 master weights and optimizer state).
+        #[arg(long, default_value = "f32")]
+        precision: String,
         #[arg(long, default_value = "auto")]
         device: String,
     },
@@ -444,6 +447,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     batch_size,
                     steps,
                     mean_len,
+                    precision,
                     device,
                 },
         } => {
@@ -453,6 +457,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 batch_size,
                 steps,
                 mean_len,
+                precision: precision.parse()?,
             };
             print!("{}", bench::train(&b, &device::select(&device)?)?);
         }

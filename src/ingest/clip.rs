@@ -110,29 +110,49 @@ impl HfVisionConfig {
             patch_size: self.patch_size,
         })
     }
+}
 
-    fn small() -> Self {
+/// The shape of a seeded random tower: `random-small` is `TowerShape::small()`, `random` is
+/// ViT-B/32. Public so probes can ask what random features of other shapes carry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TowerShape {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+}
+
+impl TowerShape {
+    pub fn small() -> Self {
         Self {
-            hidden_size: 192,
-            intermediate_size: 768,
-            num_hidden_layers: 4,
-            num_attention_heads: 3,
+            hidden: 192,
+            layers: 4,
+            heads: 3,
             image_size: 224,
             patch_size: 32,
-            projection_dim: 64,
-            hidden_act: default_act(),
         }
     }
 
-    fn base_patch32() -> Self {
+    pub fn base_patch32() -> Self {
         Self {
-            hidden_size: 768,
-            intermediate_size: 3072,
-            num_hidden_layers: 12,
-            num_attention_heads: 12,
+            hidden: 768,
+            layers: 12,
+            heads: 12,
             image_size: 224,
             patch_size: 32,
-            projection_dim: 512,
+        }
+    }
+
+    fn hf(&self) -> HfVisionConfig {
+        HfVisionConfig {
+            hidden_size: self.hidden,
+            intermediate_size: 4 * self.hidden,
+            num_hidden_layers: self.layers,
+            num_attention_heads: self.heads,
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+            projection_dim: 64,
             hidden_act: default_act(),
         }
     }
@@ -158,19 +178,41 @@ impl ClipTower {
         let (hf, norm, vb, weights_id) = match source {
             ClipSource::Dir(dir) => load_dir(dir, device)?,
             ClipSource::Random { seed, small } => {
-                let hf = if *small {
-                    HfVisionConfig::small()
+                let shape = if *small {
+                    TowerShape::small()
                 } else {
-                    HfVisionConfig::base_patch32()
+                    TowerShape::base_patch32()
                 };
-                let vb = VarBuilder::from_tensors(
-                    random_weights(&hf, *seed, device)?,
-                    DType::F32,
-                    device,
-                );
-                (hf, Normalization::default(), vb, source.to_string())
+                return Self::random(*seed, &shape, device);
             }
         };
+        Self::build(hf, norm, vb, weights_id, source.clone(), device)
+    }
+
+    /// A seeded random-initialised tower of any shape. Never real features.
+    pub fn random(seed: u64, shape: &TowerShape, device: &Device) -> Result<Self> {
+        let hf = shape.hf();
+        let vb = VarBuilder::from_tensors(random_weights(&hf, seed, device)?, DType::F32, device);
+        let source = ClipSource::Random {
+            seed,
+            small: *shape == TowerShape::small(),
+        };
+        let id = if *shape == TowerShape::small() || *shape == TowerShape::base_patch32() {
+            source.to_string()
+        } else {
+            format!("{source}:{shape:?}")
+        };
+        Self::build(hf, Normalization::default(), vb, id, source, device)
+    }
+
+    fn build(
+        hf: HfVisionConfig,
+        norm: Normalization,
+        vb: VarBuilder,
+        weights_id: String,
+        source: ClipSource,
+        device: &Device,
+    ) -> Result<Self> {
         let cfg = hf.to_candle(Path::new("config.json"))?;
         let model = ClipVisionTransformer::new(vb.pp("vision_model"), &cfg)?;
         let side = cfg.image_size / cfg.patch_size;
@@ -181,7 +223,7 @@ impl ClipTower {
             hidden: cfg.embed_dim,
             tokens: side * side + 1,
             norm,
-            source: source.clone(),
+            source,
             weights_id,
             device: device.clone(),
         })

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -102,6 +102,54 @@ pub struct TrainConfig {
     pub val_every: usize,
     #[serde(default = "default_val_batches")]
     pub val_batches: usize,
+    /// `f32`, or `bf16`: bf16 compute with f32 master weights and optimizer state.
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// The dtype the forward and backward passes compute in. Weights, gradients as the optimizer
+/// sees them, and the optimizer state stay f32 either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(Error::Config(format!(
+                "precision {other:?}: expected f32 or bf16"
+            ))),
+        }
+    }
+}
+
+/// The model a step computes with: the f32 master itself, or (bf16) a copy of the master
+/// weights cast to bf16 through differentiable casts, so gradients land on the f32 variables.
+pub fn compute_model(
+    master: &Vlm,
+    varmap: &VarMap,
+    precision: Precision,
+    device: &Device,
+) -> Result<Option<Vlm>> {
+    if precision == Precision::F32 {
+        return Ok(None);
+    }
+    let cast: std::collections::HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(DType::BF16)?)))
+        .collect::<Result<_>>()?;
+    let vb = candle_nn::VarBuilder::from_tensors(cast, DType::BF16, device);
+    Ok(Some(Vlm::new(vb, &master.cfg)?))
 }
 
 fn default_val_every() -> usize {
@@ -434,6 +482,8 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
     while step < cfg.steps {
         let t0 = Instant::now();
         let lr = optim::lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps);
+        let shadow = compute_model(&model, &varmap, cfg.precision, &opts.device)?;
+        let compute = shadow.as_ref().unwrap_or(&model);
         let mut grads: Option<Vec<Tensor>> = None;
         let (mut loss_sum, mut tokens, mut samples, mut wait) = (0f32, 0, 0, 0f64);
         for _ in 0..cfg.grad_accum {
@@ -448,7 +498,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
                 &opts.device,
             )?;
             wait += tw.elapsed().as_secs_f64();
-            let loss = (model.loss(&batch.x, batch.images.as_ref(), &batch.y, &batch.mask)?
+            let loss = (compute.loss(&batch.x, batch.images.as_ref(), &batch.y, &batch.mask)?
                 / cfg.grad_accum as f64)?;
             let l = loss.to_scalar::<f32>()?;
             if !l.is_finite() {
