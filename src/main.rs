@@ -80,6 +80,10 @@ enum Command {
         /// Stop (with a checkpoint) after this many steps of this run.
         #[arg(long)]
         stop_after: Option<usize>,
+        /// Data parallel: start this many processes (rank r on cuda:r, or all on cpu), each on
+        /// its share of the shards, gradients averaged every step.
+        #[arg(long, alias = "gpus", default_value_t = 1)]
+        ranks: usize,
         #[arg(long, default_value = "auto")]
         device: String,
     },
@@ -304,8 +308,23 @@ fn run(command: Command) -> anyhow::Result<()> {
             overrides,
             resume,
             stop_after,
+            ranks,
             device,
         } => {
+            if ranks > 1 {
+                let mut args = vec!["train".to_string(), pipeline.display().to_string()];
+                for o in &overrides {
+                    args.extend(["--set".to_string(), o.clone()]);
+                }
+                if resume {
+                    args.push("--resume".into());
+                }
+                if let Some(n) = stop_after {
+                    args.extend(["--stop-after".to_string(), n.to_string()]);
+                }
+                train::dist::launch(ranks, &device, &args)?;
+                return Ok(());
+            }
             let p = config::load_pipeline(&pipeline, &overrides)?;
             let cfg = p
                 .train
@@ -316,8 +335,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 progress: true,
                 device: device::select(&device)?,
             };
-            let logs = train::run(&cfg, &opts)?;
-            if let Some(last) = logs.last() {
+            let dist = train::dist::from_env()?;
+            let (logs, _) = train::run_dist(&cfg, &opts, &dist)?;
+            if let Some(last) = logs.last().filter(|_| dist.is_main()) {
                 println!(
                     "step {} loss {:.4} ({:.0} tokens/s); checkpoint: {}",
                     last.step,

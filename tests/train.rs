@@ -245,3 +245,146 @@ fn bf16_mixed_precision_tracks_f32_and_trains_every_parameter() {
         assert!(moved(&w32[name]) > 0.0, "{name} never moved under f32");
     }
 }
+
+/// Data parallel through the real trainer, two ranks as threads. (1) Rank 0 streams shard A,
+/// rank 1 a byte copy of A: both see the same batches, the averaged gradient equals each rank's,
+/// so the run must reproduce a one-rank run on A bit for bit, with one metrics line per step
+/// (only rank 0 writes). (2) Ranks on different shards: the replicas must still end identical,
+/// which they would not without the gradient averaging.
+#[test]
+fn two_data_parallel_ranks_average_gradients_and_only_rank_zero_writes() {
+    use minimind_v::train::dist::ThreadGroup;
+    use minimind_v::train::{run, run_dist, RunOptions, TrainConfig};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = shards(tmp.path());
+    let first = minimind_v::shards::reader::list_shards(&cache).unwrap()[0].clone();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    for (dir, copies) in [(&one, 1), (&two, 2)] {
+        std::fs::create_dir_all(dir).unwrap();
+        for i in 0..copies {
+            std::fs::copy(&first, dir.join(format!("shard-{i:05}.parquet"))).unwrap();
+        }
+    }
+    let config = |name: &str, shards: &Path| -> TrainConfig {
+        let p = pipeline(tmp.path(), name, shards, 8, 192);
+        let text = std::fs::read_to_string(p).unwrap();
+        let table: toml::Table = text.parse().unwrap();
+        table["train"].clone().try_into().unwrap()
+    };
+    let opts = || RunOptions {
+        resume: false,
+        stop_after: None,
+        progress: false,
+        device: candle_core::Device::Cpu,
+    };
+    let solo = run(&config("solo", &one), &opts()).unwrap();
+
+    let two_ranks = |cfg: TrainConfig| -> Vec<_> {
+        let handles: Vec<_> = ThreadGroup::new(2)
+            .ranks()
+            .into_iter()
+            .map(|d| {
+                let cfg = cfg.clone();
+                std::thread::spawn(move || run_dist(&cfg, &opts(), &d).unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    };
+    let params = |vm: &candle_nn::VarMap| -> Vec<(String, Vec<u32>)> {
+        let mut v: Vec<_> = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, var)| {
+                let t = var
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                (n.clone(), t.iter().map(|x| x.to_bits()).collect())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let (logs, vms): (Vec<_>, Vec<_>) = two_ranks(config("dp", &two)).into_iter().unzip();
+    assert_eq!(losses(&logs[0]), losses(&solo), "rank 0 == one rank");
+    assert_eq!(losses(&logs[1]), losses(&solo), "rank 1 == one rank");
+    let written = read_metrics(&tmp.path().join("dp")).unwrap();
+    assert_eq!(losses(&written), losses(&solo), "one metrics line per step");
+    let w = |run: &str| {
+        let p = tmp.path().join(run).join("checkpoint/model.safetensors");
+        std::fs::read(p).unwrap()
+    };
+    assert_eq!(
+        w("dp"),
+        w("solo"),
+        "the replica rank 0 saved == the one-rank model"
+    );
+    assert_eq!(params(&vms[0]), params(&vms[1]));
+
+    // Different data on each rank (the whole cache: every other shard each).
+    let runs = two_ranks(config("dp_split", &cache));
+    assert_ne!(losses(&runs[0].0), losses(&solo));
+    assert_eq!(losses(&runs[0].0), losses(&runs[1].0));
+    assert_eq!(
+        params(&runs[0].1),
+        params(&runs[1].1),
+        "replicas on different data must stay identical"
+    );
+}
+
+/// `train --ranks 2` starts two processes that meet over TCP: the same result, bit for bit, as
+/// two ranks that are threads of one process (both sum in rank order), and one metrics line per
+/// step. A rank that fails stops the run with its rank named.
+#[test]
+fn ranks_as_processes_match_ranks_as_threads() {
+    use minimind_v::train::dist::ThreadGroup;
+    use minimind_v::train::{run_dist, RunOptions, TrainConfig};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = shards(tmp.path());
+    let p = pipeline(tmp.path(), "procs", &cache, 6, 192);
+    let out = train(&p, &["--ranks", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let procs = read_metrics(&tmp.path().join("procs")).unwrap();
+    assert_eq!(procs.len(), 6);
+
+    let threads = pipeline(tmp.path(), "threads", &cache, 6, 192);
+    let table: toml::Table = std::fs::read_to_string(threads).unwrap().parse().unwrap();
+    let cfg: TrainConfig = table["train"].clone().try_into().unwrap();
+    let handles: Vec<_> = ThreadGroup::new(2)
+        .ranks()
+        .into_iter()
+        .map(|d| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let opts = RunOptions {
+                    resume: false,
+                    stop_after: None,
+                    progress: false,
+                    device: candle_core::Device::Cpu,
+                };
+                run_dist(&cfg, &opts, &d).unwrap().0
+            })
+        })
+        .collect();
+    let logs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(losses(&procs), losses(&logs[0]));
+    let w = |run: &str| std::fs::read(tmp.path().join(run).join("checkpoint/model.safetensors"));
+    assert_eq!(w("procs").unwrap(), w("threads").unwrap());
+
+    // More ranks than shard files: every rank refuses, the launcher names one and stops.
+    let out = train(&p, &["--ranks", "9"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot feed 9 ranks"), "{err}");
+    assert!(err.contains("failed"), "{err}");
+}

@@ -275,15 +275,20 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
         )?;
         labels.insert(full, label(&scene));
         let pairs = instructions(&scene);
+        // Every record asks all four questions (shape and colour, English and Chinese), in a
+        // rotated order: the image tokens dominate a sample's cost, so four answers cost little
+        // more than one, and each sample carries two shape answers.
         for k in 0..3 {
-            let (q, a) = pairs[(i + k) % pairs.len()].clone();
-            let (q2, a2) = pairs[(i + k + 1) % pairs.len()].clone();
-            let mut conv = vec![
-                turn("human", q),
-                turn("gpt", a),
-                turn("human", q2.replace("<image>\n", "")),
-                turn("gpt", a2),
-            ];
+            let mut conv = Vec::new();
+            for j in 0..pairs.len() {
+                let (q, a) = pairs[(i + k + j) % pairs.len()].clone();
+                let q = if j == 0 {
+                    q
+                } else {
+                    q.replace("<image>\n", "")
+                };
+                conv.extend([turn("human", q), turn("gpt", a)]);
+            }
             if cfg.faults && i % 89 == 7 && k == 0 {
                 conv[1] = turn("gpt", String::new());
                 fault("empty_answer");

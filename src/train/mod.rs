@@ -4,6 +4,7 @@
 //! optimizer moments, step and data position) so `--resume` continues bit for bit.
 
 pub mod data;
+pub mod dist;
 pub mod optim;
 pub mod plot;
 
@@ -361,11 +362,24 @@ pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>>
 }
 
 pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
+    Ok(run_dist(cfg, opts, &dist::Dist::solo())?.0)
+}
+
+/// One replica of a data-parallel run (`Dist::solo()`: the whole run). Every rank trains on its
+/// share of the shard files and applies the rank-averaged gradients; rank 0 writes. Returns the
+/// step logs and this replica's parameters.
+pub fn run_dist(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    dist: &dist::Dist,
+) -> Result<(Vec<StepLog>, VarMap)> {
     let mcfg = cfg.model.resolve()?;
     mcfg.validate()?;
     let files = crate::shards::reader::list_shards(&cfg.shards)?;
     let meta = data::check_shards(&files, mcfg.vision_dim)?;
-    if meta.clip_random {
+    let files = dist.partition(files)?;
+    let main = dist.is_main();
+    if meta.clip_random && main {
         eprintln!(
             "NOTE: {} holds features of a RANDOM-INITIALISED CLIP tower",
             cfg.shards.display()
@@ -381,15 +395,19 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
         None => None,
     };
 
-    // Half-written checkpoints of killed runs (`checkpoint.tmp-PID`).
-    crate::util::remove_stale_tmp(&cfg.out)?;
     let ckpt = checkpoint_dir(&cfg.out);
-    // A kill between the two renames of `save_checkpoint` leaves only the previous checkpoint.
-    let previous = cfg.out.join("checkpoint.old");
-    if !ckpt.exists() && previous.exists() {
-        std::fs::rename(&previous, &ckpt).at(&ckpt)?;
+    if main {
+        // Half-written checkpoints of killed runs (`checkpoint.tmp-PID`).
+        crate::util::remove_stale_tmp(&cfg.out)?;
+        // A kill between the two renames of `save_checkpoint` leaves only the previous one.
+        let previous = cfg.out.join("checkpoint.old");
+        if !ckpt.exists() && previous.exists() {
+            std::fs::rename(&previous, &ckpt).at(&ckpt)?;
+        }
     }
-    if opts.resume && !ckpt.join("state.json").exists() {
+    // The other ranks read the checkpoint only once rank 0 has tidied it.
+    dist.barrier(&opts.device)?;
+    if opts.resume && main && !ckpt.join("state.json").exists() {
         eprintln!(
             "--resume: no checkpoint in {}; starting at step 0",
             cfg.out.display()
@@ -442,30 +460,38 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
         opt.load(&ckpt.join("optimizer.safetensors"), s.adam_t)?;
         stream.skip_to(s.data_position)?;
         step = s.step;
-        eprintln!(
-            "resuming at step {step} (data position {})",
-            s.data_position
-        );
+        if main {
+            eprintln!(
+                "resuming at step {step} (data position {})",
+                s.data_position
+            );
+        }
     }
     let metrics_path = cfg.out.join("metrics.jsonl");
     let val_path = cfg.out.join("val.jsonl");
-    if state.is_some() {
-        truncate_metrics(&metrics_path, step)?;
-        truncate_jsonl::<ValLog>(&val_path, |v| v.step <= step)?;
-    } else {
-        for p in [&metrics_path, &val_path] {
-            if p.exists() {
-                std::fs::remove_file(p).at(p)?;
+    let mut metrics = if main {
+        if state.is_some() {
+            truncate_metrics(&metrics_path, step)?;
+            truncate_jsonl::<ValLog>(&val_path, |v| v.step <= step)?;
+        } else {
+            for p in [&metrics_path, &val_path] {
+                if p.exists() {
+                    std::fs::remove_file(p).at(p)?;
+                }
             }
         }
-    }
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .at(&metrics_path)?;
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .at(&metrics_path)?,
+        )
+    } else {
+        None
+    };
 
-    let pb = if opts.progress {
+    let pb = if opts.progress && main {
         ProgressBar::new(cfg.steps as u64)
     } else {
         ProgressBar::hidden()
@@ -486,6 +512,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
         let compute = shadow.as_ref().unwrap_or(&model);
         let mut grads: Option<Vec<Tensor>> = None;
         let (mut loss_sum, mut tokens, mut samples, mut wait) = (0f32, 0, 0, 0f64);
+        let mut first_bad: Option<Vec<String>> = None;
         for _ in 0..cfg.grad_accum {
             let tw = Instant::now();
             let items = stream.next_items()?;
@@ -501,12 +528,8 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
             let loss = (compute.loss(&batch.x, batch.images.as_ref(), &batch.y, &batch.mask)?
                 / cfg.grad_accum as f64)?;
             let l = loss.to_scalar::<f32>()?;
-            if !l.is_finite() {
-                return Err(Error::Config(format!(
-                    "loss is {l} at step {step} (batch ids {:?}); stopping — the last good checkpoint is in {}",
-                    &batch.ids[..batch.ids.len().min(8)],
-                    ckpt.display()
-                )));
+            if !l.is_finite() && first_bad.is_none() {
+                first_bad = Some(batch.ids[..batch.ids.len().min(8)].to_vec());
             }
             loss_sum += l;
             tokens += batch.tokens;
@@ -523,6 +546,28 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
             });
         }
         let mut grads = grads.expect("grad_accum >= 1");
+        if dist.world > 1 {
+            // One reduction: the gradients, then this rank's loss, tokens and samples.
+            let dev = &opts.device;
+            grads.push(Tensor::new(
+                &[loss_sum, tokens as f32, samples as f32],
+                dev,
+            )?);
+            dist.mean(&mut grads)?;
+            let totals = grads.pop().expect("pushed above").to_vec1::<f32>()?;
+            let w = dist.world as f32;
+            loss_sum = totals[0];
+            (tokens, samples) = ((totals[1] * w) as usize, (totals[2] * w) as usize);
+        }
+        // Checked after the reduction, so that every rank stops at the same step.
+        if !loss_sum.is_finite() {
+            return Err(Error::Config(format!(
+                "loss is {loss_sum} at step {step} (rank {} batch ids {:?}); stopping — the last good checkpoint is in {}",
+                dist.rank,
+                first_bad.unwrap_or_default(),
+                ckpt.display()
+            )));
+        }
         let grad_norm = optim::clip_global_norm(&mut grads, cfg.grad_clip)?;
         opt.step(&grads, lr)?;
         step += 1;
@@ -538,12 +583,15 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
             data_wait: wait / secs,
             epoch: stream.epoch(),
         };
-        writeln!(metrics, "{}", serde_json::to_string(&log)?).at(&metrics_path)?;
+        if let Some(m) = metrics.as_mut() {
+            writeln!(m, "{}", serde_json::to_string(&log)?).at(&metrics_path)?;
+        }
         pb.set_message(format!("loss {:.4} lr {:.2e}", log.loss, lr));
         pb.inc(1);
         logs.push(log);
         let stopping = opts.stop_after.is_some_and(|n| done_here >= n);
-        if step % cfg.checkpoint_every == 0 || step == cfg.steps || stopping {
+        let checkpoint = step % cfg.checkpoint_every == 0 || step == cfg.steps || stopping;
+        if checkpoint && main {
             let state = TrainState {
                 step,
                 data_position: stream.position,
@@ -552,7 +600,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
             };
             save_checkpoint(&cfg.out, &varmap, &mcfg, &opt, &state)?;
         }
-        if let Some(val) = &val {
+        if let Some(val) = val.as_ref().filter(|_| main) {
             if step % cfg.val_every == 0 || step == cfg.steps {
                 let loss = evaluate(
                     &model,
@@ -599,11 +647,11 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
         }
     }
     pb.finish_and_clear();
-    if step == cfg.steps {
+    if step == cfg.steps && main {
         let all = read_metrics(&cfg.out)?;
         let val_logs = read_jsonl::<ValLog>(&val_path)?;
         let title = format!("{} — {} steps", cfg.out.display(), cfg.steps);
         plot::loss_curve(&cfg.out.join("loss.png"), &all, &val_logs, &title)?;
     }
-    Ok(logs)
+    Ok((logs, varmap))
 }

@@ -1,0 +1,471 @@
+//! Data-parallel training: one replica per device (a process per GPU; threads in tests), each
+//! reading a disjoint subset of the shard files. After every step's backward the gradients (and
+//! the step's loss) are averaged across ranks, so every rank applies the same update and the
+//! replicas stay identical. Only rank 0 writes checkpoints, metrics, validation and plots.
+//!
+//! Ranks are told who they are by the environment: `MMV_RANK`, `MMV_WORLD_SIZE` and
+//! `MMV_MASTER_ADDR` (torchrun's `RANK`, `WORLD_SIZE`, `MASTER_ADDR` + `MASTER_PORT` are accepted
+//! too). `minimind-v train --ranks N` sets them for N processes on one machine; on several
+//! machines, start one process per device with them set (rank 0's address must be reachable).
+//!
+//! Reductions: `ThreadGroup` (ranks as threads of one process, for tests) and `TcpGroup` (ranks
+//! as processes: each sends its buffer to rank 0, which sums in rank order and sends the sum
+//! back — host copies, fine for CPU and small worlds). NCCL for GPUs is not built yet.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+
+/// Sums equal-length f32 buffers across all ranks; every rank gets the same result.
+pub trait AllReduce: Send + Sync {
+    fn sum(&self, rank: usize, data: &Tensor) -> Result<Tensor>;
+}
+
+/// This replica's place in the run and how it talks to the others.
+#[derive(Clone)]
+pub struct Dist {
+    pub rank: usize,
+    pub world: usize,
+    reduce: Option<Arc<dyn AllReduce>>,
+}
+
+impl std::fmt::Debug for Dist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rank {} of {}", self.rank, self.world)
+    }
+}
+
+impl Dist {
+    /// A run of one.
+    pub fn solo() -> Self {
+        Self {
+            rank: 0,
+            world: 1,
+            reduce: None,
+        }
+    }
+
+    /// One rank of `world` that reduces through `reduce`.
+    pub fn new(rank: usize, world: usize, reduce: Arc<dyn AllReduce>) -> Result<Self> {
+        if rank >= world {
+            return Err(Error::Config(format!(
+                "rank {rank} is outside a world of {world}"
+            )));
+        }
+        Ok(Self {
+            rank,
+            world,
+            reduce: Some(reduce),
+        })
+    }
+
+    /// `(rank, world)` from `MMV_RANK`/`MMV_WORLD_SIZE` (or `RANK`/`WORLD_SIZE`); `None` when
+    /// unset, i.e. a run of one.
+    pub fn env_rank() -> Result<Option<(usize, usize)>> {
+        let var = |a: &str, b: &str| std::env::var(a).or_else(|_| std::env::var(b)).ok();
+        let (Some(rank), Some(world)) =
+            (var("MMV_RANK", "RANK"), var("MMV_WORLD_SIZE", "WORLD_SIZE"))
+        else {
+            return Ok(None);
+        };
+        let parse = |name: &str, v: &str| {
+            v.parse::<usize>()
+                .map_err(|_| Error::Config(format!("{name}={v:?} is not a number")))
+        };
+        let (rank, world) = (parse("rank", &rank)?, parse("world size", &world)?);
+        if world == 0 || rank >= world {
+            return Err(Error::Config(format!(
+                "rank {rank} is outside a world of {world}"
+            )));
+        }
+        Ok(Some((rank, world)))
+    }
+
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// This rank's shard files: every `world`-th file, starting at `rank`. Each file is read by
+    /// exactly one rank; a rank left without files is an error (more ranks than shards).
+    pub fn partition(&self, files: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
+        let n = files.len();
+        let mine: Vec<PathBuf> = files
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % self.world == self.rank)
+            .map(|(_, f)| f)
+            .collect();
+        if mine.is_empty() {
+            return Err(Error::Config(format!(
+                "{n} shard files cannot feed {} ranks: ingest with a smaller rows_per_shard or train on fewer devices",
+                self.world
+            )));
+        }
+        Ok(mine)
+    }
+
+    /// Wait until every rank gets here.
+    pub fn barrier(&self, device: &candle_core::Device) -> Result<()> {
+        if self.world > 1 {
+            self.mean(&mut [Tensor::zeros(1, candle_core::DType::F32, device)?])?;
+        }
+        Ok(())
+    }
+
+    /// Replace each tensor by its mean over the ranks, with one reduction for all of them.
+    pub fn mean(&self, tensors: &mut [Tensor]) -> Result<()> {
+        let Some(reduce) = &self.reduce else {
+            return Ok(());
+        };
+        let shapes: Vec<_> = tensors.iter().map(|t| t.shape().clone()).collect();
+        let flat: Vec<Tensor> = tensors
+            .iter()
+            .map(|t| t.flatten_all())
+            .collect::<candle_core::Result<_>>()?;
+        let summed = reduce.sum(self.rank, &Tensor::cat(&flat, 0)?)?;
+        let mean = (summed / self.world as f64)?;
+        let mut offset = 0;
+        for (t, shape) in tensors.iter_mut().zip(shapes) {
+            let n = shape.elem_count();
+            *t = mean.narrow(0, offset, n)?.reshape(shape)?;
+            offset += n;
+        }
+        Ok(())
+    }
+}
+
+/// Ranks that are threads of one process (CPU runs and tests): each deposits its buffer, all
+/// meet at a barrier, and each sums the deposits in rank order — so the result is identical on
+/// every rank and from run to run.
+pub struct ThreadGroup {
+    slots: Mutex<Vec<Option<Tensor>>>,
+    barrier: Barrier,
+}
+
+impl ThreadGroup {
+    pub fn new(world: usize) -> Arc<Self> {
+        Arc::new(Self {
+            slots: Mutex::new(vec![None; world]),
+            barrier: Barrier::new(world),
+        })
+    }
+
+    /// One `Dist` per rank.
+    pub fn ranks(self: &Arc<Self>) -> Vec<Dist> {
+        let world = self.barrier_size();
+        (0..world)
+            .map(|r| Dist {
+                rank: r,
+                world,
+                reduce: Some(self.clone() as Arc<dyn AllReduce>),
+            })
+            .collect()
+    }
+
+    fn barrier_size(&self) -> usize {
+        self.slots.lock().expect("lock").len()
+    }
+}
+
+impl AllReduce for ThreadGroup {
+    fn sum(&self, rank: usize, data: &Tensor) -> Result<Tensor> {
+        self.slots.lock().expect("lock")[rank] = Some(data.clone());
+        self.barrier.wait();
+        let total = {
+            let slots = self.slots.lock().expect("lock");
+            let mut it = slots
+                .iter()
+                .map(|s| s.as_ref().expect("every rank deposited"));
+            let first = it.next().expect("world >= 1").clone();
+            it.try_fold(first, |acc, t| acc + t)?
+        };
+        // Nobody may overwrite a slot before everyone has read them all.
+        self.barrier.wait();
+        Ok(total)
+    }
+}
+
+/// Rank 0's address for the rendezvous: `MMV_MASTER_ADDR`, or `MASTER_ADDR`:`MASTER_PORT`.
+pub fn master_addr() -> Option<String> {
+    std::env::var("MMV_MASTER_ADDR").ok().or_else(|| {
+        let host = std::env::var("MASTER_ADDR").ok()?;
+        let port = std::env::var("MASTER_PORT").unwrap_or_else(|_| "29500".into());
+        Some(format!("{host}:{port}"))
+    })
+}
+
+/// Ranks that are processes, joined over TCP through rank 0 (a star: rank 0 receives every
+/// buffer, sums in rank order — the same order as `ThreadGroup` — and sends the sum back).
+pub struct TcpGroup {
+    world: usize,
+    /// Rank 0: the connection to each peer (index = rank, 0 unused); others: the one to rank 0.
+    conns: Mutex<Vec<Option<TcpStream>>>,
+}
+
+fn io_err(what: &str, e: std::io::Error) -> Error {
+    Error::Config(format!("data-parallel rendezvous: {what}: {e}"))
+}
+
+impl TcpGroup {
+    /// Rank 0 listens on `addr` until all `world - 1` peers have connected; the others connect
+    /// (retrying for `timeout`, since rank 0 may start later) and say who they are.
+    pub fn join(rank: usize, world: usize, addr: &str, timeout: Duration) -> Result<Arc<Self>> {
+        let mut conns: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        if rank == 0 {
+            let listener = TcpListener::bind(addr).map_err(|e| io_err(addr, e))?;
+            for _ in 1..world {
+                let (mut s, _) = listener.accept().map_err(|e| io_err("accept", e))?;
+                let mut b = [0u8; 8];
+                s.read_exact(&mut b).map_err(|e| io_err("hello", e))?;
+                let peer = u64::from_le_bytes(b) as usize;
+                if peer == 0 || peer >= world || conns[peer].is_some() {
+                    return Err(Error::Config(format!(
+                        "data-parallel rendezvous: a peer claims rank {peer} in a world of {world} (twice, or out of range)"
+                    )));
+                }
+                s.set_nodelay(true).map_err(|e| io_err("nodelay", e))?;
+                conns[peer] = Some(s);
+            }
+        } else {
+            let start = Instant::now();
+            let mut s = loop {
+                match TcpStream::connect(addr) {
+                    Ok(s) => break s,
+                    Err(e) if start.elapsed() > timeout => {
+                        return Err(io_err(
+                            &format!("rank {rank} could not reach rank 0 at {addr}"),
+                            e,
+                        ))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            };
+            s.write_all(&(rank as u64).to_le_bytes())
+                .map_err(|e| io_err("hello", e))?;
+            s.set_nodelay(true).map_err(|e| io_err("nodelay", e))?;
+            conns[0] = Some(s);
+        }
+        Ok(Arc::new(Self {
+            world,
+            conns: Mutex::new(conns),
+        }))
+    }
+}
+
+fn send_f32(s: &mut TcpStream, v: &[f32]) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(8 + 4 * v.len());
+    buf.extend((v.len() as u64).to_le_bytes());
+    for x in v {
+        buf.extend(x.to_le_bytes());
+    }
+    s.write_all(&buf)
+}
+
+fn recv_f32(s: &mut TcpStream, n: usize) -> std::io::Result<Vec<f32>> {
+    let mut len = [0u8; 8];
+    s.read_exact(&mut len)?;
+    if u64::from_le_bytes(len) as usize != n {
+        return Err(std::io::Error::other(format!(
+            "ranks disagree on the buffer length ({} vs {n}): different models or configs?",
+            u64::from_le_bytes(len)
+        )));
+    }
+    let mut bytes = vec![0u8; 4 * n];
+    s.read_exact(&mut bytes)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+impl AllReduce for TcpGroup {
+    fn sum(&self, rank: usize, data: &Tensor) -> Result<Tensor> {
+        let local = data.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        let n = local.len();
+        let mut conns = self.conns.lock().expect("lock");
+        let total = if rank == 0 {
+            let mut acc = local;
+            for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
+                let conn = conn.as_mut().expect("rank 0 holds every peer");
+                let v = recv_f32(conn, n).map_err(|e| io_err(&format!("rank {peer}"), e))?;
+                acc.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+            }
+            for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
+                let conn = conn.as_mut().expect("rank 0 holds every peer");
+                send_f32(conn, &acc).map_err(|e| io_err(&format!("rank {peer}"), e))?;
+            }
+            acc
+        } else {
+            let conn = conns[0].as_mut().expect("a peer holds rank 0");
+            send_f32(conn, &local).map_err(|e| io_err("rank 0", e))?;
+            recv_f32(conn, n).map_err(|e| io_err("rank 0", e))?
+        };
+        debug_assert_eq!(conns.len(), self.world);
+        Ok(Tensor::from_vec(total, n, data.device())?.to_dtype(data.dtype())?)
+    }
+}
+
+/// This process's `Dist` from the environment: a run of one unless `MMV_WORLD_SIZE` > 1.
+pub fn from_env() -> Result<Dist> {
+    match Dist::env_rank()? {
+        None | Some((_, 1)) => Ok(Dist::solo()),
+        Some((rank, world)) => {
+            let addr = master_addr().ok_or_else(|| {
+                Error::Config(format!(
+                    "rank {rank} of {world}: set MMV_MASTER_ADDR (host:port of rank 0) too"
+                ))
+            })?;
+            let group = TcpGroup::join(rank, world, &addr, Duration::from_secs(300))?;
+            Dist::new(rank, world, group)
+        }
+    }
+}
+
+/// `train --ranks N`: start N copies of this program, one per device, with the environment
+/// that makes them ranks of one run; wait for all. If one fails, stop the others and say which.
+pub fn launch(ranks: usize, device: &str, child_args: &[String]) -> Result<()> {
+    let devices: Vec<String> = match device {
+        "cpu" => vec!["cpu".into(); ranks],
+        "cuda" | "auto" => (0..ranks).map(|r| format!("cuda:{r}")).collect(),
+        other => {
+            return Err(Error::Config(format!(
+                "--ranks {ranks} with --device {other}: use cpu, or cuda/auto (rank r gets cuda:r)"
+            )))
+        }
+    };
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").map_err(|e| io_err("free port", e))?;
+        l.local_addr()
+            .map_err(|e| io_err("free port", e))?
+            .to_string()
+    };
+    let exe = std::env::current_exe().map_err(|e| io_err("current_exe", e))?;
+    let mut children = Vec::new();
+    for (r, dev) in devices.iter().enumerate() {
+        let child = std::process::Command::new(&exe)
+            .args(child_args)
+            .args(["--device", dev])
+            .env("MMV_RANK", r.to_string())
+            .env("MMV_WORLD_SIZE", ranks.to_string())
+            .env("MMV_MASTER_ADDR", &addr)
+            .spawn()
+            .map_err(|e| io_err(&format!("start rank {r}"), e))?;
+        children.push(Some(child));
+    }
+    let mut failure = None;
+    while failure.is_none() && children.iter().any(Option::is_some) {
+        for (r, slot) in children.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => *slot = None,
+                Ok(Some(status)) => {
+                    failure = Some(format!("rank {r} failed ({status})"));
+                    *slot = None;
+                }
+                Ok(None) => {}
+                Err(e) => failure = Some(format!("rank {r}: {e}")),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if let Some(msg) = failure {
+        for child in children.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        return Err(Error::Config(format!(
+            "{msg}; the other ranks were stopped (their output is above)"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn partition_is_disjoint_and_covers_every_file() {
+        let files: Vec<PathBuf> = (0..7).map(|i| PathBuf::from(format!("s{i}"))).collect();
+        let group = ThreadGroup::new(3);
+        let mut seen = Vec::new();
+        for d in group.ranks() {
+            let mine = d.partition(files.clone()).unwrap();
+            assert!(!mine.is_empty());
+            seen.extend(mine);
+        }
+        seen.sort();
+        assert_eq!(seen, files);
+        let err = ThreadGroup::new(8).ranks()[7]
+            .partition(files.clone())
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot feed 8 ranks"), "{err}");
+    }
+
+    #[test]
+    fn threads_average_gradients_identically_on_every_rank() {
+        let group = ThreadGroup::new(3);
+        let handles: Vec<_> = group
+            .ranks()
+            .into_iter()
+            .map(|d| {
+                std::thread::spawn(move || {
+                    let r = d.rank as f32;
+                    let mut g = vec![
+                        Tensor::new(&[r, 2.0 * r], &Device::Cpu).unwrap(),
+                        Tensor::new(&[[r + 1.0]], &Device::Cpu).unwrap(),
+                    ];
+                    // Twice, so a stale slot from round one would show in round two.
+                    d.mean(&mut g).unwrap();
+                    d.mean(&mut g).unwrap();
+                    (
+                        g[0].to_vec1::<f32>().unwrap(),
+                        g[1].to_vec2::<f32>().unwrap(),
+                    )
+                })
+            })
+            .collect();
+        for h in handles {
+            let (a, b) = h.join().unwrap();
+            assert_eq!(a, vec![1.0, 2.0]); // mean of 0, 1, 2 and of 0, 2, 4
+            assert_eq!(b, vec![vec![2.0]]);
+        }
+    }
+
+    #[test]
+    fn tcp_ranks_sum_like_threads() {
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let handles: Vec<_> = (0..3)
+            .map(|r| {
+                let addr = addr.clone();
+                std::thread::spawn(move || {
+                    let g = TcpGroup::join(r, 3, &addr, Duration::from_secs(10)).unwrap();
+                    let d = Dist::new(r, 3, g).unwrap();
+                    let mut t = [Tensor::new(&[r as f32, 1.0], &Device::Cpu).unwrap()];
+                    d.mean(&mut t).unwrap();
+                    d.mean(&mut t).unwrap();
+                    t[0].to_vec1::<f32>().unwrap()
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), vec![1.0, 1.0]);
+        }
+    }
+
+    #[test]
+    fn env_rank_outside_the_world_is_refused() {
+        assert!(Dist::new(2, 2, ThreadGroup::new(2)).is_err());
+        assert!(Dist::solo().is_main());
+    }
+}
