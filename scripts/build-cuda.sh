@@ -2,7 +2,8 @@
 # Build `minimind-v --features cuda` on a machine with no GPU and no system CUDA (docs/GPU.md).
 # nvcc, headers and libraries for CUDA 13.0 come from NVIDIA's PyPI wheels in a local venv;
 # libcuda (the driver) is linked against a generated stub and provided at run time by the GPU
-# machine's driver. Output: target/release/minimind-v (stripped copy: target/minimind-v-cuda).
+# machine's driver. FEATURES=nccl adds NCCL (nvidia-nccl-cu13) for multi-GPU data parallel.
+# Builds in target/cuda (apart from the CPU build); stripped binary: target/minimind-v-cuda.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${CUDA_VENV:-.venv-cuda}
@@ -14,6 +15,8 @@ if [ ! -x "$VENV/bin/pip" ]; then python3 -m venv "$VENV"; fi
     "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*" \
     "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-cccl==13.0.*" \
     "nvidia-cublas==13.0.*" "nvidia-curand==10.4.0.*"
+FEATURES=${FEATURES:-cuda}
+case ",$FEATURES," in *,nccl,*) "$VENV/bin/pip" install -q "nvidia-nccl-cu13" ;; esac
 
 NVCC=$(find "$VENV" -path '*/bin/nvcc' -type f | head -1)
 [ -n "$NVCC" ] || { echo "nvcc not found under $VENV" >&2; exit 1; }
@@ -26,7 +29,7 @@ echo "CUDA from wheels: $CUDA_ROOT ($("$NVCC" --version | tail -1))"
 # cuda.h names (the real driver library replaces it at run time).
 LINK=$PWD/target/cuda-link
 mkdir -p "$LINK"
-for lib in "$CUDA_ROOT"/lib/lib*.so.*; do
+for lib in "$CUDA_ROOT"/lib/lib*.so.* $(find "$VENV" -name 'libnccl.so.*' -type f); do
     base=$(basename "$lib"); ln -sf "$lib" "$LINK/${base%%.so.*}.so"
 done
 grep -ohE '\bcu[A-Z][A-Za-z0-9_]*\b' "$CUDA_ROOT/include/cuda.h" | sort -u \
@@ -36,8 +39,8 @@ cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/libcuda.so" "$LINK/cuda_stub
 if [ "${CUDA_DEPS_ONLY:-0}" = 1 ]; then echo "toolchain ready in $LINK (CUDA_DEPS_ONLY=1: not building)"; exit 0; fi
 
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$LINK -L native=$CUDA_ROOT/lib"
-cargo build --release --features cuda
-mkdir -p target
-strip -o target/minimind-v-cuda target/release/minimind-v
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
+cargo build --release --features "$FEATURES"
+strip -o target/minimind-v-cuda "$CARGO_TARGET_DIR/release/minimind-v"
 ls -la target/minimind-v-cuda
-echo "run on the GPU machine with LD_LIBRARY_PATH pointing at libcublas/libcublasLt/libcurand/libcudart 13"
+echo "run on the GPU machine with LD_LIBRARY_PATH pointing at libcublas/libcublasLt/libcurand/libcudart 13 (and libnccl.so.2 for FEATURES=nccl)"

@@ -152,13 +152,60 @@ pub struct TrainBench {
     pub precision: crate::train::Precision,
 }
 
-pub fn train(b: &TrainBench, device: &Device) -> Result<String> {
-    use crate::model::weights;
-    use crate::train::data::{collate, Item};
-    use crate::train::optim::{clip_global_norm, AdamW, AdamWConfig};
+/// `count` batches of synthetic samples for `cfg`: lengths uniform in ±20% of `mean_len`, the
+/// last quarter of each sample trained, image features drawn from a few seeded random images.
+fn synthetic_batches(
+    cfg: &crate::model::ModelConfig,
+    batch_size: usize,
+    mean_len: usize,
+    count: usize,
+    seed: u64,
+) -> Vec<Vec<crate::train::data::Item>> {
     use std::sync::Arc;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n_feat = cfg.image_ids.len() * cfg.vision_dim;
+    let features: Vec<Arc<Vec<Vec<u8>>>> = (0..4)
+        .map(|_| {
+            let v: Vec<f32> = (0..n_feat)
+                .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+                .collect();
+            Arc::new(vec![crate::shards::f32_to_f16_bytes(&v)])
+        })
+        .collect();
+    (0..count)
+        .map(|_| {
+            (0..batch_size)
+                .map(|_| {
+                    let len = (mean_len as f64 * rng.random_range(0.8..1.2)) as usize;
+                    let mut ids: Vec<u16> = vec![1, 320, 275, 201];
+                    ids.extend(cfg.image_ids.iter().map(|&t| t as u16));
+                    ids.extend((ids.len()..len).map(|_| rng.random_range(100..6000) as u16));
+                    let answer = len * 3 / 4;
+                    crate::train::data::Item {
+                        id: String::new(),
+                        mask: (0..ids.len()).map(|i| u8::from(i >= answer)).collect(),
+                        ids,
+                        features: features[rng.random_range(0..features.len())].clone(),
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
 
-    let cfg = &b.model;
+/// Optimizer steps of a fresh model (seed 0) on `batches`: the loss of each step, the real
+/// tokens seen, and the seconds taken after the first (warm-up) step.
+fn train_steps(
+    cfg: &crate::model::ModelConfig,
+    batches: &[Vec<crate::train::data::Item>],
+    pad_to: Option<usize>,
+    precision: crate::train::Precision,
+    device: &Device,
+) -> Result<(Vec<f32>, usize, f64)> {
+    use crate::model::weights;
+    use crate::train::data::collate;
+    use crate::train::optim::{clip_global_norm, AdamW, AdamWConfig};
+
     let (model, varmap, _) = weights::build(
         std::path::Path::new("random init"),
         weights::random_state(cfg, 0)?,
@@ -166,13 +213,14 @@ pub fn train(b: &TrainBench, device: &Device) -> Result<String> {
         false,
         device,
     )?;
-    let params: Vec<_> = varmap
+    let mut params: Vec<_> = varmap
         .data()
         .lock()
         .expect("lock")
         .iter()
         .map(|(n, v)| (n.clone(), v.clone()))
         .collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
     let mut opt = AdamW::new(params, AdamWConfig::default())?;
     let meta = bench_meta(
         "pretrain",
@@ -181,51 +229,45 @@ pub fn train(b: &TrainBench, device: &Device) -> Result<String> {
         cfg.image_ids.clone(),
         cfg.max_seq_len,
     );
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    let feature = Arc::new(vec![crate::shards::f32_to_f16_bytes(
-        &vec![0.1; cfg.image_ids.len() * cfg.vision_dim],
-    )]);
-    let item = |rng: &mut rand_chacha::ChaCha8Rng| {
-        let len = (b.mean_len as f64 * rng.random_range(0.8..1.2)) as usize;
-        let mut ids: Vec<u16> = vec![1, 320, 275, 201];
-        ids.extend(cfg.image_ids.iter().map(|&t| t as u16));
-        ids.extend((ids.len()..len).map(|_| rng.random_range(100..6000) as u16));
-        let answer = len * 3 / 4;
-        Item {
-            id: String::new(),
-            mask: (0..ids.len()).map(|i| u8::from(i >= answer)).collect(),
-            ids,
-            features: feature.clone(),
+    let (mut losses, mut tokens) = (Vec::new(), 0);
+    let mut t = Instant::now();
+    for (i, items) in batches.iter().enumerate() {
+        let batch = collate(items, &meta, pad_to, false, &cfg.image_ids, device)?;
+        let shadow = crate::train::compute_model(&model, &varmap, precision, device)?;
+        let loss = shadow.as_ref().unwrap_or(&model).loss(
+            &batch.x,
+            batch.images.as_ref(),
+            &batch.y,
+            &batch.mask,
+        )?;
+        let store = loss.backward()?;
+        let mut grads: Vec<_> = opt.grads(&store)?;
+        clip_global_norm(&mut grads, 1.0)?;
+        opt.step(&grads, 1e-4)?;
+        losses.push(loss.detach());
+        if i == 0 {
+            device.synchronize()?;
+            t = Instant::now();
+        } else {
+            tokens += batch.tokens;
         }
-    };
+    }
+    device.synchronize()?;
+    let secs = t.elapsed().as_secs_f64();
+    // Read back at the end: a per-step host sync would hide the device's real speed.
+    let losses = losses
+        .iter()
+        .map(|l| l.to_scalar::<f32>())
+        .collect::<candle_core::Result<_>>()?;
+    Ok((losses, tokens, secs))
+}
+
+pub fn train(b: &TrainBench, device: &Device) -> Result<String> {
+    let cfg = &b.model;
     let mut out = String::from("| padding | model | precision | batch | mean len | tokens/s (real) | samples/s |\n|---|---|---|---|---|---|---|\n");
     for pad_to in [None, Some(cfg.max_seq_len)] {
-        let batches: Vec<Vec<Item>> = (0..b.steps + 1)
-            .map(|_| (0..b.batch_size).map(|_| item(&mut rng)).collect())
-            .collect();
-        let mut run = |items: &[Item]| -> Result<usize> {
-            let batch = collate(items, &meta, pad_to, false, &cfg.image_ids, device)?;
-            let shadow = crate::train::compute_model(&model, &varmap, b.precision, device)?;
-            let loss = shadow.as_ref().unwrap_or(&model).loss(
-                &batch.x,
-                batch.images.as_ref(),
-                &batch.y,
-                &batch.mask,
-            )?;
-            let store = loss.backward()?;
-            let mut grads: Vec<_> = opt.grads(&store)?;
-            clip_global_norm(&mut grads, 1.0)?;
-            opt.step(&grads, 1e-4)?;
-            Ok(batch.tokens)
-        };
-        run(&batches[0])?; // warm-up
-        let t = Instant::now();
-        let mut tokens = 0;
-        for items in &batches[1..] {
-            tokens += run(items)?;
-        }
-        device.synchronize()?;
-        let secs = t.elapsed().as_secs_f64();
+        let batches = synthetic_batches(cfg, b.batch_size, b.mean_len, b.steps + 1, 3);
+        let (_, tokens, secs) = train_steps(cfg, &batches, pad_to, b.precision, device)?;
         out.push_str(&format!(
             "| {} | dim {} × {} layers | {:?} | {} | {} | {:.0} | {:.1} |\n",
             pad_to.map_or("dynamic".to_string(), |p| format!("pad to {p}")),
@@ -238,7 +280,109 @@ pub fn train(b: &TrainBench, device: &Device) -> Result<String> {
             (b.steps * b.batch_size) as f64 / secs
         ));
     }
+    if let Some(rss) = peak_rss() {
+        out.push_str(&format!(
+            "\npeak host RSS: {:.2} GiB\n",
+            rss as f64 / (1u64 << 30) as f64
+        ));
+    }
     Ok(out)
+}
+
+/// `bench parity`: does `device` compute what the CPU computes? CLIP features of the same
+/// images, and the loss curve of the same training steps (f32); then bf16 against f32 on
+/// `device`. Fails when a tolerance is exceeded.
+pub struct ParityCheck {
+    pub model: crate::model::ModelConfig,
+    pub clip: ClipSource,
+    pub images: usize,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub bf16_steps: usize,
+}
+
+pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
+    use crate::train::Precision;
+    let mut out =
+        String::from("| check | measure | value | tolerance | ok |\n|---|---|---|---|---|\n");
+    let mut all_ok = true;
+    let mut row = |out: &mut String, check: &str, measure: &str, v: f64, tol: f64| {
+        let ok = v <= tol;
+        all_ok &= ok;
+        out.push_str(&format!(
+            "| {check} | {measure} | {v:.3e} | {tol:.0e} | {} |\n",
+            if ok { "yes" } else { "NO" }
+        ));
+    };
+
+    let jpegs = synth_jpegs(p.images);
+    let features = |dev: &Device| -> Result<Vec<f32>> {
+        let tower = ClipTower::load(&p.clip, dev)?;
+        let px: Vec<Vec<u8>> = jpegs
+            .iter()
+            .map(|b| load_resized(b, tower.image_size as u32).expect("synthetic JPEG"))
+            .collect();
+        let refs: Vec<&[u8]> = px.iter().map(|v| v.as_slice()).collect();
+        Ok(tower.features_u8(&refs)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let (a, b) = (features(device)?, features(&Device::Cpu)?);
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64;
+    row(
+        &mut out,
+        &format!("CLIP {} features, {} images", p.clip, p.images),
+        "max abs diff / max abs (cpu)",
+        diff / scale,
+        1e-3,
+    );
+
+    let cfg = &p.model;
+    let batches = synthetic_batches(cfg, p.batch_size, 94, p.steps, 11);
+    let (dev_losses, _, _) = train_steps(cfg, &batches, None, Precision::F32, device)?;
+    let (cpu_losses, _, _) = train_steps(cfg, &batches, None, Precision::F32, &Device::Cpu)?;
+    let rel = dev_losses
+        .iter()
+        .zip(&cpu_losses)
+        .fold(0f64, |m, (x, y)| m.max(((x - y) / y).abs() as f64));
+    row(
+        &mut out,
+        &format!("{} f32 steps, dim {} × {}", p.steps, cfg.dim, cfg.n_layers),
+        "max step abs loss diff / loss",
+        rel,
+        1e-3,
+    );
+
+    if p.bf16_steps > 0 {
+        let batches = synthetic_batches(cfg, p.batch_size, 94, p.bf16_steps, 12);
+        let (f32_losses, _, _) = train_steps(cfg, &batches, None, Precision::F32, device)?;
+        let (bf16_losses, _, _) = train_steps(cfg, &batches, None, Precision::Bf16, device)?;
+        // Compare the curves smoothed over 10 steps: single bf16 steps are noisier.
+        let smooth = |v: &[f32]| -> Vec<f64> {
+            v.windows(10)
+                .map(|w| w.iter().map(|&x| x as f64).sum::<f64>() / 10.0)
+                .collect()
+        };
+        let rel = smooth(&bf16_losses)
+            .iter()
+            .zip(smooth(&f32_losses))
+            .fold(0f64, |m, (x, y)| m.max(((x - y) / y).abs()));
+        row(
+            &mut out,
+            &format!("bf16 vs f32 on this device, {} steps", p.bf16_steps),
+            "max abs diff of 10-step mean loss / loss",
+            rel,
+            2e-2,
+        );
+        out.push_str(&format!(
+            "\nfinal loss (10-step mean): f32 {:.4}, bf16 {:.4}\n",
+            smooth(&f32_losses).last().copied().unwrap_or(f64::NAN),
+            smooth(&bf16_losses).last().copied().unwrap_or(f64::NAN)
+        ));
+    }
+    Ok((out, all_ok))
 }
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in bytes.

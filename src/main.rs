@@ -169,6 +169,26 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// Does --device compute what the CPU computes? CLIP features and a training loss curve
+    /// (f32, within 1e-3), then bf16 vs f32 on --device (within 2%). Exits non-zero on a miss.
+    Parity {
+        /// minimind_512, minimind_768 or tiny.
+        #[arg(long, default_value = "minimind_512")]
+        model: String,
+        #[arg(long, default_value = "random:0")]
+        clip: String,
+        #[arg(long, default_value_t = 16)]
+        images: usize,
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Steps of the bf16-vs-f32 comparison (0: skip).
+        #[arg(long, default_value_t = 500)]
+        bf16_steps: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Decode+resize, CLIP and Parquet-write throughput.
     Ingest {
         #[arg(long, default_value_t = 2000)]
@@ -335,7 +355,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 progress: true,
                 device: device::select(&device)?,
             };
-            let dist = train::dist::from_env()?;
+            let dist = train::dist::from_env(&opts.device)?;
             let (logs, _) = train::run_dist(&cfg, &opts, &dist)?;
             if let Some(last) = logs.last().filter(|_| dist.is_main()) {
                 println!(
@@ -459,6 +479,34 @@ fn run(command: Command) -> anyhow::Result<()> {
             let result = bench::stream(&dir, samples, per_row, batch_size);
             let _ = std::fs::remove_dir_all(&dir);
             print!("{}", result?);
+        }
+        Command::Bench {
+            what:
+                BenchWhat::Parity {
+                    model,
+                    clip,
+                    images,
+                    steps,
+                    batch_size,
+                    bf16_steps,
+                    device,
+                },
+        } => {
+            let p = bench::ParityCheck {
+                model: train::ModelChoice::Preset(model).resolve()?,
+                clip: clip.parse()?,
+                images,
+                steps,
+                batch_size,
+                bf16_steps,
+            };
+            let dev = device::select(&device)?;
+            println!("device: {dev:?}");
+            let (table, ok) = bench::parity(&p, &dev)?;
+            print!("{table}");
+            if !ok {
+                anyhow::bail!("parity: a check is outside its tolerance");
+            }
         }
         Command::Bench {
             what:

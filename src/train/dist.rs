@@ -8,9 +8,11 @@
 //! too). `minimind-v train --ranks N` sets them for N processes on one machine; on several
 //! machines, start one process per device with them set (rank 0's address must be reachable).
 //!
-//! Reductions: `ThreadGroup` (ranks as threads of one process, for tests) and `TcpGroup` (ranks
-//! as processes: each sends its buffer to rank 0, which sums in rank order and sends the sum
-//! back — host copies, fine for CPU and small worlds). NCCL for GPUs is not built yet.
+//! Reductions: `ThreadGroup` (ranks as threads of one process, for tests), `TcpGroup` (ranks as
+//! processes: each sends its buffer to rank 0, which sums in rank order and sends the sum back —
+//! host copies, fine for CPU and small worlds) and, in builds with `--features nccl`,
+//! `nccl::NcclGroup` (CUDA tensors all-reduced in place on the GPU; the NCCL id travels over the
+//! TCP rendezvous, so no shared filesystem is needed).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -311,8 +313,9 @@ impl AllReduce for TcpGroup {
     }
 }
 
-/// This process's `Dist` from the environment: a run of one unless `MMV_WORLD_SIZE` > 1.
-pub fn from_env() -> Result<Dist> {
+/// This process's `Dist` from the environment: a run of one unless `MMV_WORLD_SIZE` > 1. On a
+/// CUDA device in an NCCL build the reduction runs on the GPU; otherwise over TCP.
+pub fn from_env(device: &candle_core::Device) -> Result<Dist> {
     match Dist::env_rank()? {
         None | Some((_, 1)) => Ok(Dist::solo()),
         Some((rank, world)) => {
@@ -322,6 +325,12 @@ pub fn from_env() -> Result<Dist> {
                 ))
             })?;
             let group = TcpGroup::join(rank, world, &addr, Duration::from_secs(300))?;
+            #[cfg(feature = "nccl")]
+            if device.is_cuda() {
+                let nccl = nccl::NcclGroup::join(&group, rank, world, device)?;
+                return Dist::new(rank, world, nccl);
+            }
+            let _ = device;
             Dist::new(rank, world, group)
         }
     }
@@ -384,6 +393,101 @@ pub fn launch(ranks: usize, device: &str, child_args: &[String]) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// NCCL all-reduce of CUDA tensors, on the device's own stream (ordered with candle's kernels).
+#[cfg(feature = "nccl")]
+pub mod nccl {
+    use super::*;
+    use candle_core::{CpuStorage, CudaStorage, CustomOp1, Device, Layout, Shape};
+    use cudarc::nccl::safe::{Comm, Id, ReduceOp};
+
+    struct SendComm(Comm);
+    // SAFETY: one rank's communicator, only ever used behind the mutex below, by one thread
+    // at a time; NCCL communicators may be used from any thread that is not using it concurrently.
+    unsafe impl Send for SendComm {}
+
+    pub struct NcclGroup {
+        comm: Mutex<SendComm>,
+    }
+
+    fn nccl_err(e: impl std::fmt::Debug) -> candle_core::Error {
+        candle_core::Error::Msg(format!("NCCL: {e:?}"))
+    }
+
+    impl NcclGroup {
+        /// Rank 0 makes the NCCL unique id; it reaches the others through `tcp` (rank 0 adds
+        /// its 128 bytes, the others zeros).
+        pub fn join(
+            tcp: &TcpGroup,
+            rank: usize,
+            world: usize,
+            device: &Device,
+        ) -> Result<Arc<Self>> {
+            let Device::Cuda(dev) = device else {
+                return Err(Error::Config("NCCL needs a CUDA device".into()));
+            };
+            let mine: Vec<f32> = if rank == 0 {
+                let id = Id::new().map_err(nccl_err)?;
+                id.internal().iter().map(|&b| b as u8 as f32).collect()
+            } else {
+                vec![0.0; 128]
+            };
+            let cpu = candle_core::Device::Cpu;
+            let got = tcp
+                .sum(rank, &Tensor::from_vec(mine, 128, &cpu)?)?
+                .to_vec1::<f32>()?;
+            let mut internal = [0 as std::ffi::c_char; 128];
+            for (d, v) in internal.iter_mut().zip(got) {
+                *d = v as u8 as std::ffi::c_char;
+            }
+            let comm = Comm::from_rank(dev.cuda_stream(), rank, world, Id::uninit(internal))
+                .map_err(nccl_err)?;
+            Ok(Arc::new(Self {
+                comm: Mutex::new(SendComm(comm)),
+            }))
+        }
+    }
+
+    struct AllReduceSum<'a>(&'a Comm);
+
+    impl CustomOp1 for AllReduceSum<'_> {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce-sum"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("NCCL reduces CUDA tensors only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let Some((from, to)) = l.contiguous_offsets() else {
+                candle_core::bail!("NCCL all-reduce needs a contiguous tensor")
+            };
+            let src = s.as_cuda_slice::<f32>()?.slice(from..to);
+            // SAFETY: every element is written by the all-reduce before anyone reads it.
+            let mut dst = unsafe { s.device.alloc::<f32>(to - from) }?;
+            self.0
+                .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+                .map_err(nccl_err)?;
+            Ok((
+                CudaStorage::wrap_cuda_slice(dst, s.device.clone()),
+                l.shape().clone(),
+            ))
+        }
+    }
+
+    impl AllReduce for NcclGroup {
+        fn sum(&self, _rank: usize, data: &Tensor) -> Result<Tensor> {
+            let comm = self.comm.lock().expect("lock");
+            let t = data.to_dtype(candle_core::DType::F32)?.contiguous()?;
+            Ok(t.apply_op1_no_bwd(&AllReduceSum(&comm.0))?)
+        }
+    }
 }
 
 #[cfg(test)]
