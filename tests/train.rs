@@ -381,6 +381,29 @@ fn ranks_as_processes_match_ranks_as_threads() {
     let w = |run: &str| std::fs::read(tmp.path().join(run).join("checkpoint/model.safetensors"));
     assert_eq!(w("procs").unwrap(), w("threads").unwrap());
 
+    // A world of one with an address goes through the reduction, and changes nothing.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let one = pipeline(tmp.path(), "world_of_one", &cache, 6, 192);
+    let out = Command::new(common::bin())
+        .args(["train", one.to_str().unwrap(), "--device", "cpu"])
+        .env("MMV_RANK", "0")
+        .env("MMV_WORLD_SIZE", "1")
+        .env("MMV_MASTER_ADDR", port.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let solo = pipeline(tmp.path(), "solo", &cache, 6, 192);
+    assert!(train(&solo, &[]).status.success());
+    let m = |run: &str| losses(&read_metrics(&tmp.path().join(run)).unwrap());
+    assert_eq!(m("world_of_one"), m("solo"));
+
     // More ranks than shard files: every rank refuses, the launcher names one and stops.
     let out = train(&p, &["--ranks", "9"]);
     assert!(!out.status.success());

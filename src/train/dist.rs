@@ -313,11 +313,14 @@ impl AllReduce for TcpGroup {
     }
 }
 
-/// This process's `Dist` from the environment: a run of one unless `MMV_WORLD_SIZE` > 1. On a
+/// This process's `Dist` from the environment: a run of one unless `MMV_WORLD_SIZE` is set. On a
 /// CUDA device in an NCCL build the reduction runs on the GPU; otherwise over TCP.
 pub fn from_env(device: &candle_core::Device) -> Result<Dist> {
     match Dist::env_rank()? {
-        None | Some((_, 1)) => Ok(Dist::solo()),
+        None => Ok(Dist::solo()),
+        // A world of one goes through the reduction only when asked to (an address is set):
+        // the way to exercise the NCCL path on a single GPU.
+        Some((_, 1)) if master_addr().is_none() => Ok(Dist::solo()),
         Some((rank, world)) => {
             let addr = master_addr().ok_or_else(|| {
                 Error::Config(format!(
