@@ -28,12 +28,8 @@ fn parity_on_cpu_is_exact_and_bf16_within_tolerance() {
         ])
         .output()
         .unwrap();
+    common::assert_ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let rows: Vec<&str> = text.lines().filter(|l| l.ends_with("| yes |")).collect();
     assert_eq!(rows.len(), 3, "{text}");
     assert!(

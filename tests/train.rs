@@ -37,11 +37,7 @@ fn shards(tmp: &Path) -> PathBuf {
         .args(["ingest", p.to_str().unwrap(), "--device", "cpu"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     tmp.join("cache")
 }
 
@@ -77,11 +73,7 @@ fn stop_and_resume_reproduces_the_uninterrupted_run_exactly() {
     let cache = shards(tmp.path());
     let whole = pipeline(tmp.path(), "whole", &cache, 12, 192);
     let out = train(&whole, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let want = read_metrics(&tmp.path().join("whole")).unwrap();
     assert_eq!(want.len(), 12);
     assert!(want
@@ -99,11 +91,7 @@ fn stop_and_resume_reproduces_the_uninterrupted_run_exactly() {
     assert!(train(&split, &["--stop-after", "6"]).status.success());
     assert_eq!(read_metrics(&tmp.path().join("split")).unwrap().len(), 6);
     let out = train(&split, &["--resume"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming at step 6"));
     let got = read_metrics(&tmp.path().join("split")).unwrap();
     assert_eq!(losses(&got), losses(&want), "bit-exact loss sequence");
@@ -164,11 +152,7 @@ fn sigkill_mid_run_then_resume_matches_the_uninterrupted_run() {
     child.kill().unwrap(); // SIGKILL, somewhere after the step-4 checkpoint
     child.wait().unwrap();
     let out = train(&p, &["--resume"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     assert_eq!(
         losses(&read_metrics(&tmp.path().join("killed")).unwrap()),
         losses(&want)
@@ -191,11 +175,7 @@ fn bf16_mixed_precision_tracks_f32_and_trains_every_parameter() {
     let run = |name: &str, extra: &[&str]| {
         let p = pipeline(tmp.path(), name, &cache, 16, 192);
         let out = train(&p, extra);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_ok(&out);
         read_metrics(&tmp.path().join(name)).unwrap()
     };
     let f32_logs = run("f32", &[]);
@@ -349,11 +329,7 @@ fn ranks_as_processes_match_ranks_as_threads() {
     let cache = shards(tmp.path());
     let p = pipeline(tmp.path(), "procs", &cache, 6, 192);
     let out = train(&p, &["--ranks", "2"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let procs = read_metrics(&tmp.path().join("procs")).unwrap();
     assert_eq!(procs.len(), 6);
 
@@ -394,11 +370,7 @@ fn ranks_as_processes_match_ranks_as_threads() {
         .env("MMV_MASTER_ADDR", port.to_string())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let solo = pipeline(tmp.path(), "solo", &cache, 6, 192);
     assert!(train(&solo, &[]).status.success());
     let m = |run: &str| losses(&read_metrics(&tmp.path().join(run)).unwrap());

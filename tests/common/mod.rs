@@ -35,3 +35,15 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_minimind-v")
 }
 pub mod http;
+
+/// Fail with the command's stderr (and stdout) when it did not succeed.
+#[track_caller]
+pub fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "exit {}\n--- stderr\n{}\n--- stdout\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
