@@ -26,7 +26,27 @@ pub struct DemoConfig {
     pub eval_pairs: usize,
 }
 
+/// What the demo writes under its `out`; a run starts by removing these (and nothing else), so
+/// that a run with other settings or from another version never meets stale shards.
+const DEMO_OUTPUTS: [&str; 7] = [
+    "dataset",
+    "eval",
+    "cache",
+    "pretrain",
+    "sft",
+    "report_images",
+    "report.md",
+];
+
 pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::demo_eval::Accuracy)> {
+    for name in DEMO_OUTPUTS {
+        let p = cfg.out.join(name);
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p).at(&p)?;
+        } else if p.exists() {
+            std::fs::remove_file(&p).at(&p)?;
+        }
+    }
     let ds = cfg.out.join("dataset");
     eprintln!(
         "[1/5] synth: {} pretrain images, {} SFT images, {} image pairs → {}",
