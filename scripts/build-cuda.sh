@@ -10,6 +10,7 @@ VENV=${CUDA_VENV:-.venv-cuda}
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}   # H100/H200; 80 for A100, 89 for L4/4090
 
 if [ ! -x "$VENV/bin/pip" ]; then python3 -m venv "$VENV"; fi
+VENV=$(cd "$VENV" && pwd)   # absolute: the link directory below holds symlinks into it
 # 13.0 on purpose: newer nvcc emits PTX too new for the 580 driver on the lent machines.
 "$VENV/bin/pip" install -q \
     "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*" \
@@ -42,5 +43,7 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L native=$LINK -L native=$CUDA_ROOT/lib"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 cargo build --release --features "$FEATURES"
 strip -o target/minimind-v-cuda "$CARGO_TARGET_DIR/release/minimind-v"
-ls -la target/minimind-v-cuda
+# ~136 MB stripped (kernels for every dtype); the xz copy (~22 MB) fits the device tool's 64 MiB carry.
+xz -T0 -6 -k -f -c target/minimind-v-cuda > target/minimind-v-cuda.xz
+ls -la target/minimind-v-cuda target/minimind-v-cuda.xz
 echo "run on the GPU machine with LD_LIBRARY_PATH pointing at libcublas/libcublasLt/libcurand/libcudart 13 (and libnccl.so.2 for FEATURES=nccl)"

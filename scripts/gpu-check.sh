@@ -9,6 +9,11 @@ BIN=${BIN:-target/minimind-v-cuda}
 OUT=${OUT:-gpu-results}
 QUICK=${QUICK:-0}   # 1: fewer steps, to fit a short device lease
 mkdir -p "$OUT"
+if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then
+    xz -dc "$BIN.xz" > "$BIN" 2>/dev/null \
+        || python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$BIN.xz" "$BIN"
+    chmod +x "$BIN"
+fi
 
 # CUDA 13 runtime libraries from the machine's Python packages (PyTorch brings them).
 libdirs=$(python3 - <<'PY'
