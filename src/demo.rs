@@ -134,7 +134,13 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
     };
     train_stage(stage, &eval_cache, &model, &opts.device)?;
     let init = Some(pre_out.join("checkpoint/model.safetensors"));
-    let (sft_shards, sft_out) = (cfg.out.join("cache/sft"), cfg.out.join("sft"));
+    // Instructions: the single-image and the two-image sets together (like upstream's optional
+    // two-image SFT, but mixed in, so the single-image answers are not forgotten).
+    let sft_shards = mix_shards(
+        &[cfg.out.join("cache/sft"), cfg.out.join("cache/sft_multi")],
+        &cfg.out.join("cache/sft_mix"),
+    )?;
+    let sft_out = cfg.out.join("sft");
     let stage = StageRun {
         shards: &sft_shards,
         out: &sft_out,
@@ -188,6 +194,21 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
     }
     crate::util::write_bytes_atomic(&cfg.out.join("report.md"), report.as_bytes())?;
     Ok((format!("{inspect}\n{summary}"), acc))
+}
+
+/// A shard directory holding (symlinks to) the shards of `dirs`, renumbered.
+fn mix_shards(dirs: &[PathBuf], mix: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(mix).at(mix)?;
+    let mut n = 0;
+    for dir in dirs {
+        for file in crate::shards::reader::list_shards(dir)? {
+            let link = mix.join(crate::shards::shard_name(n));
+            let target = std::fs::canonicalize(&file).at(&file)?;
+            std::os::unix::fs::symlink(&target, &link).at(&link)?;
+            n += 1;
+        }
+    }
+    Ok(mix.to_path_buf())
 }
 
 /// Copy the single-image examples out of the held-out zip so the report can show them.
