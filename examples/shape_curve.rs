@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
-use minimind_v::demo_eval::{demo_model, evaluate};
+use minimind_v::demo_eval::{demo_model, evaluate, stage_config, StageRun};
 use minimind_v::ingest::chat::ChatTokenizer;
-use minimind_v::train::{self, ModelChoice, RunOptions, TrainConfig, Trainable};
+use minimind_v::train::{self, RunOptions};
 
 fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
@@ -28,29 +28,15 @@ fn main() {
     let out = root.join(format!("curve-lr{lr}-d{}-l{}", model.dim, model.n_layers));
     let _ = std::fs::remove_dir_all(&out);
     let pretrained = root.join("pretrain/checkpoint/model.safetensors");
-    let cfg = TrainConfig {
-        shards: root.join("cache/sft"),
-        out: out.clone(),
-        model: ModelChoice::Custom(model.clone()),
+    let stage = StageRun {
+        shards: &root.join("cache/sft"),
+        out: &out,
         init: (model == demo_model(192)).then_some(pretrained),
-        trainable: Trainable::All,
         steps,
-        batch_size: 16,
-        grad_accum: 1,
         lr,
-        warmup_steps: steps / 20,
-        grad_clip: 1.0,
-        weight_decay: 0.0,
-        seed: 0,
-        shuffle_buffer: 2048,
-        bucket_batches: 8,
-        pad_to: None,
-        checkpoint_every: chunk,
-        val_shards: None,
-        val_every: steps,
-        val_batches: 8,
-        precision: Default::default(),
     };
+    let mut cfg = stage_config(&stage, None, &model);
+    cfg.checkpoint_every = chunk;
     let tok = ChatTokenizer::load(&PathBuf::from("assets/tokenizer")).unwrap();
     let t0 = Instant::now();
     println!("| SFT step | colour | shape | wall s |\n|---|---|---|---|");

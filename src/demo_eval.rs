@@ -38,29 +38,19 @@ pub struct StageRun<'a> {
     pub lr: f64,
 }
 
-pub fn train_stage(
-    stage: StageRun,
-    val: &Path,
-    model: &ModelConfig,
-    device: &Device,
-) -> Result<()> {
-    let StageRun {
-        shards,
-        out,
-        init,
-        steps,
-        lr,
-    } = stage;
-    let cfg = TrainConfig {
-        shards: shards.to_path_buf(),
-        out: out.to_path_buf(),
+/// The trainer settings of one demo stage (`val`: held-out shards for the loss curve).
+pub fn stage_config(stage: &StageRun, val: Option<&Path>, model: &ModelConfig) -> TrainConfig {
+    let steps = stage.steps;
+    TrainConfig {
+        shards: stage.shards.to_path_buf(),
+        out: stage.out.to_path_buf(),
         model: ModelChoice::Custom(model.clone()),
-        init,
+        init: stage.init.clone(),
         trainable: Trainable::All,
         steps,
         batch_size: 16,
         grad_accum: 1,
-        lr,
+        lr: stage.lr,
         warmup_steps: steps / 20,
         grad_clip: 1.0,
         weight_decay: 0.0,
@@ -69,13 +59,21 @@ pub fn train_stage(
         bucket_batches: 8,
         pad_to: None,
         checkpoint_every: steps,
-        val_shards: Some(val.to_path_buf()),
+        val_shards: val.map(Path::to_path_buf),
         val_every: (steps / 4).max(1),
         val_batches: 8,
         precision: Default::default(),
-    };
+    }
+}
+
+pub fn train_stage(
+    stage: StageRun,
+    val: &Path,
+    model: &ModelConfig,
+    device: &Device,
+) -> Result<()> {
     train::run(
-        &cfg,
+        &stage_config(&stage, Some(val), model),
         &RunOptions {
             resume: false,
             stop_after: None,
