@@ -146,6 +146,7 @@ impl Dist {
 /// meet at a barrier, and each sums the deposits in rank order — so the result is identical on
 /// every rank and from run to run.
 pub struct ThreadGroup {
+    world: usize,
     slots: Mutex<Vec<Option<Tensor>>>,
     barrier: Barrier,
 }
@@ -153,6 +154,7 @@ pub struct ThreadGroup {
 impl ThreadGroup {
     pub fn new(world: usize) -> Arc<Self> {
         Arc::new(Self {
+            world,
             slots: Mutex::new(vec![None; world]),
             barrier: Barrier::new(world),
         })
@@ -160,18 +162,13 @@ impl ThreadGroup {
 
     /// One `Dist` per rank.
     pub fn ranks(self: &Arc<Self>) -> Vec<Dist> {
-        let world = self.barrier_size();
-        (0..world)
+        (0..self.world)
             .map(|r| Dist {
                 rank: r,
-                world,
+                world: self.world,
                 reduce: Some(self.clone() as Arc<dyn AllReduce>),
             })
             .collect()
-    }
-
-    fn barrier_size(&self) -> usize {
-        self.slots.lock().expect("lock").len()
     }
 }
 
@@ -205,7 +202,6 @@ pub fn master_addr() -> Option<String> {
 /// Ranks that are processes, joined over TCP through rank 0 (a star: rank 0 receives every
 /// buffer, sums in rank order — the same order as `ThreadGroup` — and sends the sum back).
 pub struct TcpGroup {
-    world: usize,
     /// Rank 0: the connection to each peer (index = rank, 0 unused); others: the one to rank 0.
     conns: Mutex<Vec<Option<TcpStream>>>,
 }
@@ -254,7 +250,6 @@ impl TcpGroup {
             conns[0] = Some(s);
         }
         Ok(Arc::new(Self {
-            world,
             conns: Mutex::new(conns),
         }))
     }
@@ -308,7 +303,6 @@ impl AllReduce for TcpGroup {
             send_f32(conn, &local).map_err(|e| io_err("rank 0", e))?;
             recv_f32(conn, n).map_err(|e| io_err("rank 0", e))?
         };
-        debug_assert_eq!(conns.len(), self.world);
         Ok(Tensor::from_vec(total, n, data.device())?.to_dtype(data.dtype())?)
     }
 }
