@@ -13,6 +13,7 @@ first thing to run where PyTorch is, to show this model computes upstream's numb
 """
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -129,6 +130,16 @@ class MiniMindV(nn.Module):
         self.output.weight = self.tok_embeddings.weight  # tied, as upstream
         self.vision_proj = VisionProj(cfg)
         self.register_buffer("cis", rope_tables(cfg, "cpu"), persistent=False)
+        # Upstream's init (and minimind-v's random_state): N(0, 0.02), w3/wo scaled by depth.
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("w3.weight", "wo.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, 0.02)
 
     def hidden(self, ids, feats, starts):
         """ids (B, T); feats (B, K, 50, vision_dim); starts: per row, the placeholder starts."""

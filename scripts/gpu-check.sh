@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
 # Issue 6's checks in one run on a GPU machine (docs/GPU.md): parity with the CPU, bf16 vs f32,
-# ingest and training throughput with peak GPU memory. Needs the stripped CUDA binary from
-# scripts/build-cuda.sh. Results: one Markdown file per check under $OUT (default gpu-results/).
+# ingest and training throughput with peak GPU memory, the PyTorch baseline, the real trainer
+# end to end, and a world of one through NCCL. Needs the stripped CUDA binary from
+# scripts/build-cuda.sh (or its .xz copy). Every check has its own time limit and runs even when
+# an earlier one failed. Results: $OUT/summary.md (one row per check), $OUT/results.md (every
+# check's output), $OUT/logs.tar.gz (stderr and memory samples).
 #   BIN=target/minimind-v-cuda OUT=gpu-results bash scripts/gpu-check.sh
+#   QUICK=1 (fewer steps) REF=<copy of shared/reference/tiny_llm> (PyTorch model check)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/minimind-v-cuda}
 OUT=${OUT:-gpu-results}
-QUICK=${QUICK:-0}   # 1: fewer steps, to fit a short device lease
+QUICK=${QUICK:-0}
+DEV=${DEV:-cuda}    # DEV=cpu LIMIT=20: a dry run of the script's plumbing on a machine without a GPU
+WORK=$(mktemp -d)
+ROOT=$PWD
 mkdir -p "$OUT"
+OUT=$(realpath "$OUT")
 if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then
     xz -dc "$BIN.xz" > "$BIN" 2>/dev/null \
         || python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$BIN.xz" "$BIN"
     chmod +x "$BIN"
 fi
+BIN=$(realpath "$BIN")
 
-# CUDA 13 runtime libraries from the machine's Python packages (PyTorch brings them).
+# CUDA 13 runtime libraries from the machine's Python packages (PyTorch brings them), and the
+# driver's libcuda wherever the image keeps it.
 libdirs=$(python3 - <<'PY'
-import glob, os, site, sys
+import glob, os, site
 roots = site.getsitepackages() + [site.getusersitepackages()]
 want = ("libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcudart.so.13", "libnccl.so.2")
 dirs = []
@@ -30,39 +40,101 @@ for r in roots:
 print(":".join(dirs))
 PY
 )
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu; do
+    [ -e "$d/libcuda.so.1" ] && libdirs="$libdirs:$d"
+done
 export LD_LIBRARY_PATH="$libdirs:${LD_LIBRARY_PATH:-}"
-echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee "$OUT/env.txt"
-nvidia-smi | tee -a "$OUT/env.txt"
+{ echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; nvidia-smi; nproc; free -g; } > "$WORK/env.txt" 2>&1
+head -20 "$WORK/env.txt"
 
-# Peak GPU memory of one command: sample nvidia-smi every 100 ms while it runs.
-peak() {
-    local name=$1; shift
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/$name.mem" &
+# One check: its own time limit, peak GPU memory sampled by nvidia-smi every 100 ms.
+check() {
+    local name=$1 limit=$2; shift 2
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$WORK/$name.mem" &
     local smi=$!
     local t0=$SECONDS
-    "$@" > "$OUT/$name.md" 2> "$OUT/$name.err"
+    timeout "${LIMIT:-$limit}" "$@" > "$WORK/$name.md" 2> "$WORK/$name.err"
     local rc=$?
     kill $smi 2>/dev/null; wait $smi 2>/dev/null
-    local mib; mib=$(sort -n "$OUT/$name.mem" | tail -1)
-    echo "| $name | rc $rc | $((SECONDS - t0)) s | peak GPU ${mib:-?} MiB |" | tee -a "$OUT/summary.md"
-    cat "$OUT/$name.md"; tail -3 "$OUT/$name.err"
+    local mib; mib=$(sort -n "$WORK/$name.mem" | tail -1)
+    echo "| $name | $rc | $((SECONDS - t0)) s | ${mib:-?} MiB |" | tee -a "$OUT/summary.md"
+    { echo; echo "## $name (exit $rc, $((SECONDS - t0)) s, peak GPU ${mib:-?} MiB)"; echo;
+      echo '`'"$*"'`'; echo; cat "$WORK/$name.md";
+      echo; echo '```'; tail -5 "$WORK/$name.err"; echo '```'; } >> "$OUT/results.md"
 }
 
-echo "| check | exit | wall | memory |" > "$OUT/summary.md"
+echo "| check | exit | wall | peak GPU memory |" > "$OUT/summary.md"
 echo "|---|---|---|---|" >> "$OUT/summary.md"
+: > "$OUT/results.md"
 if [ "$QUICK" = 1 ]; then BF16=200; STEPS=10; else BF16=500; STEPS=30; fi
-peak parity "$BIN" bench parity --device cuda --bf16-steps "$BF16"
-peak ingest "$BIN" bench ingest --device cuda --clip random:0 --images 4000 --clip-images 4096 --clip-batch 256
+
+check parity 150 "$BIN" bench parity --device "$DEV" --bf16-steps "$BF16"
+check ingest 90 "$BIN" bench ingest --device "$DEV" --clip random:0 --images 4000 --clip-images 4096 --clip-batch 256
 for b in 32 64 128 256; do
     for p in f32 bf16; do
-        peak "train-b$b-$p" "$BIN" bench train --device cuda --batch-size "$b" --steps "$STEPS" --precision "$p"
+        pad=dynamic; [ "$b" = 64 ] && pad=both
+        check "train-b$b-$p" 60 "$BIN" bench train --device "$DEV" --batch-size "$b" --steps "$STEPS" --precision "$p" --padding "$pad"
     done
 done
-# The PyTorch baseline: first its model against the reference vectors (REF: a copy of
-# shared/reference/tiny_llm), then the same step, upstream-style and with masked logits.
+check train-b256-tf32 60 "$BIN" bench train --device "$DEV" --batch-size 256 --steps "$STEPS" --precision tf32 --padding dynamic
+
+# PyTorch: its model against the reference vectors first, then the same step on the same GPU.
 if [ -n "${REF:-}" ]; then
-    peak torch-reference python3 bench/torch_baseline.py --check-reference "$REF"
+    check torch-reference 60 python3 bench/torch_baseline.py --check-reference "$REF"
 fi
-peak torch-baseline python3 bench/torch_baseline.py --batch-size 64 --steps "$STEPS"
-peak torch-baseline-masked python3 bench/torch_baseline.py --batch-size 64 --steps "$STEPS" --masked-logits
+check torch-b64 90 python3 bench/torch_baseline.py --batch-size 64 --steps "$STEPS"
+check torch-b256-masked 90 python3 bench/torch_baseline.py --batch-size 256 --steps "$STEPS" --masked-logits
+
+# The real trainer end to end (shards → loader → steps), alone and as a world of one through
+# the data-parallel path (NCCL in an nccl build): the same shards, the same steps.
+cd "$WORK"
+"$BIN" synth --out ds --pretrain 3000 --sft 0 --multi 0 > synth.log 2>&1
+cat > ingest.toml <<EOF
+[ingest]
+stage = "pretrain"
+json = "ds/LLaVA-Pretrain/chat-translated.json"
+images = "ds/pretrain_images.zip"
+out = "shards"
+tokenizer = "$ROOT/assets/tokenizer"
+clip = "random:0"
+rows_per_shard = 512
+clip_batch = 256
+EOF
+check ingest-real 90 "$BIN" ingest ingest.toml --device "$DEV"
+for who in solo nccl1; do
+    cat > "$who.toml" <<EOF
+[train]
+shards = "shards"
+out = "$who"
+model = "minimind_512"
+steps = 150
+batch_size = 128
+lr = 4e-4
+checkpoint_every = 1000
+EOF
+done
+check train-solo 90 "$BIN" train solo.toml --device "$DEV"
+check train-nccl1 90 env MMV_RANK=0 MMV_WORLD_SIZE=1 MMV_MASTER_ADDR=127.0.0.1:29517 "$BIN" train nccl1.toml --device "$DEV"
+for who in solo nccl1; do
+    python3 - "$who" >> "$OUT/results.md" <<'PY'
+import json, sys
+who = sys.argv[1]
+rows = [json.loads(l) for l in open(f"{who}/metrics.jsonl")]
+tail = rows[len(rows) // 2:]
+sps = sorted(r["samples_per_s"] for r in tail)[len(tail) // 2]
+print(f"\n{who}: {len(rows)} steps, loss {rows[0]['loss']:.4f} → {rows[-1]['loss']:.4f}, "
+      f"median samples/s (second half) {sps:.0f}, median data wait "
+      f"{sorted(r['data_wait'] for r in tail)[len(tail) // 2]:.3f}")
+PY
+done
+python3 - >> "$OUT/results.md" <<'PY'
+import json
+a = [json.loads(l)["loss"] for l in open("solo/metrics.jsonl")]
+b = [json.loads(l)["loss"] for l in open("nccl1/metrics.jsonl")]
+d = max(abs(x - y) / abs(x) for x, y in zip(a, b)) if a and len(a) == len(b) else float("nan")
+print(f"\nsolo vs world-of-one: {len(a)} / {len(b)} steps, max relative loss difference {d:.2e}")
+PY
+cd "$ROOT"
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude ds --exclude shards --exclude 'solo/checkpoint' --exclude 'nccl1/checkpoint' . 2>/dev/null
 cat "$OUT/summary.md"
+grep -E "^(solo|nccl1|solo vs)" "$OUT/results.md"

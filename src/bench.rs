@@ -150,6 +150,16 @@ pub struct TrainBench {
     /// Mean sample length in tokens (upstream pretrain ~94, SFT ~114).
     pub mean_len: usize,
     pub precision: crate::train::Precision,
+    pub padding: Padding,
+}
+
+/// Which paddings `bench train` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Padding {
+    /// Each batch padded to its longest sample (what the trainer does).
+    Dynamic,
+    /// Dynamic, then upstream's pad-to-max_seq_len.
+    Both,
 }
 
 /// `count` batches of synthetic samples for `cfg`: lengths uniform in ±20% of `mean_len`, the
@@ -205,6 +215,7 @@ fn train_steps(
     use crate::model::weights;
     use crate::train::data::collate;
     use crate::train::optim::{clip_global_norm, AdamW, AdamWConfig};
+    precision.apply_matmul_mode();
 
     let (model, varmap, _) = weights::build(
         std::path::Path::new("random init"),
@@ -234,11 +245,11 @@ fn train_steps(
     for (i, items) in batches.iter().enumerate() {
         let batch = collate(items, &meta, pad_to, false, &cfg.image_ids, device)?;
         let shadow = crate::train::compute_model(&model, &varmap, precision, device)?;
-        let loss = shadow.as_ref().unwrap_or(&model).loss(
+        let loss = shadow.as_ref().unwrap_or(&model).loss_at(
             &batch.x,
             batch.images.as_ref(),
             &batch.y,
-            &batch.mask,
+            &batch.keep,
         )?;
         let store = loss.backward()?;
         let mut grads: Vec<_> = opt.grads(&store)?;
@@ -262,31 +273,41 @@ fn train_steps(
     Ok((losses, tokens, secs))
 }
 
-pub fn train(b: &TrainBench, device: &Device) -> Result<String> {
+/// Prints each row as soon as it is measured (a later one may run out of device memory: it
+/// gets a row saying so, and the bench goes on).
+pub fn train(b: &TrainBench, device: &Device) -> Result<()> {
+    use std::io::Write;
     let cfg = &b.model;
-    let mut out = String::from("| padding | model | precision | batch | mean len | tokens/s (real) | samples/s |\n|---|---|---|---|---|---|---|\n");
-    for pad_to in [None, Some(cfg.max_seq_len)] {
+    println!("| padding | model | precision | batch | mean len | tokens/s (real) | samples/s |\n|---|---|---|---|---|---|---|");
+    let paddings: &[Option<usize>] = match b.padding {
+        Padding::Dynamic => &[None],
+        Padding::Both => &[None, Some(cfg.max_seq_len)],
+    };
+    for &pad_to in paddings {
         let batches = synthetic_batches(cfg, b.batch_size, b.mean_len, b.steps + 1, 3);
-        let (_, tokens, secs) = train_steps(cfg, &batches, pad_to, b.precision, device)?;
-        out.push_str(&format!(
-            "| {} | dim {} × {} layers | {:?} | {} | {} | {:.0} | {:.1} |\n",
+        let rate = match train_steps(cfg, &batches, pad_to, b.precision, device) {
+            Ok((_, tokens, secs)) => format!(
+                "{:.0} | {:.1}",
+                tokens as f64 / secs,
+                (b.steps * b.batch_size) as f64 / secs
+            ),
+            Err(e) => format!("failed: {} |", e.to_string().lines().next().unwrap_or("")),
+        };
+        println!(
+            "| {} | dim {} × {} layers | {:?} | {} | {} | {rate} |",
             pad_to.map_or("dynamic".to_string(), |p| format!("pad to {p}")),
             cfg.dim,
             cfg.n_layers,
             b.precision,
             b.batch_size,
             b.mean_len,
-            tokens as f64 / secs,
-            (b.steps * b.batch_size) as f64 / secs
-        ));
+        );
+        std::io::stdout().flush().ok();
     }
     if let Some(rss) = peak_rss() {
-        out.push_str(&format!(
-            "\npeak host RSS: {:.2} GiB\n",
-            rss as f64 / (1u64 << 30) as f64
-        ));
+        println!("\npeak host RSS: {:.2} GiB", rss as f64 / (1u64 << 30) as f64);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// `bench parity`: does `device` compute what the CPU computes? CLIP features of the same

@@ -228,9 +228,12 @@ enum BenchWhat {
         /// Mean sample length (upstream: pretrain ~94, SFT ~114).
         #[arg(long, default_value_t = 94)]
         mean_len: usize,
-        /// f32, or bf16 (bf16 compute, f32 master weights and optimizer state).
+        /// f32, tf32 (CUDA: TF32 matmuls) or bf16 (bf16 compute, f32 master weights and optimizer state).
         #[arg(long, default_value = "f32")]
         precision: String,
+        /// dynamic, or both (dynamic, then upstream's pad-to-512).
+        #[arg(long, value_enum, default_value = "both")]
+        padding: bench::Padding,
         #[arg(long, default_value = "auto")]
         device: String,
     },
@@ -516,6 +519,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     steps,
                     mean_len,
                     precision,
+                    padding,
                     device,
                 },
         } => {
@@ -526,8 +530,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 steps,
                 mean_len,
                 precision: precision.parse()?,
+                padding,
             };
-            print!("{}", bench::train(&b, &device::select(&device)?)?);
+            bench::train(&b, &device::select(&device)?)?;
         }
     }
     Ok(())

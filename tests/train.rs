@@ -127,6 +127,55 @@ fn shards_that_do_not_fit_the_projector_are_refused_before_training() {
 }
 
 #[test]
+fn a_diverging_run_stops_at_its_first_non_finite_step_and_never_checkpoints_it() {
+    // The trainer reads each step's loss and gradient norm only after queueing the next step
+    // (no host sync per step); a non-finite one must still stop the run, and no checkpoint may
+    // hold that step. Checkpoints every step (read at once) and every 5 (read one step late).
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = shards(tmp.path());
+    for every in ["1", "5"] {
+        let name = format!("nan{every}");
+        let p = pipeline(tmp.path(), &name, &cache, 12, 192);
+        let out = train(
+            &p,
+            &[
+                "--set",
+                "train.lr=1e30",
+                "--set",
+                "train.warmup_steps=0",
+                "--set",
+                &format!("train.checkpoint_every={every}"),
+            ],
+        );
+        assert!(!out.status.success(), "a run with lr 1e30 finished");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("loss is") && err.contains("last good checkpoint"),
+            "{err}"
+        );
+        let logs = read_metrics(&tmp.path().join(&name)).unwrap();
+        assert!(
+            !logs.is_empty() && logs.len() < 12,
+            "{} steps logged",
+            logs.len()
+        );
+        assert!(logs
+            .iter()
+            .all(|l| l.loss.is_finite() && l.grad_norm.is_finite()));
+        let last = logs.last().unwrap().step;
+        assert!(err.contains(&format!("at step {} ", last + 1)), "{err}");
+        let state = tmp.path().join(&name).join("checkpoint/state.json");
+        if every == "1" {
+            let state: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+            assert_eq!(state["step"], last, "checkpoint of the failed step");
+        } else {
+            assert!(!state.exists(), "no checkpoint step was reached");
+        }
+    }
+}
+
+#[test]
 fn sigkill_mid_run_then_resume_matches_the_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = shards(tmp.path());

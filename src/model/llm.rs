@@ -133,6 +133,7 @@ impl Attention {
         &self,
         x: &Tensor,
         rope: &Rope,
+        mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?; // (B, T, C)
@@ -164,12 +165,10 @@ impl Attention {
         }
         let k = self.repeat_kv(k)?.contiguous()?;
         let v = self.repeat_kv(v)?.contiguous()?;
-        let s = k.dim(2)?; // keys: cached + new
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?; // (B, H, T, S)
-        let scores = if t > 1 {
-            scores.broadcast_add(&causal_mask(t, s, x.device())?.to_dtype(scores.dtype())?)?
-        } else {
-            scores
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+            None => scores,
         };
         let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
             .to_dtype(v.dtype())?;
@@ -236,11 +235,13 @@ impl Block {
         &self,
         x: &Tensor,
         rope: &Rope,
+        mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let h = (x + self
-            .attention
-            .forward(&x.apply(&self.attention_norm)?, rope, cache)?)?;
+        let h =
+            (x + self
+                .attention
+                .forward(&x.apply(&self.attention_norm)?, rope, mask, cache)?)?;
         &h + h.apply(&self.ffn_norm)?.apply(&self.feed_forward)?
     }
 }
@@ -287,10 +288,14 @@ impl MiniMind {
     /// Hidden states after the final norm: (B, T, C) → (B, T, C). With a cache, `h` holds only
     /// the new positions and the cache grows by them.
     pub fn hidden(&self, h: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let t = h.dim(1)?;
+        let s = t + cache.as_ref().map_or(0, |c| c.len()); // keys: cached + new
+                                                           // One mask for every layer (a single query sees every key: none needed).
+        let mask = (t > 1).then(|| causal_mask(t, s, h.device())).transpose()?;
         let mut h = h.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let c = cache.as_mut().map(|c| &mut c.layers[i]);
-            h = layer.forward(&h, &self.rope, c)?;
+            h = layer.forward(&h, &self.rope, mask.as_ref(), c)?;
         }
         h.apply(&self.norm)
     }

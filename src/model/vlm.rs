@@ -114,7 +114,8 @@ impl Vlm {
 
     /// Upstream's loss, `sum(CE(logits, targets) * mask) / sum(mask)`, computing the output head
     /// only at positions whose mask is 1 (they are the only ones that contribute).
-    /// `targets`, `mask`: (B, T) u32 / any numeric dtype.
+    /// `targets`, `mask`: (B, T) u32 / any numeric dtype. Reads the mask back to the host: in a
+    /// training loop use [`Vlm::loss_at`] with the batch's host-side `keep`.
     pub fn loss(
         &self,
         ids: &Tensor,
@@ -122,16 +123,27 @@ impl Vlm {
         targets: &Tensor,
         mask: &Tensor,
     ) -> Result<Tensor> {
-        let h = self.llm.hidden(&self.embed(ids, images, 0)?, None)?; // (B, T, C)
-        let (b, t, c) = h.dims3()?;
         let mask: Vec<f32> = mask.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-        let keep: Vec<u32> = (0..(b * t) as u32)
+        let keep: Vec<u32> = (0..mask.len() as u32)
             .filter(|&i| mask[i as usize] != 0.0)
             .collect();
+        self.loss_at(ids, images, targets, &keep)
+    }
+
+    /// [`Vlm::loss`] with the mask given as the flat (row * T + position) indices where it is 1.
+    pub fn loss_at(
+        &self,
+        ids: &Tensor,
+        images: Option<&Images>,
+        targets: &Tensor,
+        keep: &[u32],
+    ) -> Result<Tensor> {
         if keep.is_empty() {
             candle_core::bail!("loss mask is all zero: no answer token in the batch");
         }
-        let keep = Tensor::from_vec(keep.clone(), keep.len(), h.device())?;
+        let h = self.llm.hidden(&self.embed(ids, images, 0)?, None)?; // (B, T, C)
+        let (b, t, c) = h.dims3()?;
+        let keep = Tensor::from_slice(keep, keep.len(), h.device())?;
         let h = h.reshape((b * t, c))?.index_select(&keep, 0)?;
         let tg = targets
             .flatten_all()?

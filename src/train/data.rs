@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{bad_file, Result};
 use crate::model::vlm::Images;
 use crate::shards::reader::ShardReader;
-use crate::shards::{f16_bytes_to_f32, ShardMeta};
+use crate::shards::ShardMeta;
 
 /// One tokenized sample with its row's image features (shared between a row's samples).
 #[derive(Debug, Clone)]
@@ -183,6 +183,8 @@ pub struct Batch {
     /// Real (unpadded) input tokens.
     pub tokens: usize,
     pub loss_tokens: usize,
+    /// Flat (row * T + position) indices where the mask is 1, for [`Vlm::loss_at`].
+    pub keep: Vec<u32>,
 }
 
 /// Build the device tensors of a batch. `zero_images` replaces features by zeros (ablation).
@@ -212,36 +214,41 @@ pub fn collate(
             m[r * t + p] = it.mask[p + 1] as f32;
         }
     }
-    let loss_tokens = m.iter().filter(|&&v| v != 0.0).count();
-    let [tok, hid] = meta.feature_shape;
-    let feats: Vec<Tensor> = items
-        .iter()
-        .map(|it| {
-            let mut data = Vec::with_capacity(it.features.len() * tok * hid);
-            for f in it.features.iter() {
-                if zero_images {
-                    data.extend(std::iter::repeat_n(0f32, tok * hid));
-                } else {
-                    data.extend(f16_bytes_to_f32(f));
-                }
-            }
-            Tensor::from_vec(data, (it.features.len(), tok, hid), device)
-        })
-        .collect::<candle_core::Result<_>>()?;
-    let rows: Vec<Vec<u32>> = items
-        .iter()
-        .map(|it| it.ids.iter().take(t).map(|&v| v as u32).collect())
+    let keep: Vec<u32> = (0..(b * t) as u32)
+        .filter(|&i| m[i as usize] != 0.0)
         .collect();
-    let row_refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
-    let images = Images::for_rows(&row_refs, &feats, image_ids)?;
+    // Features travel as the shards store them (f16), in one upload per batch; the model casts
+    // them on the device. Only images that have a placeholder window are sent.
+    let [tok, hid] = meta.feature_shape;
+    let (mut slots, mut bytes) = (Vec::new(), Vec::new());
+    for (r, it) in items.iter().enumerate() {
+        let row: Vec<u32> = it.ids.iter().take(t).map(|&v| v as u32).collect();
+        let starts = crate::ingest::chat::find_windows(&row, image_ids);
+        for (f, &start) in it.features.iter().zip(&starts) {
+            slots.push((r, start));
+            bytes.extend_from_slice(f);
+        }
+    }
+    let images = if slots.is_empty() {
+        None
+    } else {
+        let shape = (slots.len(), tok, hid);
+        let feats = if zero_images {
+            Tensor::zeros(shape, DType::F16, device)?
+        } else {
+            Tensor::from_raw_buffer(&bytes, DType::F16, &[shape.0, tok, hid], device)?
+        };
+        Some(Images { feats, slots })
+    };
     Ok(Batch {
         x: Tensor::from_vec(x, (b, t), device)?,
         y: Tensor::from_vec(y, (b, t), device)?,
         mask: Tensor::from_vec(m, (b, t), device)?,
+        loss_tokens: keep.len(),
+        keep,
         images,
         ids: items.iter().map(|i| i.id.clone()).collect(),
         tokens,
-        loss_tokens,
     })
 }
 

@@ -115,19 +115,26 @@ pub struct TrainConfig {
 pub enum Precision {
     #[default]
     F32,
+    /// f32 tensors; on CUDA, matrix products on the tensor cores in TF32 (10-bit mantissa
+    /// inputs, f32 accumulation), as PyTorch's `allow_tf32`. Same as f32 on the CPU.
+    Tf32,
     Bf16,
+}
+
+impl Precision {
+    /// Set the process-wide matmul mode this precision asks for (TF32 on or off).
+    pub fn apply_matmul_mode(self) {
+        candle_core::cuda::set_gemm_reduced_precision_f32(self == Self::Tf32);
+    }
 }
 
 impl std::str::FromStr for Precision {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "bf16" => Ok(Self::Bf16),
-            other => Err(Error::Config(format!(
-                "precision {other:?}: expected f32 or bf16"
-            ))),
-        }
+        serde::Deserialize::deserialize(
+            serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s),
+        )
+        .map_err(|_| Error::Config(format!("precision {s:?}: expected f32, tf32 or bf16")))
     }
 }
 
@@ -139,7 +146,7 @@ pub fn compute_model(
     precision: Precision,
     device: &Device,
 ) -> Result<Option<Vlm>> {
-    if precision == Precision::F32 {
+    if precision != Precision::Bf16 {
         return Ok(None);
     }
     let cast: std::collections::HashMap<String, Tensor> = varmap
@@ -204,7 +211,7 @@ pub fn evaluate(
             continue;
         }
         let l = model
-            .loss(&b.x, b.images.as_ref(), &b.y, &b.mask)?
+            .loss_at(&b.x, b.images.as_ref(), &b.y, &b.keep)?
             .detach()
             .to_scalar::<f32>()?;
         sum += l as f64 * b.loss_tokens as f64;
@@ -262,6 +269,45 @@ pub struct StepLog {
     /// Share of the step spent waiting for data (reading, collating).
     pub data_wait: f64,
     pub epoch: u64,
+}
+
+/// A queued step whose numbers are still on the device.
+struct Pending {
+    step: usize,
+    lr: f64,
+    /// (mean loss, tokens, samples, gradient norm); tokens and samples averaged over ranks.
+    stats: Tensor,
+    wait: f64,
+    epoch: u64,
+    batch_ids: Vec<String>,
+}
+
+impl Pending {
+    /// Read the step back (waits for the device to finish it); a non-finite loss stops the run.
+    fn read(self, dist: &dist::Dist, secs: f64, ckpt: &Path) -> Result<StepLog> {
+        let v = self.stats.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let w = dist.world as f64;
+        let (loss, tokens, samples, norm) = (v[0], v[1] as f64 * w, v[2] as f64 * w, v[3]);
+        if !loss.is_finite() || !norm.is_finite() {
+            return Err(Error::Config(format!(
+                "loss is {loss} (gradient norm {norm}) at step {} (rank {}; first ids of its batches {:?}); stopping — the last good checkpoint is in {}",
+                self.step,
+                dist.rank,
+                self.batch_ids,
+                ckpt.display()
+            )));
+        }
+        Ok(StepLog {
+            step: self.step,
+            loss,
+            lr: self.lr,
+            grad_norm: norm as f64,
+            tokens_per_s: tokens.round() / secs,
+            samples_per_s: samples.round() / secs,
+            data_wait: self.wait / secs,
+            epoch: self.epoch,
+        })
+    }
 }
 
 pub struct RunOptions {
@@ -375,6 +421,7 @@ pub fn run_dist(
 ) -> Result<(Vec<StepLog>, VarMap)> {
     let mcfg = cfg.model.resolve()?;
     mcfg.validate()?;
+    cfg.precision.apply_matmul_mode();
     let files = crate::shards::reader::list_shards(&cfg.shards)?;
     let meta = data::check_shards(&files, mcfg.vision_dim)?;
     let files = dist.partition(files)?;
@@ -505,14 +552,18 @@ pub fn run_dist(
     pb.set_position(step as u64);
     let mut logs = Vec::new();
     let mut done_here = 0;
+    // The host reads a step's loss only after the next step is queued, so a GPU never waits
+    // for the CPU between steps; a checkpoint, validation or the end reads at once.
+    let mut pending: Option<Pending> = None;
+    let mut last_done = Instant::now();
     while step < cfg.steps {
-        let t0 = Instant::now();
         let lr = optim::lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps);
         let shadow = compute_model(&model, &varmap, cfg.precision, &opts.device)?;
         let compute = shadow.as_ref().unwrap_or(&model);
         let mut grads: Option<Vec<Tensor>> = None;
-        let (mut loss_sum, mut tokens, mut samples, mut wait) = (0f32, 0, 0, 0f64);
-        let mut first_bad: Option<Vec<String>> = None;
+        let mut loss_sum: Option<Tensor> = None;
+        let (mut tokens, mut samples, mut wait) = (0, 0, 0f64);
+        let mut batch_ids = Vec::new();
         for _ in 0..cfg.grad_accum {
             let tw = Instant::now();
             let items = stream.next_items()?;
@@ -525,16 +576,18 @@ pub fn run_dist(
                 &opts.device,
             )?;
             wait += tw.elapsed().as_secs_f64();
-            let loss = (compute.loss(&batch.x, batch.images.as_ref(), &batch.y, &batch.mask)?
-                / cfg.grad_accum as f64)?;
-            let l = loss.to_scalar::<f32>()?;
-            if !l.is_finite() && first_bad.is_none() {
-                first_bad = Some(batch.ids[..batch.ids.len().min(8)].to_vec());
-            }
-            loss_sum += l;
+            let loss =
+                (compute.loss_at(&batch.x, batch.images.as_ref(), &batch.y, &batch.keep)?
+                    / cfg.grad_accum as f64)?;
+            batch_ids.extend(batch.ids.iter().take(4).cloned());
             tokens += batch.tokens;
             samples += items.len();
             let store = loss.backward()?;
+            let l = loss.detach();
+            loss_sum = Some(match loss_sum {
+                None => l,
+                Some(acc) => (acc + l)?,
+            });
             let g: Vec<Tensor> = opt.grads(&store)?;
             grads = Some(match grads {
                 None => g,
@@ -546,51 +599,56 @@ pub fn run_dist(
             });
         }
         let mut grads = grads.expect("grad_accum >= 1");
+        let dev = &opts.device;
+        // (loss, tokens, samples) of this step, averaged over ranks with the gradients.
+        let mut totals = Tensor::cat(
+            &[
+                loss_sum.expect("grad_accum >= 1").reshape(1)?,
+                Tensor::new(&[tokens as f32, samples as f32], dev)?,
+            ],
+            0,
+        )?;
         if dist.world > 1 {
-            // One reduction: the gradients, then this rank's loss, tokens and samples.
-            let dev = &opts.device;
-            grads.push(Tensor::new(
-                &[loss_sum, tokens as f32, samples as f32],
-                dev,
-            )?);
+            grads.push(totals);
             dist.mean(&mut grads)?;
-            let totals = grads.pop().expect("pushed above").to_vec1::<f32>()?;
-            let w = dist.world as f32;
-            loss_sum = totals[0];
-            (tokens, samples) = ((totals[1] * w) as usize, (totals[2] * w) as usize);
-        }
-        // Checked after the reduction, so that every rank stops at the same step.
-        if !loss_sum.is_finite() {
-            return Err(Error::Config(format!(
-                "loss is {loss_sum} at step {step} (rank {} batch ids {:?}); stopping — the last good checkpoint is in {}",
-                dist.rank,
-                first_bad.unwrap_or_default(),
-                ckpt.display()
-            )));
+            totals = grads.pop().expect("pushed above");
         }
         let grad_norm = optim::clip_global_norm(&mut grads, cfg.grad_clip)?;
+        // A non-finite loss is caught when the step is read (below, or with the next one);
+        // no checkpoint is written before the step it covers has been read and checked.
         opt.step(&grads, lr)?;
         step += 1;
         done_here += 1;
-        let secs = t0.elapsed().as_secs_f64();
-        let log = StepLog {
+        let queued = Pending {
             step,
-            loss: loss_sum,
             lr,
-            grad_norm,
-            tokens_per_s: tokens as f64 / secs,
-            samples_per_s: samples as f64 / secs,
-            data_wait: wait / secs,
+            stats: Tensor::cat(&[totals, grad_norm.reshape(1)?], 0)?,
+            wait,
             epoch: stream.epoch(),
+            batch_ids,
         };
-        if let Some(m) = metrics.as_mut() {
-            writeln!(m, "{}", serde_json::to_string(&log)?).at(&metrics_path)?;
-        }
-        pb.set_message(format!("loss {:.4} lr {:.2e}", log.loss, lr));
-        pb.inc(1);
-        logs.push(log);
         let stopping = opts.stop_after.is_some_and(|n| done_here >= n);
         let checkpoint = step % cfg.checkpoint_every == 0 || step == cfg.steps || stopping;
+        let validate = val.is_some() && main && (step % cfg.val_every == 0 || step == cfg.steps);
+        let flush = checkpoint || validate;
+        let mut ready = Vec::new();
+        ready.extend(pending.take());
+        if flush {
+            ready.push(queued);
+        } else {
+            pending = Some(queued);
+        }
+        for p in ready {
+            let secs = last_done.elapsed().as_secs_f64();
+            last_done = Instant::now();
+            let log = p.read(dist, secs, &ckpt)?;
+            if let Some(m) = metrics.as_mut() {
+                writeln!(m, "{}", serde_json::to_string(&log)?).at(&metrics_path)?;
+            }
+            pb.set_message(format!("loss {:.4} lr {:.2e}", log.loss, log.lr));
+            pb.set_position(log.step as u64);
+            logs.push(log);
+        }
         if checkpoint && main {
             let state = TrainState {
                 step,
@@ -600,46 +658,44 @@ pub fn run_dist(
             };
             save_checkpoint(&cfg.out, &varmap, &mcfg, &opt, &state)?;
         }
-        if let Some(val) = val.as_ref().filter(|_| main) {
-            if step % cfg.val_every == 0 || step == cfg.steps {
-                let loss = evaluate(
-                    &model,
-                    &val.0,
-                    &val.1,
-                    cfg.batch_size,
-                    cfg.val_batches,
-                    false,
-                    &opts.device,
-                )?;
-                let loss_no_image = evaluate(
-                    &model,
-                    &val.0,
-                    &val.1,
-                    cfg.batch_size,
-                    cfg.val_batches,
-                    true,
-                    &opts.device,
-                )?;
-                let line = serde_json::to_string(&ValLog {
-                    step,
-                    loss,
-                    loss_no_image,
-                })?;
-                let path = cfg.out.join("val.jsonl");
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .at(&path)?;
-                writeln!(f, "{line}").at(&path)?;
-                let msg = format!(
-                    "step {step}: held-out loss {loss:.4}, with images zeroed {loss_no_image:.4}"
-                );
-                if pb.is_hidden() {
-                    eprintln!("{msg}");
-                } else {
-                    pb.println(msg);
-                }
+        if let Some(val) = val.as_ref().filter(|_| validate) {
+            let loss = evaluate(
+                &model,
+                &val.0,
+                &val.1,
+                cfg.batch_size,
+                cfg.val_batches,
+                false,
+                &opts.device,
+            )?;
+            let loss_no_image = evaluate(
+                &model,
+                &val.0,
+                &val.1,
+                cfg.batch_size,
+                cfg.val_batches,
+                true,
+                &opts.device,
+            )?;
+            let line = serde_json::to_string(&ValLog {
+                step,
+                loss,
+                loss_no_image,
+            })?;
+            let path = cfg.out.join("val.jsonl");
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .at(&path)?;
+            writeln!(f, "{line}").at(&path)?;
+            let msg = format!(
+                "step {step}: held-out loss {loss:.4}, with images zeroed {loss_no_image:.4}"
+            );
+            if pb.is_hidden() {
+                eprintln!("{msg}");
+            } else {
+                pb.println(msg);
             }
         }
         if stopping {

@@ -137,22 +137,19 @@ pub fn lr_at(step: usize, total: usize, lr: f64, warmup: usize) -> f64 {
     min_lr + 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos()) * (lr - min_lr)
 }
 
-/// Scale gradients so their global L2 norm is at most `max_norm`; returns the norm before.
-pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads.iter() {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-    }
-    let norm = sq.sqrt();
-    if norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
-        for g in grads.iter_mut() {
-            *g = (&*g * scale)?;
-        }
+/// Scale gradients so their global L2 norm is at most `max_norm`; returns the norm before, as a
+/// scalar tensor on the gradients' device. Nothing is read back to the host, so the device never
+/// waits for the CPU here (a host read per step stalls the launch queue on a GPU).
+pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<Tensor> {
+    let sums = grads
+        .iter()
+        .map(|g| g.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let norm = Tensor::stack(&sums, 0)?.sum_all()?.sqrt()?;
+    // min(1, max_norm / (norm + 1e-6)): exactly 1 (gradients untouched) below the limit.
+    let scale = (norm.affine(1.0, 1e-6)?.recip()? * max_norm)?.minimum(1f32)?;
+    for g in grads.iter_mut() {
+        *g = g.broadcast_mul(&scale.to_dtype(g.dtype())?)?;
     }
     Ok(norm)
 }
