@@ -88,7 +88,7 @@ check torch-b256-masked 90 python3 bench/torch_baseline.py --batch-size 256 --st
 # The real trainer end to end (shards → loader → steps), alone and as a world of one through
 # the data-parallel path (NCCL in an nccl build): the same shards, the same steps.
 cd "$WORK"
-"$BIN" synth --out ds --pretrain 3000 --sft 0 --multi 0 > synth.log 2>&1
+"$BIN" synth --out ds --pretrain "${E2E_IMAGES:-3000}" --sft 0 --multi 0 > synth.log 2>&1
 cat > ingest.toml <<EOF
 [ingest]
 stage = "pretrain"
@@ -107,8 +107,8 @@ for who in solo nccl1; do
 shards = "shards"
 out = "$who"
 model = "minimind_512"
-steps = 150
-batch_size = 128
+steps = ${E2E_STEPS:-150}
+batch_size = ${E2E_BATCH:-128}
 lr = 4e-4
 checkpoint_every = 1000
 EOF

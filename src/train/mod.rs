@@ -557,6 +557,7 @@ pub fn run_dist(
     let mut pending: Option<Pending> = None;
     let mut last_done = Instant::now();
     while step < cfg.steps {
+        let started = Instant::now();
         let lr = optim::lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps);
         let shadow = compute_model(&model, &varmap, cfg.precision, &opts.device)?;
         let compute = shadow.as_ref().unwrap_or(&model);
@@ -639,7 +640,10 @@ pub fn run_dist(
             pending = Some(queued);
         }
         for p in ready {
-            let secs = last_done.elapsed().as_secs_f64();
+            // A step read one step late took the time since the last read; one read at once
+            // (checkpoint, validation, end), the time since it began.
+            let since = if p.step == step { started } else { last_done };
+            let secs = since.elapsed().as_secs_f64();
             last_done = Instant::now();
             let log = p.read(dist, secs, &ckpt)?;
             if let Some(m) = metrics.as_mut() {
