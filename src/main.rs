@@ -201,6 +201,9 @@ enum BenchWhat {
         clip_images: usize,
         #[arg(long, default_value_t = 1024)]
         shard_rows: usize,
+        /// CUDA: CLIP's matrix products in TF32 (features then differ from f32 by ~1e-3).
+        #[arg(long)]
+        tf32: bool,
         #[arg(long, default_value = "auto")]
         device: String,
     },
@@ -215,6 +218,24 @@ enum BenchWhat {
         per_row: usize,
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
+    },
+    /// Where a training step's time goes: its phases (synchronised), then single operations at
+    /// the step's shapes.
+    Breakdown {
+        /// minimind_512, minimind_768 or tiny.
+        #[arg(long, default_value = "minimind_512")]
+        model: String,
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 94)]
+        mean_len: usize,
+        /// f32, tf32 or bf16.
+        #[arg(long, default_value = "f32")]
+        precision: String,
+        #[arg(long, default_value = "auto")]
+        device: String,
     },
     /// Training-step throughput: dynamic padding vs pad-to-512.
     Train {
@@ -458,9 +479,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                     clip_batch,
                     clip_images,
                     shard_rows,
+                    tf32,
                     device,
                 },
         } => {
+            candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
             let b = bench::IngestBench {
                 images,
                 clip: clip.parse()?,
@@ -510,6 +533,26 @@ fn run(command: Command) -> anyhow::Result<()> {
             if !ok {
                 anyhow::bail!("parity: a check is outside its tolerance");
             }
+        }
+        Command::Bench {
+            what:
+                BenchWhat::Breakdown {
+                    model,
+                    batch_size,
+                    steps,
+                    mean_len,
+                    precision,
+                    device,
+                },
+        } => {
+            let b = bench::breakdown::Breakdown {
+                model: train::ModelChoice::Preset(model).resolve()?,
+                batch_size,
+                steps,
+                mean_len,
+                precision: precision.parse()?,
+            };
+            print!("{}", bench::breakdown::run(&b, &device::select(&device)?)?);
         }
         Command::Bench {
             what:

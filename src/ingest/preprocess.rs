@@ -82,28 +82,103 @@ pub fn load_resized(bytes: &[u8], size: u32) -> std::result::Result<Vec<u8>, (Re
     Ok(resize_rgb(&img, size))
 }
 
-/// HWC u8 images → (B, 3, size, size) f32 pixel values, `(x/255 - mean) / std`.
+/// HWC u8 images → (B, 3, size, size) f32 pixel values, `(x/255 - mean) / std`, through a
+/// 3×256 table holding exactly what HF computes for each channel and byte value. On a GPU the
+/// bytes go to the device as they are (a quarter of the f32 size) and are mapped there.
 pub fn pixel_values(
     images: &[&[u8]],
     size: usize,
     norm: &Normalization,
     device: &Device,
 ) -> Result<Tensor> {
+    use rayon::prelude::*;
     let plane = size * size;
-    let mut data = vec![0f32; images.len() * 3 * plane];
-    for (b, img) in images.iter().enumerate() {
-        let out = &mut data[b * 3 * plane..(b + 1) * 3 * plane];
-        for (p, px) in img.chunks_exact(3).enumerate() {
-            for c in 0..3 {
-                // HF rescales in f64 then casts to f32 before normalising; so do we.
-                let x = (px[c] as f64 * (1.0 / 255.0)) as f32;
-                out[c * plane + p] = (x - norm.image_mean[c]) / norm.image_std[c];
-            }
-        }
+    if let Some(bad) = images.iter().find(|img| img.len() != plane * 3) {
+        return Err(crate::Error::Config(format!(
+            "pixel_values: an image has {} bytes, expected {size}×{size}×3",
+            bad.len()
+        )));
     }
-    Ok(Tensor::from_vec(
-        data,
-        (images.len(), 3, size, size),
-        device,
-    )?)
+    // HF rescales in f64 then casts to f32 before normalising; so does the table.
+    let table: Vec<f32> = (0..3)
+        .flat_map(|c| {
+            (0..256).map(move |v| {
+                let x = (v as f64 * (1.0 / 255.0)) as f32;
+                (x - norm.image_mean[c]) / norm.image_std[c]
+            })
+        })
+        .collect();
+    let n = images.len();
+    if device.is_cpu() {
+        let mut data = vec![0f32; n * 3 * plane];
+        data.par_chunks_mut(3 * plane)
+            .zip(images.par_iter())
+            .for_each(|(out, img)| {
+                for (p, px) in img.chunks_exact(3).enumerate() {
+                    for c in 0..3 {
+                        out[c * plane + p] = table[c * 256 + px[c] as usize];
+                    }
+                }
+            });
+        return Ok(Tensor::from_vec(data, (n, 3, size, size), device)?);
+    }
+    mapped_on_device(images, size, table, device)
+}
+
+/// The GPU path of [`pixel_values`]: u8 bytes up, the table lookup on the device.
+fn mapped_on_device(
+    images: &[&[u8]],
+    size: usize,
+    table: Vec<f32>,
+    device: &Device,
+) -> Result<Tensor> {
+    let n = images.len();
+    let table = Tensor::from_vec(table, 3 * 256, device)?;
+    let channel = Tensor::new(&[0u32, 256, 512], device)?;
+    let index = Tensor::from_vec(images.concat(), (n, size, size, 3), device)?
+        .to_dtype(candle_core::DType::U32)?
+        .broadcast_add(&channel)?;
+    Ok(table
+        .index_select(&index.flatten_all()?, 0)?
+        .reshape((n, size, size, 3))?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_device_path_of_pixel_values_equals_the_host_path_bit_for_bit() {
+        let size = 8;
+        let imgs: Vec<Vec<u8>> = (0..3u32)
+            .map(|i| {
+                (0..size * size * 3)
+                    .map(|j| ((j as u32 * 37 + i * 101) % 256) as u8)
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[u8]> = imgs.iter().map(|v| v.as_slice()).collect();
+        let norm = Normalization::default();
+        let host = pixel_values(&refs, size, &norm, &Device::Cpu).unwrap();
+        let table: Vec<f32> = (0..3)
+            .flat_map(|c| {
+                (0..256).map(move |v| {
+                    ((v as f64 * (1.0 / 255.0)) as f32 - norm.image_mean[c]) / norm.image_std[c]
+                })
+            })
+            .collect();
+        let dev = mapped_on_device(&refs, size, table, &Device::Cpu).unwrap();
+        assert_eq!(host.dims(), &[3, 3, size, size]);
+        let (a, b) = (
+            host.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            dev.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        // Channel-first: pixel 0's red value sits at [0, 0, 0, 0], its green one a plane later.
+        assert_eq!(a[size * size], b[size * size]);
+        let bad = pixel_values(&[&imgs[0][1..]], size, &norm, &Device::Cpu);
+        assert!(bad.is_err());
+    }
 }

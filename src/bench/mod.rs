@@ -2,6 +2,8 @@
 //! resize (one core and all cores), CLIP forward, and Parquet shard writing. Results go to
 //! `docs/BENCHMARKS.md` by hand, with the command that produced them.
 
+pub mod breakdown;
+
 use std::time::Instant;
 
 use candle_core::Device;
@@ -83,6 +85,11 @@ pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
     ));
 
     let tower = ClipTower::load(&b.clip, device)?;
+    let tf32 = if device.is_cuda() && candle_core::cuda::gemm_reduced_precision_f32() {
+        ", TF32 matmuls"
+    } else {
+        ""
+    };
     let img = load_resized(&jpegs[0], tower.image_size as u32).unwrap_or_default();
     let batch: Vec<&[u8]> = (0..b.clip_batch).map(|_| img.as_slice()).collect();
     tower.features_u8(&batch)?; // warm-up
@@ -95,8 +102,22 @@ pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
     }
     let clip = done as f64 / t.elapsed().as_secs_f64();
     out.push_str(&format!(
-        "| CLIP {} ({}×{} features), batch {}, {:?} | {clip:.1} images/s |\n",
+        "| CLIP {} ({}×{} features), batch {}, {:?}{tf32}: u8 pixels in, f32 features out | {clip:.1} images/s |\n",
         b.clip, tower.tokens, tower.hidden, b.clip_batch, device
+    ));
+    let px =
+        crate::ingest::preprocess::pixel_values(&batch, tower.image_size, &tower.norm, device)?;
+    device.synchronize()?;
+    let t = Instant::now();
+    let mut done = 0;
+    while done < b.clip_images {
+        std::hint::black_box(tower.features(&px)?);
+        done += b.clip_batch;
+    }
+    device.synchronize()?;
+    out.push_str(&format!(
+        "| the same, tower forward alone (pixels already on the device) | {:.1} images/s |\n",
+        done as f64 / t.elapsed().as_secs_f64()
     ));
 
     // Features like real ones: roughly normal, so compression has as little to gain as in practice.
@@ -305,7 +326,10 @@ pub fn train(b: &TrainBench, device: &Device) -> Result<()> {
         std::io::stdout().flush().ok();
     }
     if let Some(rss) = peak_rss() {
-        println!("\npeak host RSS: {:.2} GiB", rss as f64 / (1u64 << 30) as f64);
+        println!(
+            "\npeak host RSS: {:.2} GiB",
+            rss as f64 / (1u64 << 30) as f64
+        );
     }
     Ok(())
 }
