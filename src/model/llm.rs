@@ -1,8 +1,9 @@
 //! The MiniMind LLM, upstream v1: tied embeddings; per layer RMSNorm → GQA attention with
 //! interleaved-pair RoPE (upstream's complex form), causal, no biases; RMSNorm → SwiGLU.
-//! Every op here has a backward pass (no fused candle-nn kernels that silently drop gradients).
+//! Every op here has a backward pass: candle-nn's fused kernels only through `fused`, which
+//! gives them one (candle-nn's own drop gradients silently).
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear_no_bias, Embedding, Linear, VarBuilder};
 
 use super::ModelConfig;
@@ -25,11 +26,7 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
-        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+        super::fused::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -38,6 +35,8 @@ impl Module for RmsNorm {
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// For the backward pass (the inverse rotation).
+    neg_sin: Tensor,
 }
 
 impl Rope {
@@ -51,9 +50,11 @@ impl Rope {
             .to_dtype(DType::F32)?
             .reshape((cfg.max_seq_len, 1))?;
         let freqs = t.broadcast_mul(&inv)?;
+        let sin = freqs.sin()?.to_dtype(dtype)?;
         Ok(Self {
             cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
+            neg_sin: sin.neg()?,
+            sin,
         })
     }
 
@@ -62,7 +63,8 @@ impl Rope {
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        candle_nn::rotary_emb::rope_i_slow(x, &cos, &sin)
+        let neg_sin = self.neg_sin.narrow(0, offset, t)?;
+        super::fused::rope_i(x, &cos, &sin, &neg_sin)
     }
 }
 
@@ -170,8 +172,8 @@ impl Attention {
             Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
-            .to_dtype(v.dtype())?;
+        let probs =
+            super::fused::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?; // (B, H, T, hd)
         out.transpose(1, 2)?
             .reshape((b, t, self.n_heads * self.head_dim))?

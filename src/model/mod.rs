@@ -2,6 +2,7 @@
 //! the splice of projected image features into placeholder positions, the masked loss, and strict
 //! weight loading under upstream's parameter names (safetensors or upstream `*.pth`).
 
+pub mod fused;
 pub mod llm;
 pub mod vlm;
 pub mod weights;

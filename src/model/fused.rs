@@ -1,0 +1,275 @@
+//! candle-nn's fused softmax, RMSNorm and interleaved RoPE kernels, given a backward pass.
+//!
+//! candle-nn's fused ops have none (gradients silently stop there), so the model used chains of
+//! differentiable elementary ops instead — about ten full passes over the attention scores for a
+//! softmax, each a kernel launch; on an H200 these chains, not the matrix products, took most of a
+//! training step (docs/gpu-runs). Here the forward runs the fused kernel on a detached input, and
+//! its result enters the graph as the output of a small custom op on the real input whose
+//! backward is written out: one extra copy instead of the chain.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
+
+/// Take `value`'s storage out as the op's output (a copy; `value` is dropped with it).
+fn hand_over<S>(
+    value: &Mutex<Option<Tensor>>,
+    pick: impl Fn(&Storage, &Layout) -> Option<Result<S>>,
+) -> Result<(S, Shape)> {
+    let v = value
+        .lock()
+        .expect("fused value lock")
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg("fused op run twice".into()))?;
+    let v = v.contiguous()?;
+    let (storage, layout) = v.storage_and_layout();
+    if layout.start_offset() != 0 {
+        candle_core::bail!("fused op: value with an offset");
+    }
+    let s = pick(&storage, layout)
+        .ok_or_else(|| candle_core::Error::Msg("fused op: value on another device".into()))??;
+    Ok((s, layout.shape().clone()))
+}
+
+fn cpu(s: &Storage, l: &Layout) -> Option<Result<CpuStorage>> {
+    match s {
+        Storage::Cpu(c) => Some(c.try_clone(l)),
+        _ => None,
+    }
+}
+
+fn cuda(s: &Storage, l: &Layout) -> Option<Result<CudaStorage>> {
+    match s {
+        Storage::Cuda(c) => Some(c.try_clone(l)),
+        _ => None,
+    }
+}
+
+type Bwd1 = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+type Bwd2 = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)> + Send + Sync>;
+
+/// Output `value` (computed from the op's argument without a graph); backward `bwd(res, grad)`.
+struct Attach1 {
+    name: &'static str,
+    value: Mutex<Option<Tensor>>,
+    bwd: Bwd1,
+}
+
+impl CustomOp1 for Attach1 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        hand_over(&self.value, cpu)
+    }
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        hand_over(&self.value, cuda)
+    }
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.bwd)(res, grad)?))
+    }
+}
+
+/// As [`Attach1`] for two arguments; backward `bwd(arg1, arg2, grad)`.
+struct Attach2 {
+    name: &'static str,
+    value: Mutex<Option<Tensor>>,
+    bwd: Bwd2,
+}
+
+impl CustomOp2 for Attach2 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        hand_over(&self.value, cpu)
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        hand_over(&self.value, cuda)
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (ga, gb) = (self.bwd)(a, b, grad)?;
+        Ok((Some(ga), Some(gb)))
+    }
+}
+
+/// Softmax over the last dimension: `dx = y ⊙ (g − Σ g ⊙ y)`.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op1(Attach1 {
+        name: "fused-softmax",
+        value: Mutex::new(Some(y)),
+        bwd: Box::new(|y, g| {
+            let gy = (g * y)?;
+            &gy - y.broadcast_mul(&gy.sum_keepdim(D::Minus1)?)?
+        }),
+    })
+}
+
+/// Upstream's RMSNorm, `w ⊙ x / sqrt(mean(x²) + eps)`, statistics in f32.
+/// With x̂ = x·r, r = 1/sqrt(mean(x²)+eps): `dx = r (g⊙w − x̂ · mean(g⊙w⊙x̂))`, `dw = Σ_rows g⊙x̂`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, &w.detach(), eps as f32)?;
+    if !x.track_op() && !w.track_op() {
+        return Ok(y);
+    }
+    x.apply_op2(
+        w,
+        Attach2 {
+            name: "fused-rms-norm",
+            value: Mutex::new(Some(y)),
+            bwd: Box::new(move |x, w, g| {
+                let c = x.dim(D::Minus1)?;
+                let (xf, gf, wf) = (
+                    x.to_dtype(DType::F32)?,
+                    g.to_dtype(DType::F32)?,
+                    w.to_dtype(DType::F32)?,
+                );
+                let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+                    .sqrt()?
+                    .recip()?;
+                let xhat = xf.broadcast_mul(&r)?;
+                let gw = gf.broadcast_mul(&wf)?;
+                let dot = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+                let dx = (gw - xhat.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
+                let dw = (gf * xhat)?.reshape(((), c))?.sum(0)?;
+                Ok((dx.to_dtype(x.dtype())?, dw.to_dtype(w.dtype())?))
+            }),
+        },
+    )
+}
+
+/// Interleaved-pair RoPE of (B, H, T, D) `x`: a rotation, so the backward is the rotation by
+/// the opposite angle — the same kernel with `-sin`.
+pub fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor, neg_sin: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::rotary_emb::rope_i(&x.detach().contiguous()?, cos, sin)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let (cos, neg_sin) = (cos.clone(), neg_sin.clone());
+    x.apply_op1(Attach1 {
+        name: "fused-rope",
+        value: Mutex::new(Some(y)),
+        bwd: Box::new(move |_, g| candle_nn::rotary_emb::rope_i(&g.contiguous()?, &cos, &neg_sin)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Value and gradient of `sum(f(x) ⊙ r)` for a fixed random `r`.
+    fn value_and_grads(
+        vars: &[&Var],
+        f: impl Fn(&[&Tensor]) -> Result<Tensor>,
+    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let xs: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let y = f(&xs).unwrap();
+        // A fixed, uneven weighting: the same for both paths being compared.
+        let n = y.elem_count();
+        let weight: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.4)
+            .collect();
+        let weight = Tensor::from_vec(weight, y.shape(), &Device::Cpu).unwrap();
+        let loss = (&y * &weight).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        (
+            y.flatten_all().unwrap().to_vec1().unwrap(),
+            xs.iter()
+                .map(|x| {
+                    grads
+                        .get(x)
+                        .expect("gradient reached the input")
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect(),
+        )
+    }
+
+    fn close(a: &[f32], b: &[f32], what: &str) {
+        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff / scale < 1e-5,
+            "{what}: max diff {diff} (scale {scale})"
+        );
+    }
+
+    fn var(shape: &[usize]) -> Var {
+        Var::from_tensor(&Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn fused_softmax_matches_the_elementary_ops_in_value_and_gradient() {
+        let x = var(&[2, 3, 5, 7]);
+        let (y1, g1) = value_and_grads(&[&x], |t| softmax_last_dim(t[0]));
+        let (y2, g2) = value_and_grads(&[&x], |t| candle_nn::ops::softmax(t[0], D::Minus1));
+        close(&y1, &y2, "softmax");
+        close(&g1[0], &g2[0], "softmax dx");
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_the_elementary_ops_in_value_and_gradients() {
+        let (x, w) = (var(&[2, 5, 16]), var(&[16]));
+        let (y1, g1) = value_and_grads(&[&x, &w], |t| rms_norm(t[0], t[1], 1e-5));
+        let (y2, g2) = value_and_grads(&[&x, &w], |t| {
+            let ms = t[0].sqr()?.mean_keepdim(D::Minus1)?;
+            t[0].broadcast_div(&(ms + 1e-5)?.sqrt()?)?
+                .broadcast_mul(t[1])
+        });
+        close(&y1, &y2, "rms_norm");
+        close(&g1[0], &g2[0], "rms_norm dx");
+        close(&g1[1], &g2[1], "rms_norm dw");
+    }
+
+    #[test]
+    fn fused_rope_matches_the_elementary_ops_in_value_and_gradient() {
+        let x = var(&[2, 3, 6, 8]);
+        let freqs = Tensor::randn(0f32, 1f32, (10, 4), &Device::Cpu).unwrap();
+        let (cos, sin) = (freqs.cos().unwrap(), freqs.sin().unwrap());
+        // Positions 2..8 of the tables, as with a KV cache offset.
+        let (c, s) = (cos.narrow(0, 2, 6).unwrap(), sin.narrow(0, 2, 6).unwrap());
+        let ns = s.neg().unwrap();
+        let (y1, g1) = value_and_grads(&[&x], |t| rope_i(t[0], &c, &s, &ns));
+        let (y2, g2) = value_and_grads(&[&x], |t| candle_nn::rotary_emb::rope_i_slow(t[0], &c, &s));
+        close(&y1, &y2, "rope");
+        close(&g1[0], &g2[0], "rope dx");
+    }
+
+    #[test]
+    fn without_a_graph_the_fused_ops_return_the_kernel_output_directly() {
+        let x = Tensor::randn(0f32, 1f32, (3, 4), &Device::Cpu).unwrap();
+        let y = softmax_last_dim(&x).unwrap();
+        assert!(!y.track_op());
+        let sums = y.sum(1).unwrap().to_vec1::<f32>().unwrap();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-6));
+    }
+}
