@@ -231,6 +231,35 @@ pub fn run(b: &Breakdown, device: &Device) -> Result<String> {
                 .broadcast_mul(&norm_w)
         })?,
     );
+    row(
+        &mut out,
+        "RMSNorm, fused kernel + written-out backward",
+        format!("{bs}×{t}×{c}"),
+        fwd_bwd(device, &[bs, t, c], dt, |x| {
+            crate::model::fused::rms_norm(x, &norm_w, 1e-5)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        })?,
+    );
+    row(
+        &mut out,
+        "softmax, fused kernel + written-out backward (f32)",
+        format!("{bs}×{h}×{t}×{t}"),
+        fwd_bwd(
+            device,
+            &[bs, h, t, t],
+            DType::F32,
+            crate::model::fused::softmax_last_dim,
+        )?,
+    );
+    let neg = cos.neg()?;
+    row(
+        &mut out,
+        "RoPE, fused kernel + written-out backward",
+        format!("{bs}×{h}×{t}×{hd}"),
+        fwd_bwd(device, &[bs, h, t, hd], dt, |x| {
+            crate::model::fused::rope_i(x, &cos, &cos, &neg)
+        })?,
+    );
     let w1 = Tensor::randn(0f32, 0.02, (cfg.ffn_hidden(), c), device)?.to_dtype(dt)?;
     row(
         &mut out,

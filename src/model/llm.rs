@@ -3,7 +3,7 @@
 //! Every op here has a backward pass: candle-nn's fused kernels only through `fused`, which
 //! gives them one (candle-nn's own drop gradients silently).
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{linear_no_bias, Embedding, Linear, VarBuilder};
 
 use super::ModelConfig;
@@ -26,7 +26,13 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        super::fused::rms_norm(x, &self.weight, self.eps)
+        // Elementary ops, not `fused::rms_norm`: on the CPU the fused version made training
+        // slower (463 → 287 tokens/s) and peak RSS 1.3 → 7 GiB for reasons not yet found.
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
     }
 }
 
