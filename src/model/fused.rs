@@ -69,7 +69,9 @@ impl CustomOp1 for Attach1 {
         hand_over(&self.value, cuda)
     }
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some((self.bwd)(res, grad)?))
+        // Detached: a gradient must not carry the forward graph (a parameter's gradient that
+        // did would keep every step's graph alive through the optimizer state).
+        Ok(Some((self.bwd)(&res.detach(), &grad.detach())?))
     }
 }
 
@@ -109,7 +111,7 @@ impl CustomOp2 for Attach2 {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (ga, gb) = (self.bwd)(a, b, grad)?;
+        let (ga, gb) = (self.bwd)(&a.detach(), &b.detach(), &grad.detach())?;
         Ok((Some(ga), Some(gb)))
     }
 }
@@ -262,6 +264,21 @@ mod tests {
         let (y2, g2) = value_and_grads(&[&x], |t| candle_nn::rotary_emb::rope_i_slow(t[0], &c, &s));
         close(&y1, &y2, "rope");
         close(&g1[0], &g2[0], "rope dx");
+    }
+
+    #[test]
+    fn gradients_from_the_fused_ops_carry_no_graph() {
+        // A parameter's gradient that tracked the forward graph kept every step's graph alive
+        // through the optimizer state: +1.6 GB of RSS per step of minimind_512 (found by
+        // bench train). The gradients reaching the leaves must be plain values.
+        let (x, w) = (var(&[2, 5, 16]), var(&[16]));
+        let h = (x.as_tensor() * 2.0).unwrap(); // an interior node, as in the model
+        let y = rms_norm(&h, w.as_tensor(), 1e-5).unwrap();
+        let y = softmax_last_dim(&y).unwrap();
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            assert!(!grads.get(v.as_tensor()).unwrap().track_op());
+        }
     }
 
     #[test]
