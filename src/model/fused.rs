@@ -180,6 +180,40 @@ pub fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor, neg_sin: &Tensor) -> Resul
     })
 }
 
+/// Rows `index` of `src` (R, C), no row picked twice. Its backward is a gather as well: candle's
+/// `index_select` backward is `index_add`, which on CUDA runs one thread per column through all the
+/// indices (13 ms for 24K rows of 512 on an H200). Here the gradient of source row j is the output
+/// gradient of the row that picked it, or zero.
+pub fn select_rows(src: &Tensor, index: &[u32]) -> Result<Tensor> {
+    let device = src.device();
+    let y = src
+        .detach()
+        .index_select(&Tensor::from_slice(index, index.len(), device)?, 0)?;
+    if !src.track_op() {
+        return Ok(y);
+    }
+    let unpicked = index.len() as u32; // the zero row appended to the gradient
+    let mut inverse = vec![unpicked; src.dim(0)?];
+    for (i, &j) in index.iter().enumerate() {
+        let slot = inverse
+            .get_mut(j as usize)
+            .ok_or_else(|| candle_core::Error::Msg(format!("select_rows: row {j} out of range")))?;
+        if *slot != unpicked {
+            candle_core::bail!("select_rows: row {j} picked twice");
+        }
+        *slot = i as u32;
+    }
+    let inverse = Tensor::from_vec(inverse, src.dim(0)?, device)?;
+    src.apply_op1(Attach1 {
+        name: "select-rows",
+        value: Mutex::new(Some(y)),
+        bwd: Box::new(move |_, g| {
+            let zero = Tensor::zeros((1, g.dim(1)?), g.dtype(), g.device())?;
+            Tensor::cat(&[g, &zero], 0)?.index_select(&inverse, 0)
+        }),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,6 +298,19 @@ mod tests {
         let (y2, g2) = value_and_grads(&[&x], |t| candle_nn::rotary_emb::rope_i_slow(t[0], &c, &s));
         close(&y1, &y2, "rope");
         close(&g1[0], &g2[0], "rope dx");
+    }
+
+    #[test]
+    fn select_rows_matches_index_select_in_value_and_gradient() {
+        let x = var(&[7, 4]);
+        let index = [6u32, 0, 3, 2];
+        let idx = Tensor::new(&index, &Device::Cpu).unwrap();
+        let (y1, g1) = value_and_grads(&[&x], |t| select_rows(t[0], &index));
+        let (y2, g2) = value_and_grads(&[&x], |t| t[0].index_select(&idx, 0));
+        assert_eq!(y1, y2);
+        assert_eq!(g1, g2); // rows 1, 4, 5 unpicked: zero gradient in both
+        assert!(select_rows(x.as_tensor(), &[1, 1]).is_err());
+        assert!(select_rows(x.as_tensor(), &[7]).is_err());
     }
 
     #[test]

@@ -88,8 +88,7 @@ impl Vlm {
             ],
             0,
         )?;
-        let index = Tensor::from_vec(index, b * t, h.device())?;
-        all.index_select(&index, 0)?.reshape((b, t, c))
+        super::fused::select_rows(&all, &index)?.reshape((b, t, c))
     }
 
     /// Full logits (B, T, V).
@@ -143,8 +142,8 @@ impl Vlm {
         }
         let h = self.llm.hidden(&self.embed(ids, images, 0)?, None)?; // (B, T, C)
         let (b, t, c) = h.dims3()?;
+        let h = super::fused::select_rows(&h.reshape((b * t, c))?, keep)?;
         let keep = Tensor::from_slice(keep, keep.len(), h.device())?;
-        let h = h.reshape((b * t, c))?.index_select(&keep, 0)?;
         let tg = targets
             .flatten_all()?
             .to_dtype(DType::U32)?
