@@ -10,9 +10,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::synthetic_batches;
 use crate::error::Result;
-use crate::model::weights;
 use crate::train::data::collate;
-use crate::train::optim::{clip_global_norm, AdamW, AdamWConfig};
+use crate::train::optim::clip_global_norm;
 use crate::train::{compute_model, Precision};
 
 pub struct Breakdown {
@@ -59,29 +58,12 @@ pub fn run(b: &Breakdown, device: &Device) -> Result<String> {
         "batch {}, mean len {}, {:?}, dim {} × {} layers, {:?}\n\n| phase (synchronised) | ms per step |\n|---|---|\n",
         b.batch_size, b.mean_len, b.precision, cfg.dim, cfg.n_layers, device.location()
     );
-    let (model, varmap, _) = weights::build(
-        std::path::Path::new("random init"),
-        weights::random_state(cfg, 0)?,
-        cfg,
-        false,
-        device,
-    )?;
-    let mut params: Vec<_> = varmap
-        .data()
-        .lock()
-        .expect("lock")
-        .iter()
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    params.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut opt = AdamW::new(params, AdamWConfig::default())?;
-    let meta = super::bench_meta(
-        "pretrain",
-        "bench".into(),
-        [cfg.image_ids.len(), cfg.vision_dim],
-        cfg.image_ids.clone(),
-        cfg.max_seq_len,
-    );
+    let super::Fresh {
+        model,
+        varmap,
+        mut opt,
+        meta,
+    } = super::fresh(cfg, device)?;
     let batches = synthetic_batches(cfg, b.batch_size, b.mean_len, b.steps + 1, 3);
     let names = [
         "collate + upload",

@@ -224,20 +224,17 @@ fn synthetic_batches(
         .collect()
 }
 
-/// Optimizer steps of a fresh model (seed 0) on `batches`: the loss of each step, the real
-/// tokens seen, and the seconds taken after the first (warm-up) step.
-fn train_steps(
-    cfg: &crate::model::ModelConfig,
-    batches: &[Vec<crate::train::data::Item>],
-    pad_to: Option<usize>,
-    precision: crate::train::Precision,
-    device: &Device,
-) -> Result<(Vec<f32>, usize, f64)> {
-    use crate::model::weights;
-    use crate::train::data::collate;
-    use crate::train::optim::{clip_global_norm, AdamW, AdamWConfig};
-    precision.apply_matmul_mode();
+/// A model of `cfg` from seed 0, its AdamW, and the shard metadata synthetic batches need.
+struct Fresh {
+    model: crate::model::vlm::Vlm,
+    varmap: candle_nn::VarMap,
+    opt: crate::train::optim::AdamW,
+    meta: ShardMeta,
+}
 
+fn fresh(cfg: &crate::model::ModelConfig, device: &Device) -> Result<Fresh> {
+    use crate::model::weights;
+    use crate::train::optim::{AdamW, AdamWConfig};
     let (model, varmap, _) = weights::build(
         std::path::Path::new("random init"),
         weights::random_state(cfg, 0)?,
@@ -253,7 +250,7 @@ fn train_steps(
         .map(|(n, v)| (n.clone(), v.clone()))
         .collect();
     params.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut opt = AdamW::new(params, AdamWConfig::default())?;
+    let opt = AdamW::new(params, AdamWConfig::default())?;
     let meta = bench_meta(
         "pretrain",
         "bench".into(),
@@ -261,6 +258,32 @@ fn train_steps(
         cfg.image_ids.clone(),
         cfg.max_seq_len,
     );
+    Ok(Fresh {
+        model,
+        varmap,
+        opt,
+        meta,
+    })
+}
+
+/// Optimizer steps of a fresh model (seed 0) on `batches`: the loss of each step, the real
+/// tokens seen, and the seconds taken after the first (warm-up) step.
+fn train_steps(
+    cfg: &crate::model::ModelConfig,
+    batches: &[Vec<crate::train::data::Item>],
+    pad_to: Option<usize>,
+    precision: crate::train::Precision,
+    device: &Device,
+) -> Result<(Vec<f32>, usize, f64)> {
+    use crate::train::data::collate;
+    use crate::train::optim::clip_global_norm;
+    precision.apply_matmul_mode();
+    let Fresh {
+        model,
+        varmap,
+        mut opt,
+        meta,
+    } = fresh(cfg, device)?;
     let (mut losses, mut tokens) = (Vec::new(), 0);
     let mut t = Instant::now();
     for (i, items) in batches.iter().enumerate() {
