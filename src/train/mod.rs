@@ -630,8 +630,10 @@ pub fn run_dist(
         };
         let stopping = opts.stop_after.is_some_and(|n| done_here >= n);
         let checkpoint = step % cfg.checkpoint_every == 0 || step == cfg.steps || stopping;
-        let validate = val.is_some() && main && (step % cfg.val_every == 0 || step == cfg.steps);
-        let flush = checkpoint || validate;
+        // Decided alike on every rank, so all read a step at the same point (rank 0 alone
+        // validates, but every rank reads at once there).
+        let val_step = val.is_some() && (step % cfg.val_every == 0 || step == cfg.steps);
+        let flush = checkpoint || val_step;
         let mut ready = Vec::new();
         ready.extend(pending.take());
         if flush {
@@ -662,7 +664,7 @@ pub fn run_dist(
             };
             save_checkpoint(&cfg.out, &varmap, &mcfg, &opt, &state)?;
         }
-        if let Some(val) = val.as_ref().filter(|_| validate) {
+        if let Some(val) = val.as_ref().filter(|_| val_step && main) {
             let loss = evaluate(
                 &model,
                 &val.0,
