@@ -222,42 +222,39 @@ enum BenchWhat {
     /// Where a training step's time goes: its phases (synchronised), then single operations at
     /// the step's shapes.
     Breakdown {
-        /// minimind_512, minimind_768 or tiny.
-        #[arg(long, default_value = "minimind_512")]
-        model: String,
         #[arg(long, default_value_t = 256)]
         batch_size: usize,
-        #[arg(long, default_value_t = 5)]
-        steps: usize,
-        #[arg(long, default_value_t = 94)]
-        mean_len: usize,
-        /// f32, tf32 or bf16.
-        #[arg(long, default_value = "f32")]
-        precision: String,
-        #[arg(long, default_value = "auto")]
-        device: String,
+        #[command(flatten)]
+        step: StepShape,
     },
     /// Training-step throughput: dynamic padding vs pad-to-512.
     Train {
-        /// minimind_512, minimind_768 or tiny.
-        #[arg(long, default_value = "minimind_512")]
-        model: String,
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
-        #[arg(long, default_value_t = 5)]
-        steps: usize,
-        /// Mean sample length (upstream: pretrain ~94, SFT ~114).
-        #[arg(long, default_value_t = 94)]
-        mean_len: usize,
-        /// f32, tf32 (CUDA: TF32 matmuls) or bf16 (bf16 compute, f32 master weights and optimizer state).
-        #[arg(long, default_value = "f32")]
-        precision: String,
+        #[command(flatten)]
+        step: StepShape,
         /// dynamic, or both (dynamic, then upstream's pad-to-512).
         #[arg(long, value_enum, default_value = "both")]
         padding: bench::Padding,
-        #[arg(long, default_value = "auto")]
-        device: String,
     },
+}
+
+/// The model and step that `bench train` and `bench breakdown` time.
+#[derive(clap::Args)]
+struct StepShape {
+    /// minimind_512, minimind_768 or tiny.
+    #[arg(long, default_value = "minimind_512")]
+    model: String,
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Mean sample length (upstream: pretrain ~94, SFT ~114).
+    #[arg(long, default_value_t = 94)]
+    mean_len: usize,
+    /// f32, tf32 (CUDA: TF32 matmuls) or bf16 (bf16 compute, f32 master weights and optimizer state).
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -535,47 +532,37 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Bench {
-            what:
-                BenchWhat::Breakdown {
-                    model,
-                    batch_size,
-                    steps,
-                    mean_len,
-                    precision,
-                    device,
-                },
+            what: BenchWhat::Breakdown { batch_size, step },
         } => {
             let b = bench::breakdown::Breakdown {
-                model: train::ModelChoice::Preset(model).resolve()?,
+                model: train::ModelChoice::Preset(step.model).resolve()?,
                 batch_size,
-                steps,
-                mean_len,
-                precision: precision.parse()?,
+                steps: step.steps,
+                mean_len: step.mean_len,
+                precision: step.precision.parse()?,
             };
-            print!("{}", bench::breakdown::run(&b, &device::select(&device)?)?);
+            print!(
+                "{}",
+                bench::breakdown::run(&b, &device::select(&step.device)?)?
+            );
         }
         Command::Bench {
             what:
                 BenchWhat::Train {
-                    model,
                     batch_size,
-                    steps,
-                    mean_len,
-                    precision,
+                    step,
                     padding,
-                    device,
                 },
         } => {
-            let model = train::ModelChoice::Preset(model).resolve()?;
             let b = bench::TrainBench {
-                model,
+                model: train::ModelChoice::Preset(step.model).resolve()?,
                 batch_size,
-                steps,
-                mean_len,
-                precision: precision.parse()?,
+                steps: step.steps,
+                mean_len: step.mean_len,
+                precision: step.precision.parse()?,
                 padding,
             };
-            bench::train(&b, &device::select(&device)?)?;
+            bench::train(&b, &device::select(&step.device)?)?;
         }
     }
     Ok(())

@@ -44,9 +44,23 @@ fn parity_on_cpu_is_exact_and_bf16_within_tolerance() {
     );
 }
 
-fn bench(args: &[&str]) -> String {
+/// The step the `train` and `breakdown` benches time here: tiny model, two samples, two steps.
+const TINY_STEP: [&str; 8] = [
+    "--model",
+    "tiny",
+    "--batch-size",
+    "2",
+    "--steps",
+    "2",
+    "--mean-len",
+    "60",
+];
+
+/// `minimind-v bench <what> <TINY_STEP> <args> --device cpu`.
+fn bench(what: &str, args: &[&str]) -> String {
     let out = Command::new(common::bin())
-        .arg("bench")
+        .args(["bench", what])
+        .args(TINY_STEP)
         .args(args)
         .args(["--device", "cpu"])
         .output()
@@ -64,17 +78,7 @@ fn numbers(row: &str) -> Vec<f64> {
 
 #[test]
 fn breakdown_times_every_phase_and_operation_of_a_step() {
-    let text = bench(&[
-        "breakdown",
-        "--model",
-        "tiny",
-        "--batch-size",
-        "2",
-        "--steps",
-        "2",
-        "--mean-len",
-        "60",
-    ]);
+    let text = bench("breakdown", &[]);
     for phase in ["collate", "forward", "backward", "AdamW", "**sum**"] {
         let row = text
             .lines()
@@ -97,37 +101,11 @@ fn breakdown_times_every_phase_and_operation_of_a_step() {
 
 #[test]
 fn train_bench_rows_come_per_padding_and_tf32_runs_on_cpu() {
-    let dynamic = bench(&[
-        "train",
-        "--model",
-        "tiny",
-        "--batch-size",
-        "2",
-        "--steps",
-        "2",
-        "--mean-len",
-        "60",
-        "--precision",
-        "tf32",
-        "--padding",
-        "dynamic",
-    ]);
+    let dynamic = bench("train", &["--precision", "tf32", "--padding", "dynamic"]);
     let rows: Vec<&str> = dynamic.lines().filter(|l| l.contains("| Tf32 |")).collect();
     assert_eq!(rows.len(), 1, "{dynamic}");
     assert!(rows[0].starts_with("| dynamic |"));
-    let both = bench(&[
-        "train",
-        "--model",
-        "tiny",
-        "--batch-size",
-        "2",
-        "--steps",
-        "2",
-        "--mean-len",
-        "60",
-        "--padding",
-        "both",
-    ]);
+    let both = bench("train", &["--padding", "both"]);
     let rows: Vec<&str> = both.lines().filter(|l| l.contains("| F32 |")).collect();
     assert_eq!(rows.len(), 2, "{both}");
     assert!(rows[1].starts_with("| pad to "), "{both}");

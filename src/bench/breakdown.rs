@@ -91,12 +91,7 @@ pub fn run(b: &Breakdown, device: &Device) -> Result<String> {
         tick[0] = lap(device)?;
         let shadow = compute_model(&model, &varmap, b.precision, device)?;
         tick[1] = lap(device)?;
-        let loss = shadow.as_ref().unwrap_or(&model).loss_at(
-            &batch.x,
-            batch.images.as_ref(),
-            &batch.y,
-            &batch.keep,
-        )?;
+        let loss = batch.loss(shadow.as_ref().unwrap_or(&model))?;
         tick[2] = lap(device)?;
         let store = loss.backward()?;
         tick[3] = lap(device)?;

@@ -289,12 +289,7 @@ fn train_steps(
     for (i, items) in batches.iter().enumerate() {
         let batch = collate(items, &meta, pad_to, false, &cfg.image_ids, device)?;
         let shadow = crate::train::compute_model(&model, &varmap, precision, device)?;
-        let loss = shadow.as_ref().unwrap_or(&model).loss_at(
-            &batch.x,
-            batch.images.as_ref(),
-            &batch.y,
-            &batch.keep,
-        )?;
+        let loss = batch.loss(shadow.as_ref().unwrap_or(&model))?;
         let store = loss.backward()?;
         let mut grads: Vec<_> = opt.grads(&store)?;
         clip_global_norm(&mut grads, 1.0)?;

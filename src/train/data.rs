@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{bad_file, Result};
-use crate::model::vlm::Images;
+use crate::model::vlm::{Images, Vlm};
 use crate::shards::reader::ShardReader;
 use crate::shards::ShardMeta;
 
@@ -185,6 +185,13 @@ pub struct Batch {
     pub loss_tokens: usize,
     /// Flat (row * T + position) indices where the mask is 1, for [`Vlm::loss_at`].
     pub keep: Vec<u32>,
+}
+
+impl Batch {
+    /// The model's mean loss over this batch's loss positions.
+    pub fn loss(&self, model: &Vlm) -> Result<Tensor> {
+        Ok(model.loss_at(&self.x, self.images.as_ref(), &self.y, &self.keep)?)
+    }
 }
 
 /// Build the device tensors of a batch. `zero_images` replaces features by zeros (ablation).

@@ -210,10 +210,7 @@ pub fn evaluate(
         if b.loss_tokens == 0 {
             continue;
         }
-        let l = model
-            .loss_at(&b.x, b.images.as_ref(), &b.y, &b.keep)?
-            .detach()
-            .to_scalar::<f32>()?;
+        let l = b.loss(model)?.detach().to_scalar::<f32>()?;
         sum += l as f64 * b.loss_tokens as f64;
         n += b.loss_tokens;
     }
@@ -577,9 +574,7 @@ pub fn run_dist(
                 &opts.device,
             )?;
             wait += tw.elapsed().as_secs_f64();
-            let loss =
-                (compute.loss_at(&batch.x, batch.images.as_ref(), &batch.y, &batch.keep)?
-                    / cfg.grad_accum as f64)?;
+            let loss = (batch.loss(compute)? / cfg.grad_accum as f64)?;
             batch_ids.extend(batch.ids.iter().take(4).cloned());
             tokens += batch.tokens;
             samples += items.len();
