@@ -17,26 +17,47 @@ pub struct Images {
     pub slots: Vec<(usize, usize)>,
 }
 
+/// Pair each row's placeholder windows, left to right, with that row's `counts[r]` images:
+/// `(row, window start, image index within the row)`. Images without a window (and windows
+/// without an image) are left out.
+pub fn pair_windows(
+    rows: &[&[u32]],
+    counts: &[usize],
+    image_ids: &[u32],
+) -> Vec<(usize, usize, usize)> {
+    let mut pairs = Vec::new();
+    for (r, (ids, &n)) in rows.iter().zip(counts).enumerate() {
+        let starts = crate::ingest::chat::find_windows(ids, image_ids);
+        pairs.extend(
+            starts
+                .into_iter()
+                .take(n)
+                .enumerate()
+                .map(|(k, s)| (r, s, k)),
+        );
+    }
+    pairs
+}
+
 impl Images {
     /// Pair each row's placeholder windows, left to right, with that row's images.
     /// `feats[r]` is (n_r, tokens, vision_dim); extra images without a window are not used.
     pub fn for_rows(rows: &[&[u32]], feats: &[Tensor], image_ids: &[u32]) -> Result<Option<Self>> {
-        let mut used = Vec::new();
-        let mut slots = Vec::new();
-        for (r, (ids, f)) in rows.iter().zip(feats).enumerate() {
-            let starts = crate::ingest::chat::find_windows(ids, image_ids);
-            let n = starts.len().min(f.dim(0)?);
-            for (k, &start) in starts.iter().take(n).enumerate() {
-                slots.push((r, start));
-                used.push(f.get(k)?);
-            }
-        }
-        if used.is_empty() {
+        let counts = feats
+            .iter()
+            .map(|f| f.dim(0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let pairs = pair_windows(rows, &counts, image_ids);
+        if pairs.is_empty() {
             return Ok(None);
         }
+        let used = pairs
+            .iter()
+            .map(|&(r, _, k)| feats[r].get(k))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Some(Self {
             feats: Tensor::stack(&used, 0)?,
-            slots,
+            slots: pairs.iter().map(|&(r, s, _)| (r, s)).collect(),
         }))
     }
 }

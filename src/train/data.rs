@@ -227,15 +227,18 @@ pub fn collate(
     // Features travel as the shards store them (f16), in one upload per batch; the model casts
     // them on the device. Only images that have a placeholder window are sent.
     let [tok, hid] = meta.feature_shape;
-    let (mut slots, mut bytes) = (Vec::new(), Vec::new());
-    for (r, it) in items.iter().enumerate() {
-        let row: Vec<u32> = it.ids.iter().take(t).map(|&v| v as u32).collect();
-        let starts = crate::ingest::chat::find_windows(&row, image_ids);
-        for (f, &start) in it.features.iter().zip(&starts) {
-            slots.push((r, start));
-            bytes.extend_from_slice(f);
-        }
+    let rows: Vec<Vec<u32>> = items
+        .iter()
+        .map(|it| it.ids.iter().take(t).map(|&v| v as u32).collect())
+        .collect();
+    let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    let counts: Vec<usize> = items.iter().map(|it| it.features.len()).collect();
+    let pairs = crate::model::vlm::pair_windows(&rows, &counts, image_ids);
+    let mut bytes = Vec::new();
+    for &(r, _, k) in &pairs {
+        bytes.extend_from_slice(&items[r].features[k]);
     }
+    let slots: Vec<(usize, usize)> = pairs.iter().map(|&(r, s, _)| (r, s)).collect();
     let images = if slots.is_empty() {
         None
     } else {
