@@ -1,6 +1,7 @@
 //! How fast does the demo's model learn shape? Runs the demo's instruction stage from a
 //! checkpoint in chunks and scores held-out colour and shape accuracy after each chunk.
-//! Needs a demo directory (its caches and its pretrain checkpoint): run the demo first.
+//! Needs a demo directory (its caches and its pretrain checkpoint, of the same dim and layers):
+//! run the demo first (`demo --dim D --layers L --sft-steps 20` for another shape).
 //!
 //! cargo run --release --example shape_curve -- <demo dir> <steps> <chunk> [lr] [dim] [layers]
 
@@ -31,7 +32,7 @@ fn main() {
     let stage = StageRun {
         shards: &root.join("cache/sft"),
         out: &out,
-        init: (model == demo_model(192)).then_some(pretrained),
+        init: Some(pretrained),
         steps,
         lr,
     };

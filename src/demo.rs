@@ -10,6 +10,7 @@ use crate::config::IngestConfig;
 use crate::demo_eval::{train_stage, StageRun};
 use crate::error::{IoContext, Result};
 use crate::ingest::{self, chat::Stage, IngestOptions};
+use crate::model::ModelConfig;
 use crate::synth::{self, SynthConfig};
 
 pub struct DemoConfig {
@@ -24,16 +25,24 @@ pub struct DemoConfig {
     pub sft_steps: usize,
     pub eval_images: usize,
     pub eval_pairs: usize,
+    /// Data-parallel CPU processes per training stage (1: train in this process); see
+    /// `demo_eval::train_stage`.
+    pub ranks: usize,
+    /// The trained model's width and depth (`demo_eval::demo_model`'s shape otherwise).
+    pub dim: usize,
+    pub layers: usize,
 }
 
 /// What the demo writes under its `out`; a run starts by removing these (and nothing else), so
 /// that a run with other settings or from another version never meets stale shards.
-const DEMO_OUTPUTS: [&str; 7] = [
+const DEMO_OUTPUTS: [&str; 9] = [
     "dataset",
     "eval",
     "cache",
     "pretrain",
+    "pretrain.toml",
     "sft",
+    "sft.toml",
     "report_images",
     "report.md",
 ];
@@ -82,19 +91,25 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         planted.faults
     );
     // One synthetic stage → shards under `cfg.out/<cache>`; returns the ingest summary.
-    let ingest_stage = |root: &Path, stage: Stage, cache: &str| -> Result<String> {
+    // Shards of at most 512 rows, at least 8 per stage where there are images enough, so that
+    // data-parallel ranks (which read disjoint shards) each get several.
+    let ingest_stage = |root: &Path, stage: Stage, cache: &str, rows: usize| -> Result<String> {
         let (json, images, prefix) = synth::stage_files(root, stage);
         let mut c = IngestConfig::new(stage, json, images, cfg.out.join(cache));
         c.image_prefix = prefix.into();
         c.tokenizer = cfg.tokenizer.clone();
         c.clip = clip.clone();
-        c.rows_per_shard = 512;
+        c.rows_per_shard = rows.div_ceil(8).clamp(1, 512);
         Ok(ingest::run(&c, opts)?.to_string())
     };
-    for stage in [Stage::Pretrain, Stage::Sft, Stage::SftMulti] {
+    for (stage, rows) in [
+        (Stage::Pretrain, cfg.pretrain),
+        (Stage::Sft, cfg.sft),
+        (Stage::SftMulti, cfg.multi),
+    ] {
         let name = stage.as_str();
         eprintln!("[2/5] ingest {name}");
-        let summary = ingest_stage(&ds, stage, &format!("cache/{name}"))?;
+        let summary = ingest_stage(&ds, stage, &format!("cache/{name}"), rows)?;
         eprint!("{summary}");
         let _ = writeln!(report, "## ingest {name}\n\n```\n{summary}```\n");
     }
@@ -112,13 +127,23 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         multi: cfg.eval_pairs,
         faults: false,
     })?;
-    ingest_stage(&eval_ds, Stage::Sft, "cache/eval")?;
-    ingest_stage(&eval_ds, Stage::SftMulti, "cache/eval_multi")?;
+    ingest_stage(&eval_ds, Stage::Sft, "cache/eval", cfg.eval_images)?;
+    ingest_stage(
+        &eval_ds,
+        Stage::SftMulti,
+        "cache/eval_multi",
+        cfg.eval_pairs,
+    )?;
 
     let vision_dim =
         crate::shards::reader::read_meta(&cfg.out.join("cache/eval/shard-00000.parquet"))?
             .feature_shape[1];
-    let model = crate::demo_eval::demo_model(vision_dim);
+    let model = ModelConfig {
+        dim: cfg.dim,
+        n_layers: cfg.layers,
+        ..crate::demo_eval::demo_model(vision_dim)
+    };
+    model.validate()?;
     let eval_cache = cfg.out.join("cache/eval");
     eprintln!(
         "[4/5] train: pretrain {} steps, then SFT {} steps (dim {}, {} layers)",
@@ -132,7 +157,7 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         steps: cfg.pretrain_steps,
         lr: 2e-3,
     };
-    train_stage(stage, &eval_cache, &model, &opts.device)?;
+    train_stage(stage, &eval_cache, &model, &opts.device, cfg.ranks)?;
     let init = Some(pre_out.join("checkpoint/model.safetensors"));
     // Instructions: the single-image and the two-image sets together (like upstream's optional
     // two-image SFT, but mixed in, so the single-image answers are not forgotten).
@@ -148,7 +173,7 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         steps: cfg.sft_steps,
         lr: 1e-3,
     };
-    train_stage(stage, &eval_cache, &model, &opts.device)?;
+    train_stage(stage, &eval_cache, &model, &opts.device, cfg.ranks)?;
 
     eprintln!(
         "[5/5] evaluate on {} held-out images and {} pairs",

@@ -67,6 +67,16 @@ enum Command {
         require_bar: bool,
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Train each stage as this many data-parallel CPU processes (1, 2, 4, 8 or 16; the
+        /// global batch stays 16). Default: 2 on a CPU with at least 2 cores, else 1.
+        #[arg(long)]
+        ranks: Option<usize>,
+        /// Width of the model the demo trains.
+        #[arg(long, default_value_t = 128)]
+        dim: usize,
+        /// Layers of the model the demo trains.
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
     },
     /// Train the projector (+ LLM) on shards: pipeline file with a [train] section.
     Train {
@@ -313,7 +323,21 @@ fn run(command: Command) -> anyhow::Result<()> {
             eval_pairs,
             require_bar,
             device,
+            ranks,
+            dim,
+            layers,
         } => {
+            let device = device::select(&device)?;
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let ranks = match ranks {
+                Some(n) => n,
+                None if device.is_cpu() && cores >= 2 => 2,
+                None => 1,
+            };
+            anyhow::ensure!(
+                ranks >= 1 && 16 % ranks == 0,
+                "--ranks {ranks}: use 1, 2, 4, 8 or 16 (it must divide the batch of 16)"
+            );
             let cfg = demo::DemoConfig {
                 out: out.clone(),
                 seed,
@@ -326,10 +350,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                 sft_steps,
                 eval_images,
                 eval_pairs,
+                ranks,
+                dim,
+                layers,
             };
             let opts = ingest::IngestOptions {
                 progress: true,
-                device: device::select(&device)?,
+                device,
                 ..Default::default()
             };
             let (summary, acc) = demo::run(&cfg, &opts)?;

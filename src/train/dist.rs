@@ -333,8 +333,16 @@ pub fn from_env(device: &candle_core::Device) -> Result<Dist> {
     }
 }
 
+/// Threads each of `ranks` CPU processes on this machine gets: the cores shared out, so that N
+/// ranks do not each start a pool as wide as the machine and fight over it.
+pub fn cpu_threads_per_rank(ranks: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / ranks.max(1)).max(1)
+}
+
 /// `train --ranks N`: start N copies of this program, one per device, with the environment
 /// that makes them ranks of one run; wait for all. If one fails, stop the others and say which.
+/// CPU ranks get `RAYON_NUM_THREADS` = their share of the cores unless it is set already.
 pub fn launch(ranks: usize, device: &str, child_args: &[String]) -> Result<()> {
     let devices: Vec<String> = match device {
         "cpu" => vec!["cpu".into(); ranks],
@@ -353,13 +361,19 @@ pub fn launch(ranks: usize, device: &str, child_args: &[String]) -> Result<()> {
     };
     let exe = std::env::current_exe().map_err(|e| io_err("current_exe", e))?;
     let mut children = Vec::new();
+    let threads = (device == "cpu" && std::env::var_os("RAYON_NUM_THREADS").is_none())
+        .then(|| cpu_threads_per_rank(ranks).to_string());
     for (r, dev) in devices.iter().enumerate() {
-        let child = std::process::Command::new(&exe)
-            .args(child_args)
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(child_args)
             .args(["--device", dev])
             .env("MMV_RANK", r.to_string())
             .env("MMV_WORLD_SIZE", ranks.to_string())
-            .env("MMV_MASTER_ADDR", &addr)
+            .env("MMV_MASTER_ADDR", &addr);
+        if let Some(t) = &threads {
+            cmd.env("RAYON_NUM_THREADS", t);
+        }
+        let child = cmd
             .spawn()
             .map_err(|e| io_err(&format!("start rank {r}"), e))?;
         children.push(Some(child));
