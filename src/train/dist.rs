@@ -375,7 +375,7 @@ pub fn launch(ranks: usize, device: &str, child_args: &[String]) -> Result<()> {
         }
         let child = cmd
             .spawn()
-            .map_err(|e| io_err(&format!("start rank {r}"), e))?;
+            .map_err(|e| io_err(&format!("start rank {r} ({})", exe.display()), e))?;
         children.push(Some(child));
     }
     let mut failure = None;

@@ -224,7 +224,7 @@ mod tests {
             let (mut fused, mut tensor) = (mk(), mk());
             for step in 0..5u64 {
                 let g = Tensor::randn(0f32, 1.0 + step as f32, (7, 5), &dev).unwrap();
-                fused.step(&[g.clone()], 1e-2).unwrap();
+                fused.step(std::slice::from_ref(&g), 1e-2).unwrap();
                 // The tensor path, the one a GPU takes.
                 tensor.t += 1;
                 let (bc1, bc2) = (
