@@ -19,7 +19,7 @@ use crate::train::{self, ModelChoice, RunOptions, TrainConfig, Trainable};
 /// The small model the demo trains on CPU.
 pub fn demo_model(vision_dim: usize) -> ModelConfig {
     ModelConfig {
-        dim: 128,
+        dim: 96,
         n_layers: 4,
         n_heads: 4,
         n_kv_heads: 2,

@@ -45,17 +45,21 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Caption (pretrain) images.
         #[arg(long, default_value_t = 2000)]
         pretrain: usize,
-        #[arg(long, default_value_t = 600)]
+        /// Instruction images (3 records each); more distinct images lift held-out shape
+        /// accuracy most (docs/DEMO.md).
+        #[arg(long, default_value_t = 6000)]
         sft: usize,
+        /// Two-image pairs for the "what differs" instructions.
         #[arg(long, default_value_t = 200)]
         multi: usize,
         #[arg(long, default_value = "model/clip_model/clip-vit-base-patch32")]
         clip: PathBuf,
         #[arg(long, default_value_t = 400)]
         pretrain_steps: usize,
-        #[arg(long, default_value_t = 400)]
+        #[arg(long, default_value_t = 5500)]
         sft_steps: usize,
         #[arg(long, default_value_t = 200)]
         eval_images: usize,
@@ -72,7 +76,7 @@ enum Command {
         #[arg(long)]
         ranks: Option<usize>,
         /// Width of the model the demo trains.
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 96)]
         dim: usize,
         /// Layers of the model the demo trains.
         #[arg(long, default_value_t = 4)]
