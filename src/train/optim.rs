@@ -206,6 +206,17 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
     /// The fused host update and the tensor update (the one a GPU runs) agree over several steps,
     /// with and without weight decay.
     #[test]
@@ -235,26 +246,12 @@ mod tests {
             }
             let a = fused.params[0].1.as_tensor().flatten_all().unwrap();
             let b = tensor.params[0].1.as_tensor().flatten_all().unwrap();
-            let diff: f32 = (a.clone() - &b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = max_diff(&a, &b);
             assert!(
                 diff < 1e-6,
                 "weight_decay {weight_decay}: max difference {diff}"
             );
-            let moved: f32 = (a - init.flatten_all().unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let moved = max_diff(&a, &init.flatten_all().unwrap());
             assert!(moved > 1e-2, "the parameters moved only {moved}");
         }
     }
