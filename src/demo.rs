@@ -28,9 +28,9 @@ pub struct DemoConfig {
     /// Data-parallel CPU processes per training stage (1: train in this process); see
     /// `demo_eval::train_stage`.
     pub ranks: usize,
-    /// The trained model's width and depth (`demo_eval::demo_model`'s shape otherwise).
-    pub dim: usize,
-    pub layers: usize,
+    /// The trained model's width and depth; `None`: `demo_eval::demo_model`'s.
+    pub dim: Option<usize>,
+    pub layers: Option<usize>,
 }
 
 /// What the demo writes under its `out`; a run starts by removing these (and nothing else), so
@@ -138,10 +138,11 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
     let vision_dim =
         crate::shards::reader::read_meta(&cfg.out.join("cache/eval/shard-00000.parquet"))?
             .feature_shape[1];
+    let base = crate::demo_eval::demo_model(vision_dim);
     let model = ModelConfig {
-        dim: cfg.dim,
-        n_layers: cfg.layers,
-        ..crate::demo_eval::demo_model(vision_dim)
+        dim: cfg.dim.unwrap_or(base.dim),
+        n_layers: cfg.layers.unwrap_or(base.n_layers),
+        ..base
     };
     model.validate()?;
     let eval_cache = cfg.out.join("cache/eval");

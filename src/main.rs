@@ -75,12 +75,12 @@ enum Command {
         /// global batch stays 16). Default: 2 on a CPU with at least 2 cores, else 1.
         #[arg(long)]
         ranks: Option<usize>,
-        /// Width of the model the demo trains.
-        #[arg(long, default_value_t = 96)]
-        dim: usize,
-        /// Layers of the model the demo trains.
-        #[arg(long, default_value_t = 4)]
-        layers: usize,
+        /// Width of the model the demo trains (default: the demo model's, 96).
+        #[arg(long)]
+        dim: Option<usize>,
+        /// Layers of the model the demo trains (default: the demo model's, 4).
+        #[arg(long)]
+        layers: Option<usize>,
     },
     /// Train the projector (+ LLM) on shards: pipeline file with a [train] section.
     Train {
