@@ -18,7 +18,7 @@ fn main() {
     let root = PathBuf::from(&a[0]);
     let steps: usize = a[1].parse().unwrap();
     let chunk: usize = a[2].parse().unwrap();
-    let lr: f64 = a.get(3).map_or(1e-3, |v| v.parse().unwrap());
+    let lr: f64 = a.get(3).map_or(2e-3, |v| v.parse().unwrap());
     let mut model = demo_model(192);
     if let Some(d) = a.get(4) {
         model.dim = d.parse().unwrap();

@@ -7,7 +7,7 @@
 //! - `flat MLP`: one hidden layer on all tokens flattened (position-specific).
 //!
 //! cargo run --release --example tower_probe -- [n_train] [n_test] [variant…]
-//! variants: hidden x layers x patch, e.g. 192x4x32 (random-small), 384x2x32, 192x4x16
+//! variants: hidden x layers x patch[@seed], e.g. 192x4x32 (random-small:0), 192x4x32@2, 384x2x32
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
@@ -23,16 +23,19 @@ fn jpeg(img: &image::RgbImage) -> Vec<u8> {
     buf.into_inner()
 }
 
-fn parse(v: &str) -> TowerShape {
+/// `hidden x layers x patch`, optionally `@seed` (default 0).
+fn parse(v: &str) -> (TowerShape, u64) {
+    let (v, seed) = v.split_once('@').unwrap_or((v, "0"));
     let p: Vec<usize> = v.split('x').map(|x| x.parse().unwrap()).collect();
     let patch = p[2];
-    TowerShape {
+    let shape = TowerShape {
         hidden: p[0],
         layers: p[1],
         heads: (p[0] / 64).max(1),
         image_size: patch * 7,
         patch_size: patch,
-    }
+    };
+    (shape, seed.parse().unwrap())
 }
 
 enum Probe {
@@ -132,8 +135,8 @@ fn main() {
     println!("| tower (hidden×layers×patch) | mean lin | set MLP | flat MLP | features s |");
     println!("|---|---|---|---|---|");
     for v in &variants {
-        let shape = parse(v);
-        let tower = ClipTower::random(0, &shape, &dev).unwrap();
+        let (shape, seed) = parse(v);
+        let tower = ClipTower::random(seed, &shape, &dev).unwrap();
         let t0 = std::time::Instant::now();
         let mut feats = Vec::new();
         for chunk in jpegs.chunks(64) {

@@ -18,11 +18,15 @@ pub struct DemoConfig {
     pub seed: u64,
     pub pretrain: usize,
     pub sft: usize,
+    /// Conversation records per instruction image.
+    pub sft_records: usize,
     pub multi: usize,
     pub clip_dir: PathBuf,
     pub tokenizer: PathBuf,
     pub pretrain_steps: usize,
     pub sft_steps: usize,
+    /// Peak learning rate of the instruction stage (cosine to a tenth after a 5% warmup).
+    pub sft_lr: f64,
     pub eval_images: usize,
     pub eval_pairs: usize,
     /// Data-parallel CPU processes per training stage (1: train in this process); see
@@ -69,6 +73,7 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         seed: cfg.seed,
         pretrain: cfg.pretrain,
         sft: cfg.sft,
+        sft_records: cfg.sft_records,
         multi: cfg.multi,
         faults: true,
     })?;
@@ -124,6 +129,7 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         seed: cfg.seed + 1_000_003,
         pretrain: 0,
         sft: cfg.eval_images,
+        sft_records: 3,
         multi: cfg.eval_pairs,
         faults: false,
     })?;
@@ -172,7 +178,7 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         out: &sft_out,
         init,
         steps: cfg.sft_steps,
-        lr: 1e-3,
+        lr: cfg.sft_lr,
     };
     train_stage(stage, &eval_cache, &model, &opts.device, cfg.ranks)?;
 

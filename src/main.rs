@@ -52,6 +52,9 @@ enum Command {
         /// accuracy most (docs/DEMO.md).
         #[arg(long, default_value_t = 6000)]
         sft: usize,
+        /// Conversation records per instruction image (all four questions, rotated).
+        #[arg(long, default_value_t = 3)]
+        sft_records: usize,
         /// Two-image pairs for the "what differs" instructions.
         #[arg(long, default_value_t = 200)]
         multi: usize,
@@ -61,6 +64,10 @@ enum Command {
         pretrain_steps: usize,
         #[arg(long, default_value_t = 5500)]
         sft_steps: usize,
+        /// Peak learning rate of the instruction stage (1e-3 until session 6; 2e-3 lifts the mean
+        /// shape accuracy over five seeds, docs/DEMO.md section 5).
+        #[arg(long, default_value_t = 2e-3)]
+        sft_lr: f64,
         #[arg(long, default_value_t = 200)]
         eval_images: usize,
         /// Held-out image pairs asked "What differs between the two images?".
@@ -168,6 +175,9 @@ enum Command {
         pretrain: usize,
         #[arg(long, default_value_t = 1000)]
         sft: usize,
+        /// Conversation records per SFT image (all four questions, in rotated orders).
+        #[arg(long, default_value_t = 3)]
+        sft_records: usize,
         #[arg(long, default_value_t = 500)]
         multi: usize,
         /// Plant realistic bad entries (corrupt/missing images, tag mismatches, …).
@@ -319,10 +329,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             seed,
             pretrain,
             sft,
+            sft_records,
             multi,
             clip,
             pretrain_steps,
             sft_steps,
+            sft_lr,
             eval_images,
             eval_pairs,
             require_bar,
@@ -332,10 +344,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             layers,
         } => {
             let device = device::select(&device)?;
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             let ranks = match ranks {
                 Some(n) => n,
-                None if device.is_cpu() && cores >= 2 => 2,
+                None if device.is_cpu() && minimind_v::train::dist::cpu_cores() >= 2 => 2,
                 None => 1,
             };
             anyhow::ensure!(
@@ -347,11 +358,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                 seed,
                 pretrain,
                 sft,
+                sft_records,
                 multi,
                 clip_dir: clip,
                 tokenizer: "assets/tokenizer".into(),
                 pretrain_steps,
                 sft_steps,
+                sft_lr,
                 eval_images,
                 eval_pairs,
                 ranks,
@@ -479,6 +492,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             seed,
             pretrain,
             sft,
+            sft_records,
             multi,
             faults,
         } => {
@@ -487,6 +501,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 seed,
                 pretrain,
                 sft,
+                sft_records,
                 multi,
                 faults,
             })?;

@@ -70,6 +70,7 @@ fn three_upstream_formats_with_faults() {
         seed: 1,
         pretrain: n_pre,
         sft: n_sft,
+        sft_records: 3,
         multi: n_multi,
         faults: true,
     })
@@ -278,6 +279,7 @@ fn small_dataset(tmp: &Path) -> (PathBuf, PathBuf) {
         seed: 5,
         pretrain: 700,
         sft: 0,
+        sft_records: 3,
         multi: 0,
         faults: true,
     })
@@ -410,4 +412,45 @@ fn user_errors_name_the_file_and_the_fix() {
         "ingest.images=/no/such.zip",
     ]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("/no/such.zip"));
+}
+
+#[test]
+fn sft_records_sets_the_records_per_instruction_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    for per_image in [1, 2] {
+        let ds = tmp.path().join(format!("ds{per_image}"));
+        let summary = synth::generate(&SynthConfig {
+            out: ds.clone(),
+            seed: 2,
+            pretrain: 0,
+            sft: 30,
+            sft_records: per_image,
+            multi: 0,
+            faults: false,
+        })
+        .unwrap();
+        assert_eq!(summary.sft_records, 30 * per_image);
+        let (json, _, _) = synth::stage_files(&ds, Stage::Sft);
+        let records: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        assert_eq!(records.len(), 30 * per_image);
+        // One image's records ask the same four questions, each in another order.
+        let questions = |r: &serde_json::Value| -> Vec<String> {
+            let turns = r["conversations"].as_array().unwrap();
+            turns
+                .iter()
+                .step_by(2)
+                .map(|t| t["value"].as_str().unwrap().replace("<image>\n", ""))
+                .collect()
+        };
+        let first: Vec<Vec<String>> = records[..per_image].iter().map(questions).collect();
+        assert!(first.iter().all(|q| q.len() == 4));
+        if per_image == 2 {
+            assert_ne!(first[0], first[1]);
+            let (mut a, mut b) = (first[0].clone(), first[1].clone());
+            a.sort();
+            b.sort();
+            assert_eq!(a, b);
+        }
+    }
 }

@@ -17,6 +17,7 @@ fn shards(tmp: &Path) -> PathBuf {
         seed: 2,
         pretrain: 300,
         sft: 0,
+        sft_records: 3,
         multi: 0,
         faults: false,
     })

@@ -30,8 +30,10 @@ pub struct SynthConfig {
     pub seed: u64,
     /// Images (one caption record each) in the pretrain set.
     pub pretrain: usize,
-    /// Images in the SFT set; each gets several conversation records.
+    /// Images in the SFT set.
     pub sft: usize,
+    /// Conversation records per SFT image (the same four questions, rotated).
+    pub sft_records: usize,
     /// Records (image pairs) in the two-image set.
     pub multi: usize,
     pub faults: bool,
@@ -278,7 +280,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
         // Every record asks all four questions (shape and colour, English and Chinese), in a
         // rotated order: the image tokens dominate a sample's cost, so four answers cost little
         // more than one, and each sample carries two shape answers.
-        for k in 0..3 {
+        for k in 0..cfg.sft_records {
             let mut conv = Vec::new();
             for j in 0..pairs.len() {
                 let (q, a) = pairs[(i + k + j) % pairs.len()].clone();

@@ -336,8 +336,12 @@ pub fn from_env(device: &candle_core::Device) -> Result<Dist> {
 /// Threads each of `ranks` CPU processes on this machine gets: the cores shared out, so that N
 /// ranks do not each start a pool as wide as the machine and fight over it.
 pub fn cpu_threads_per_rank(ranks: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / ranks.max(1)).max(1)
+    (cpu_cores() / ranks.max(1)).max(1)
+}
+
+/// Cores this process may use (1 when the OS does not say).
+pub fn cpu_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// `train --ranks N`: start N copies of this program, one per device, with the environment
