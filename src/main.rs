@@ -48,8 +48,7 @@ enum Command {
         /// Caption (pretrain) images.
         #[arg(long, default_value_t = 2000)]
         pretrain: usize,
-        /// Instruction images (3 records each); more distinct images lift held-out shape
-        /// accuracy most (docs/DEMO.md).
+        /// Instruction images (--sft-records records each).
         #[arg(long, default_value_t = 6000)]
         sft: usize,
         /// Conversation records per instruction image (all four questions, rotated).
@@ -343,6 +342,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             dim,
             layers,
         } => {
+            anyhow::ensure!(
+                sft_records >= 1,
+                "--sft-records {sft_records}: use 1 or more"
+            );
             let device = device::select(&device)?;
             let ranks = match ranks {
                 Some(n) => n,
@@ -496,6 +499,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             multi,
             faults,
         } => {
+            anyhow::ensure!(
+                sft_records >= 1,
+                "--sft-records {sft_records}: use 1 or more"
+            );
             let s = synth::generate(&synth::SynthConfig {
                 out: out.clone(),
                 seed,
