@@ -52,7 +52,7 @@ enum Command {
         #[arg(long, default_value_t = 6000)]
         sft: usize,
         /// Conversation records per instruction image (all four questions, rotated).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         sft_records: usize,
         /// Two-image pairs for the "what differs" instructions.
         #[arg(long, default_value_t = 200)]
@@ -175,7 +175,7 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         sft: usize,
         /// Conversation records per SFT image (all four questions, in rotated orders).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         sft_records: usize,
         #[arg(long, default_value_t = 500)]
         multi: usize,
@@ -342,10 +342,6 @@ fn run(command: Command) -> anyhow::Result<()> {
             dim,
             layers,
         } => {
-            anyhow::ensure!(
-                sft_records >= 1,
-                "--sft-records {sft_records}: use 1 or more"
-            );
             let device = device::select(&device)?;
             let ranks = match ranks {
                 Some(n) => n,
@@ -499,10 +495,6 @@ fn run(command: Command) -> anyhow::Result<()> {
             multi,
             faults,
         } => {
-            anyhow::ensure!(
-                sft_records >= 1,
-                "--sft-records {sft_records}: use 1 or more"
-            );
             let s = synth::generate(&synth::SynthConfig {
                 out: out.clone(),
                 seed,
