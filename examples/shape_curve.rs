@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
-use minimind_v::demo_eval::{demo_model, evaluate, stage_config, StageRun};
+use minimind_v::demo_eval::{demo_model, evaluate, stage_config, StageRun, SFT_ADAM_BETA2};
 use minimind_v::ingest::chat::ChatTokenizer;
 use minimind_v::train::{self, RunOptions};
 
@@ -35,6 +35,7 @@ fn main() {
         init: Some(pretrained),
         steps,
         lr,
+        adam_beta2: SFT_ADAM_BETA2,
     };
     let mut cfg = stage_config(&stage, None, &model);
     cfg.checkpoint_every = chunk;

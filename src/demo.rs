@@ -27,6 +27,8 @@ pub struct DemoConfig {
     pub sft_steps: usize,
     /// Peak learning rate of the instruction stage (cosine to a tenth after a 5% warmup).
     pub sft_lr: f64,
+    /// Adam's β₂ in the instruction stage (the caption stage keeps Adam's 0.999).
+    pub sft_adam_beta2: f64,
     pub eval_images: usize,
     pub eval_pairs: usize,
     /// Data-parallel CPU processes per training stage (1: train in this process); see
@@ -163,6 +165,7 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         init: None,
         steps: cfg.pretrain_steps,
         lr: 2e-3,
+        adam_beta2: 0.999,
     };
     train_stage(stage, &eval_cache, &model, &opts.device, cfg.ranks)?;
     let init = Some(pre_out.join("checkpoint/model.safetensors"));
@@ -179,6 +182,7 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         init,
         steps: cfg.sft_steps,
         lr: cfg.sft_lr,
+        adam_beta2: cfg.sft_adam_beta2,
     };
     train_stage(stage, &eval_cache, &model, &opts.device, cfg.ranks)?;
 

@@ -67,6 +67,10 @@ enum Command {
         /// shape accuracy over five seeds, docs/DEMO.md section 5).
         #[arg(long, default_value_t = 2e-3)]
         sft_lr: f64,
+        /// Adam's β₂ in the instruction stage (upstream's 0.999 until session 7; 0.9 lifts the
+        /// mean shape accuracy over five seeds from 81.0% to 93.7%, docs/DEMO.md section 6).
+        #[arg(long, default_value_t = minimind_v::demo_eval::SFT_ADAM_BETA2)]
+        sft_adam_beta2: f64,
         #[arg(long, default_value_t = 200)]
         eval_images: usize,
         /// Held-out image pairs asked "What differs between the two images?".
@@ -334,6 +338,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             pretrain_steps,
             sft_steps,
             sft_lr,
+            sft_adam_beta2,
             eval_images,
             eval_pairs,
             require_bar,
@@ -348,6 +353,10 @@ fn run(command: Command) -> anyhow::Result<()> {
                 None if device.is_cpu() && minimind_v::train::dist::cpu_cores() >= 2 => 2,
                 None => 1,
             };
+            anyhow::ensure!(
+                (0.0..1.0).contains(&sft_adam_beta2),
+                "--sft-adam-beta2 {sft_adam_beta2}: it must lie in [0, 1)"
+            );
             anyhow::ensure!(
                 ranks >= 1 && 16 % ranks == 0,
                 "--ranks {ranks}: use 1, 2, 4, 8 or 16 (it must divide the batch of 16)"
@@ -364,6 +373,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 pretrain_steps,
                 sft_steps,
                 sft_lr,
+                sft_adam_beta2,
                 eval_images,
                 eval_pairs,
                 ranks,

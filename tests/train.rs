@@ -433,3 +433,46 @@ fn ranks_as_processes_match_ranks_as_threads() {
     assert!(err.contains("cannot feed 9 ranks"), "{err}");
     assert!(err.contains("failed"), "{err}");
 }
+
+/// A pipeline that does not name `adam_beta2` trains with Adam's 0.999 (upstream's), and the
+/// setting reaches the optimizer: the first update is β₂-independent (bias correction), later ones
+/// are not. A β₂ of 1 or more is refused, naming the setting.
+#[test]
+fn adam_beta2_defaults_to_upstreams_and_changes_the_updates() {
+    use minimind_v::train::{run, RunOptions, TrainConfig};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = shards(tmp.path());
+    let p = pipeline(tmp.path(), "beta", &cache, 4, 192);
+    let table: toml::Table = std::fs::read_to_string(p).unwrap().parse().unwrap();
+    let adam: TrainConfig = table["train"].clone().try_into().unwrap();
+    assert_eq!(adam.adam_beta2, 0.999);
+    let short = TrainConfig {
+        adam_beta2: 0.95,
+        out: tmp.path().join("short"),
+        ..adam.clone()
+    };
+    let opts = RunOptions {
+        resume: false,
+        stop_after: None,
+        progress: false,
+        device: candle_core::Device::Cpu,
+    };
+    let (a, b) = (run(&adam, &opts).unwrap(), run(&short, &opts).unwrap());
+    let one = TrainConfig {
+        adam_beta2: 1.0,
+        ..adam.clone()
+    };
+    let err = run(&one, &opts).unwrap_err().to_string();
+    assert!(err.contains("adam_beta2 = 1"), "{err}");
+    assert_eq!(
+        losses(&a)[..2],
+        losses(&b)[..2],
+        "steps 1-2 see one update at most"
+    );
+    assert_ne!(
+        losses(&a)[3],
+        losses(&b)[3],
+        "β₂ never reached the optimizer"
+    );
+}

@@ -84,6 +84,10 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     #[serde(default)]
     pub weight_decay: f64,
+    /// Adam's second-moment decay (torch's and upstream's 0.999; 0.95 forgets old gradient
+    /// scales faster, which damps the loss spikes of short high-learning-rate runs).
+    #[serde(default = "default_beta2")]
+    pub adam_beta2: f64,
     #[serde(default)]
     pub seed: u64,
     #[serde(default = "default_shuffle")]
@@ -231,6 +235,9 @@ fn one() -> usize {
 }
 fn default_lr() -> f64 {
     4e-4
+}
+fn default_beta2() -> f64 {
+    AdamWConfig::default().beta2
 }
 fn default_clip() -> f64 {
     1.0
@@ -418,6 +425,12 @@ pub fn run_dist(
 ) -> Result<(Vec<StepLog>, VarMap)> {
     let mcfg = cfg.model.resolve()?;
     mcfg.validate()?;
+    if !(0.0..1.0).contains(&cfg.adam_beta2) {
+        return Err(Error::Config(format!(
+            "adam_beta2 = {}: it must lie in [0, 1) (Adam's default is 0.999)",
+            cfg.adam_beta2
+        )));
+    }
     cfg.precision.apply_matmul_mode();
     let files = crate::shards::reader::list_shards(&cfg.shards)?;
     let meta = data::check_shards(&files, mcfg.vision_dim)?;
@@ -485,6 +498,7 @@ pub fn run_dist(
     params.sort_by(|a, b| a.0.cmp(&b.0));
     let adam = AdamWConfig {
         weight_decay: cfg.weight_decay,
+        beta2: cfg.adam_beta2,
         ..Default::default()
     };
     let mut opt = AdamW::new(params, adam)?;

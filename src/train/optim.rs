@@ -218,13 +218,14 @@ mod tests {
     }
 
     /// The fused host update and the tensor update (the one a GPU runs) agree over several steps,
-    /// with and without weight decay.
+    /// with and without weight decay, with Adam's β₂ and a shorter one.
     #[test]
     fn the_fused_cpu_update_matches_the_tensor_update() {
         let dev = Device::Cpu;
-        for weight_decay in [0.0, 0.1] {
+        for (weight_decay, beta2) in [(0.0, 0.999), (0.1, 0.999), (0.0, 0.95)] {
             let cfg = AdamWConfig {
                 weight_decay,
+                beta2,
                 ..Default::default()
             };
             let init = Tensor::randn(0f32, 1.0, (7, 5), &dev).unwrap();
@@ -249,7 +250,7 @@ mod tests {
             let diff = max_diff(&a, &b);
             assert!(
                 diff < 1e-6,
-                "weight_decay {weight_decay}: max difference {diff}"
+                "weight_decay {weight_decay}, beta2 {beta2}: max difference {diff}"
             );
             let moved = max_diff(&a, &init.flatten_all().unwrap());
             assert!(moved > 1e-2, "the parameters moved only {moved}");
