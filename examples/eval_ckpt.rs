@@ -5,23 +5,14 @@
 
 use std::path::PathBuf;
 
-use candle_core::Device;
-use minimind_v::demo_eval::evaluate;
+use minimind_v::demo_eval::evaluate_demo_dir;
 use minimind_v::ingest::chat::ChatTokenizer;
 
 fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
     let root = PathBuf::from(&a[0]);
     let tok = ChatTokenizer::load(&PathBuf::from("assets/tokenizer")).unwrap();
-    let acc = evaluate(
-        &PathBuf::from(&a[1]),
-        &root.join("cache/eval"),
-        &root.join("eval/labels.json"),
-        &tok,
-        200,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let acc = evaluate_demo_dir(&root, &PathBuf::from(&a[1]), &tok).unwrap();
     println!(
         "colour {:.1}% shape {:.1}%",
         acc.colour_pct(),

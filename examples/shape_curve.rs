@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
-use minimind_v::demo_eval::{demo_model, evaluate, stage_config, StageRun, SFT_ADAM_BETA2};
+use minimind_v::demo_eval::{
+    demo_model, evaluate_demo_dir, stage_config, StageRun, SFT_ADAM_BETA2,
+};
 use minimind_v::ingest::chat::ChatTokenizer;
 use minimind_v::train::{self, RunOptions};
 
@@ -50,15 +52,7 @@ fn main() {
             device: Device::Cpu,
         };
         train::run(&cfg, &opts).unwrap();
-        let acc = evaluate(
-            &out.join("checkpoint"),
-            &root.join("cache/eval"),
-            &root.join("eval/labels.json"),
-            &tok,
-            200,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let acc = evaluate_demo_dir(&root, &out.join("checkpoint"), &tok).unwrap();
         println!(
             "| {} | {:.1}% | {:.1}% | {:.0} |",
             (i + 1) * chunk,

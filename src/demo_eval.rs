@@ -236,6 +236,19 @@ pub fn evaluate(
     Ok(acc)
 }
 
+/// `evaluate` on the held-out set of a demo directory (`root`, the demo's `--out`), on the CPU:
+/// for experiments that retrain a stage by hand and score the checkpoint as the demo would.
+pub fn evaluate_demo_dir(root: &Path, ckpt: &Path, tokenizer: &ChatTokenizer) -> Result<Accuracy> {
+    evaluate(
+        ckpt,
+        &root.join("cache/eval"),
+        &root.join("eval/labels.json"),
+        tokenizer,
+        200,
+        &Device::Cpu,
+    )
+}
+
 /// Ask every held-out pair what differs; the truth is the sentence the data teaches.
 pub fn evaluate_pairs(
     ckpt: &Path,

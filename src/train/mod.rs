@@ -84,8 +84,9 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     #[serde(default)]
     pub weight_decay: f64,
-    /// Adam's second-moment decay (torch's and upstream's 0.999; 0.95 forgets old gradient
-    /// scales faster, which damps the loss spikes of short high-learning-rate runs).
+    /// Adam's second-moment decay (torch's and upstream's 0.999; lower values, such as the demo's
+    /// 0.9, forget old gradient scales faster, which damps the loss spikes of short
+    /// high-learning-rate runs).
     #[serde(default = "default_beta2")]
     pub adam_beta2: f64,
     #[serde(default)]
@@ -236,6 +237,17 @@ fn one() -> usize {
 fn default_lr() -> f64 {
     4e-4
 }
+/// Adam's β₂ must lie in [0, 1); the trainer checks its setting, the demo its option, with this.
+pub fn check_adam_beta2(beta2: f64) -> Result<f64> {
+    if (0.0..1.0).contains(&beta2) {
+        Ok(beta2)
+    } else {
+        Err(Error::Config(format!(
+            "adam_beta2 = {beta2}: it must lie in [0, 1) (Adam's default is 0.999)"
+        )))
+    }
+}
+
 fn default_beta2() -> f64 {
     AdamWConfig::default().beta2
 }
@@ -425,12 +437,7 @@ pub fn run_dist(
 ) -> Result<(Vec<StepLog>, VarMap)> {
     let mcfg = cfg.model.resolve()?;
     mcfg.validate()?;
-    if !(0.0..1.0).contains(&cfg.adam_beta2) {
-        return Err(Error::Config(format!(
-            "adam_beta2 = {}: it must lie in [0, 1) (Adam's default is 0.999)",
-            cfg.adam_beta2
-        )));
-    }
+    check_adam_beta2(cfg.adam_beta2)?;
     cfg.precision.apply_matmul_mode();
     let files = crate::shards::reader::list_shards(&cfg.shards)?;
     let meta = data::check_shards(&files, mcfg.vision_dim)?;
