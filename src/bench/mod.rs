@@ -6,7 +6,7 @@ pub mod breakdown;
 
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
@@ -402,6 +402,18 @@ pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
         1e-3,
     );
 
+    for (what, dtype, tol) in [("f32", DType::F32, 1e-4), ("bf16", DType::BF16, 2e-2)] {
+        for (op, rel) in kernel_checks(device, dtype)? {
+            row(
+                &mut out,
+                &format!("{op}, {what}: the device's form vs the portable one"),
+                "max abs diff / max abs, value and gradients",
+                rel,
+                tol,
+            );
+        }
+    }
+
     let cfg = &p.model;
     let batches = synthetic_batches(cfg, p.batch_size, 94, p.steps, 11);
     let (dev_losses, _, _) = train_steps(cfg, &batches, None, Precision::F32, device)?;
@@ -446,6 +458,99 @@ pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
         ));
     }
     Ok((out, all_ok))
+}
+
+/// The model's operations as `device` runs them (this crate's CUDA kernels on a GPU) against
+/// their portable forms on the same device, computed in f32 from the same `dtype`-rounded
+/// inputs: the largest difference of the value and of each input's gradient, relative to the
+/// largest magnitude of the portable one. Causal attention softmax with keys before the first
+/// query (a KV cache), RMSNorm, SwiGLU's gate, and the embedding lookup.
+fn kernel_checks(device: &Device, dtype: DType) -> Result<Vec<(&'static str, f64)>> {
+    use crate::model::fused;
+    type Op<'a> = Box<dyn Fn(&[&Tensor]) -> candle_core::Result<Tensor> + 'a>;
+    // Value and gradients of sum(f(x) ⊙ r) for a fixed uneven weighting r.
+    let run = |f: &Op, inputs: &[Tensor]| -> Result<Vec<Vec<f32>>> {
+        let vars = inputs
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let xs: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let y = f(&xs)?.to_dtype(DType::F32)?;
+        let n = y.elem_count();
+        let r: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.4)
+            .collect();
+        let grads = (&y * Tensor::from_vec(r, y.shape(), device)?)?
+            .sum_all()?
+            .backward()?;
+        let mut out = vec![y.flatten_all()?.to_vec1::<f32>()?];
+        for x in xs {
+            let g = grads.get(x).ok_or_else(|| {
+                crate::error::Error::Config("kernel check: no gradient reached an input".into())
+            })?;
+            out.push(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    };
+    let compare = |fast: Op, portable: Op, shapes: &[&[usize]]| -> Result<f64> {
+        let inputs = shapes
+            .iter()
+            .map(|s| Tensor::randn(0f32, 1f32, *s, device)?.to_dtype(dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let wide = inputs
+            .iter()
+            .map(|t| t.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let (a, b) = (run(&fast, &inputs)?, run(&portable, &wide)?);
+        Ok(a.iter().zip(&b).fold(0f64, |m, (a, b)| {
+            let scale = b.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            m.max((diff / scale) as f64)
+        }))
+    };
+    // 5 queries over 8 keys: 3 cached keys before the first query.
+    let mask = crate::model::llm::causal_mask(5, 8, device)?;
+    let ids = Tensor::new(
+        &[[3u32, 0, 7, 3, 49, 3, 0], [12, 12, 12, 1, 2, 3, 4]],
+        device,
+    )?;
+    Ok(vec![
+        (
+            "causal softmax 2×3×5×8",
+            compare(
+                Box::new(|x| fused::attention_probs(x[0], 2.5, Some(&mask), DType::F32)),
+                Box::new(|x| fused::attention_probs_portable(x[0], 2.5, Some(&mask), DType::F32)),
+                &[&[2, 3, 5, 8]],
+            )?,
+        ),
+        (
+            "RMSNorm 2×5×64",
+            compare(
+                Box::new(|x| fused::rms_norm(x[0], x[1], 1e-5)),
+                Box::new(|x| fused::rms_norm_portable(x[0], x[1], 1e-5)),
+                &[&[2, 5, 64], &[64]],
+            )?,
+        ),
+        (
+            "SwiGLU 3×40",
+            compare(
+                Box::new(|x| fused::swiglu(x[0], x[1])),
+                Box::new(|x| fused::swiglu_portable(x[0], x[1])),
+                &[&[3, 40], &[3, 40]],
+            )?,
+        ),
+        (
+            "embedding 50×16, 2×7 ids",
+            compare(
+                Box::new(|x| fused::embedding(x[0], &ids)),
+                Box::new(|x| {
+                    x[0].index_select(&ids.flatten_all()?, 0)?
+                        .reshape((2, 7, 16))
+                }),
+                &[&[50, 16]],
+            )?,
+        ),
+    ])
 }
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in bytes.

@@ -132,9 +132,69 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Upstream's RMSNorm, `w ⊙ x / sqrt(mean(x²) + eps)`, statistics in f32.
-/// With x̂ = x·r, r = 1/sqrt(mean(x²)+eps): `dx = r (g⊙w − x̂ · mean(g⊙w⊙x̂))`, `dw = Σ_rows g⊙x̂`.
+/// Whether `t` is on a CUDA device of a build with this crate's own kernels (`model::cuda`).
+pub fn on_cuda(t: &Tensor) -> bool {
+    cfg!(feature = "cuda") && t.device().is_cuda()
+}
+
+/// Upstream's RMSNorm: this crate's CUDA kernels on a CUDA device, else [`rms_norm_portable`].
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if on_cuda(x) {
+        return super::cuda::rms_norm(x, w, eps);
+    }
+    rms_norm_portable(x, w, eps)
+}
+
+/// SwiGLU's gate `silu(a) ⊙ b`: one kernel each way on CUDA, else candle's ops.
+pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if on_cuda(a) {
+        return super::cuda::swiglu(a, b);
+    }
+    swiglu_portable(a, b)
+}
+
+/// [`swiglu`] from candle's ops, on any device.
+pub fn swiglu_portable(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::silu(a)? * b
+}
+
+/// Attention probabilities of (B, H, T, S) `scores` = q·kᵀ: softmax of `scores / sqrt_hd` where
+/// `mask` (the causal mask of T queries over S keys, or none when T = 1) allows, in f32, as
+/// `out` dtype. On CUDA one kernel each way (`model::cuda::causal_softmax`), which derives the
+/// causal mask itself; elsewhere [`attention_probs_portable`].
+pub fn attention_probs(
+    scores: &Tensor,
+    sqrt_hd: f64,
+    mask: Option<&Tensor>,
+    out: DType,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if on_cuda(scores) {
+        return super::cuda::causal_softmax(scores, 1.0 / sqrt_hd)?.to_dtype(out);
+    }
+    attention_probs_portable(scores, sqrt_hd, mask, out)
+}
+
+/// [`attention_probs`] from candle's ops and [`softmax_last_dim`], on any device.
+pub fn attention_probs_portable(
+    scores: &Tensor,
+    sqrt_hd: f64,
+    mask: Option<&Tensor>,
+    out: DType,
+) -> Result<Tensor> {
+    let scores = (scores / sqrt_hd)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+        None => scores,
+    };
+    softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(out)
+}
+
+/// Upstream's RMSNorm, `w ⊙ x / sqrt(mean(x²) + eps)`, statistics in f32, on any device.
+/// With x̂ = x·r, r = 1/sqrt(mean(x²)+eps): `dx = r (g⊙w − x̂ · mean(g⊙w⊙x̂))`, `dw = Σ_rows g⊙x̂`.
+pub fn rms_norm_portable(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, &w.detach(), eps as f32)?;
     if !x.track_op() && !w.track_op() {
         return Ok(y);
@@ -178,6 +238,44 @@ pub fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor, neg_sin: &Tensor) -> Resul
         value: Mutex::new(Some(y)),
         bwd: Box::new(move |_, g| candle_nn::rotary_emb::rope_i(&g.contiguous()?, &cos, &neg_sin)),
     })
+}
+
+/// Rows `ids` of the (V, C) `table`: ids (…) → (…, C), as candle's `Embedding`. On CUDA the
+/// backward is [`scatter_rows_onehot`] instead of candle's `index_add`, which runs one thread
+/// per column through all the ids: 13.6 ms of a b256 step on an H100, one kernel.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let mut dims = ids.dims().to_vec();
+    dims.push(table.dim(1)?);
+    let flat = ids.flatten_all()?;
+    if !on_cuda(table) || !table.track_op() {
+        return table.index_select(&flat, 0)?.reshape(dims);
+    }
+    let v = table.dim(0)?;
+    table
+        .apply_op1(Attach1 {
+            name: "embedding",
+            value: Mutex::new(Some(table.detach().index_select(&flat, 0)?)),
+            bwd: Box::new(move |_, g| scatter_rows_onehot(&flat, g, v, 16_384)),
+        })?
+        .reshape(dims)
+}
+
+/// The (V, C) table whose row v is the sum of the rows n of `g` (N, C) with `ids[n] = v`, as a
+/// matrix product one-hot(ids)ᵀ · g (exact 0/1 weights, the GEMM's accumulation), `chunk` rows
+/// of `g` at a time to bound the one-hot matrix.
+pub fn scatter_rows_onehot(ids: &Tensor, g: &Tensor, v: usize, chunk: usize) -> Result<Tensor> {
+    let classes = Tensor::arange(0u32, v as u32, g.device())?.unsqueeze(1)?; // (V, 1)
+    let n = ids.dim(0)?;
+    let mut sum = Tensor::zeros((v, g.dim(1)?), g.dtype(), g.device())?;
+    for start in (0..n).step_by(chunk.max(1)) {
+        let len = chunk.max(1).min(n - start);
+        let onehot = classes
+            .broadcast_eq(&ids.narrow(0, start, len)?.unsqueeze(0)?)?
+            .to_dtype(g.dtype())?; // (V, len)
+        let part = onehot.matmul(&g.narrow(0, start, len)?.contiguous()?)?;
+        sum = if start == 0 { part } else { (sum + part)? };
+    }
+    Ok(sum)
 }
 
 /// Rows `index` of `src` (R, C), no row picked twice. Its backward is a gather as well: candle's
@@ -311,6 +409,24 @@ mod tests {
         assert_eq!(g1, g2); // rows 1, 4, 5 unpicked: zero gradient in both
         assert!(select_rows(x.as_tensor(), &[1, 1]).is_err());
         assert!(select_rows(x.as_tensor(), &[7]).is_err());
+    }
+
+    #[test]
+    fn onehot_scatter_sums_the_rows_of_each_id_as_index_add_does() {
+        let g = Tensor::randn(0f32, 1f32, (9, 4), &Device::Cpu).unwrap();
+        let ids = Tensor::new(&[3u32, 0, 3, 5, 3, 0, 1, 6, 5], &Device::Cpu).unwrap();
+        let want = Tensor::zeros((7, 4), DType::F32, &Device::Cpu)
+            .unwrap()
+            .index_add(&ids, &g, 0)
+            .unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for chunk in [4, 9, 100] {
+            let got = scatter_rows_onehot(&ids, &g, 7, chunk).unwrap();
+            close(&flat(&got), &flat(&want), "one-hot scatter");
+        }
+        let got = scatter_rows_onehot(&ids, &g, 7, 4).unwrap();
+        // Row 2 and row 4 are never picked: exactly zero.
+        assert_eq!(flat(&got.narrow(0, 2, 1).unwrap()), vec![0.0; 4]);
     }
 
     #[test]

@@ -167,13 +167,9 @@ impl Attention {
         }
         let k = self.repeat_kv(k)?.contiguous()?;
         let v = self.repeat_kv(v)?.contiguous()?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?; // (B, H, T, S)
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
-            None => scores,
-        };
-        let probs =
-            super::fused::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let scores = q.matmul(&k.t()?)?; // (B, H, T, S)
+        let sqrt_hd = (self.head_dim as f64).sqrt();
+        let probs = super::fused::attention_probs(&scores, sqrt_hd, mask, v.dtype())?;
         let out = probs.matmul(&v)?; // (B, H, T, hd)
         out.transpose(1, 2)?
             .reshape((b, t, self.n_heads * self.head_dim))?
@@ -182,7 +178,7 @@ impl Attention {
 }
 
 /// (T, S) additive mask: query i (at absolute position S - T + i) sees keys ≤ its position.
-fn causal_mask(t: usize, s: usize, device: &Device) -> Result<Tensor> {
+pub fn causal_mask(t: usize, s: usize, device: &Device) -> Result<Tensor> {
     let off = s - t;
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| (0..s).map(move |j| if j > i + off { f32::NEG_INFINITY } else { 0.0 }))
@@ -210,8 +206,7 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&x.apply(&self.w1)?)?;
-        (gate * x.apply(&self.w3)?)?.apply(&self.w2)
+        super::fused::swiglu(&x.apply(&self.w1)?, &x.apply(&self.w3)?)?.apply(&self.w2)
     }
 }
 
@@ -284,7 +279,7 @@ impl MiniMind {
 
     /// Token embeddings (B, T) → (B, T, C).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        self.tok_embeddings.forward(ids)
+        super::fused::embedding(self.tok_embeddings.embeddings(), ids)
     }
 
     /// Hidden states after the final norm: (B, T, C) → (B, T, C). With a cache, `h` holds only

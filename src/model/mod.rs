@@ -2,6 +2,8 @@
 //! the splice of projected image features into placeholder positions, the masked loss, and strict
 //! weight loading under upstream's parameter names (safetensors or upstream `*.pth`).
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod fused;
 pub mod llm;
 pub mod vlm;
