@@ -7,6 +7,7 @@
 # check's output), $OUT/logs.tar.gz (stderr and memory samples).
 #   BIN=target/minimind-v-cuda OUT=gpu-results bash scripts/gpu-check.sh
 #   QUICK=1 (fewer steps) REF=<copy of shared/reference/tiny_llm> (PyTorch model check)
+#   E2E_BATCH=128 E2E_STEPS=150 E2E_PRECISION=f32 E2E_IMAGES=3000 (the real trainer's run)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/minimind-v-cuda}
@@ -56,6 +57,7 @@ if [ -n "${REF:-}" ]; then
 fi
 check torch-b256-masked 90 python3 bench/torch_baseline.py --batch-size 256 --steps "$STEPS" --masked-logits
 check ingest 90 "$BIN" bench ingest --device "$DEV" --clip random:0 --images 4000 --clip-images 4096 --clip-batch 256
+check ingest-tf32 90 "$BIN" bench ingest --device "$DEV" --clip random:0 --images 4000 --clip-images 4096 --clip-batch 256 --tf32
 # The real trainer end to end (shards → loader → steps), alone and as a world of one through
 # the data-parallel path (NCCL in an nccl build): the same shards, the same steps.
 cd "$WORK"
@@ -82,6 +84,7 @@ steps = ${E2E_STEPS:-150}
 batch_size = ${E2E_BATCH:-128}
 lr = 4e-4
 checkpoint_every = 1000
+precision = "${E2E_PRECISION:-f32}"
 EOF
 done
 check train-solo 90 "$BIN" train solo.toml --device "$DEV"
