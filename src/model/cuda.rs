@@ -68,6 +68,51 @@ fn contiguous<'a, T: CudaDType + DeviceRepr>(
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
+/// `cpu_fwd` of an op with n arguments, all CUDA-only here: an error (the CPU runs `fused`'s
+/// portable forms instead).
+macro_rules! cuda_only {
+    (1) => {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            no_cpu()
+        }
+    };
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            no_cpu()
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            no_cpu()
+        }
+    };
+}
+
+/// `run::<f32>(args)` or `run::<bf16>(args)` by the storage dtype (others are refused by
+/// [`kernel`]).
+macro_rules! by_dtype {
+    ($dtype:expr, $run:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => $run::<f32>($($arg),*),
+            _ => $run::<bf16>($($arg),*),
+        }
+    };
+}
+
 fn no_cpu<T>() -> Result<T> {
     candle_core::bail!("a minimind CUDA kernel was called on a CPU tensor")
 }
@@ -87,9 +132,7 @@ impl CustomOp1 for CausalSoftmax {
     fn name(&self) -> &'static str {
         "minimind-causal-softmax"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu()
-    }
+    cuda_only!(1);
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         fn run<T: CudaDType + DeviceRepr>(
             op: &CausalSoftmax,
@@ -115,10 +158,7 @@ impl CustomOp1 for CausalSoftmax {
             launch(b, rows)?;
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         }
-        let out = match s.dtype() {
-            DType::F32 => run::<f32>(self, s, l)?,
-            _ => run::<bf16>(self, s, l)?,
-        };
+        let out = by_dtype!(s.dtype(), run(self, s, l))?;
         Ok((out, l.shape().clone()))
     }
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -137,15 +177,7 @@ impl CustomOp2 for SoftmaxBwd {
     fn name(&self) -> &'static str {
         "minimind-softmax-bwd"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu()
-    }
+    cuda_only!(2);
     fn cuda_fwd(
         &self,
         ys: &CudaStorage,
@@ -180,10 +212,7 @@ impl CustomOp2 for SoftmaxBwd {
             Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
         }
         same_dtype(ys, gs)?;
-        let out = match ys.dtype() {
-            DType::F32 => run::<f32>(self.scale, (ys, yl), (gs, gl))?,
-            _ => run::<bf16>(self.scale, (ys, yl), (gs, gl))?,
-        };
+        let out = by_dtype!(ys.dtype(), run(self.scale, (ys, yl), (gs, gl)))?;
         Ok((out, yl.shape().clone()))
     }
 }
@@ -202,15 +231,7 @@ impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "minimind-rms-norm"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu()
-    }
+    cuda_only!(2);
     fn cuda_fwd(
         &self,
         xs: &CudaStorage,
@@ -237,10 +258,7 @@ impl CustomOp2 for RmsNorm {
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         }
         same_dtype(xs, ws)?;
-        let out = match xs.dtype() {
-            DType::F32 => run::<f32>(self.eps, (xs, xl), (ws, wl))?,
-            _ => run::<bf16>(self.eps, (xs, xl), (ws, wl))?,
-        };
+        let out = by_dtype!(xs.dtype(), run(self.eps, (xs, xl), (ws, wl)))?;
         Ok((out, xl.shape().clone()))
     }
     fn bwd(
@@ -275,17 +293,7 @@ impl CustomOp3 for RmsNormBwd {
     fn name(&self) -> &'static str {
         "minimind-rms-norm-bwd"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu()
-    }
+    cuda_only!(3);
     fn cuda_fwd(
         &self,
         xs: &CudaStorage,
@@ -321,10 +329,7 @@ impl CustomOp3 for RmsNormBwd {
         }
         same_dtype(xs, ws)?;
         same_dtype(xs, gs)?;
-        let out = match xs.dtype() {
-            DType::F32 => run::<f32>(self, (xs, xl), (ws, wl), (gs, gl))?,
-            _ => run::<bf16>(self, (xs, xl), (ws, wl), (gs, gl))?,
-        };
+        let out = by_dtype!(xs.dtype(), run(self, (xs, xl), (ws, wl), (gs, gl)))?;
         Ok((out, xl.shape().clone()))
     }
 }
@@ -369,15 +374,7 @@ impl CustomOp2 for Swiglu {
     fn name(&self) -> &'static str {
         "minimind-swiglu"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu()
-    }
+    cuda_only!(2);
     fn cuda_fwd(
         &self,
         as_: &CudaStorage,
@@ -400,10 +397,7 @@ impl CustomOp2 for Swiglu {
         if al.shape() != bl.shape() {
             candle_core::bail!("swiglu: shapes {:?} and {:?}", al.shape(), bl.shape())
         }
-        let out = match as_.dtype() {
-            DType::F32 => run::<f32>((as_, al), (bs, bl))?,
-            _ => run::<bf16>((as_, al), (bs, bl))?,
-        };
+        let out = by_dtype!(as_.dtype(), run((as_, al), (bs, bl)))?;
         Ok((out, al.shape().clone()))
     }
     fn bwd(
@@ -426,17 +420,7 @@ impl CustomOp3 for SwigluBwd {
     fn name(&self) -> &'static str {
         "minimind-swiglu-bwd"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu()
-    }
+    cuda_only!(3);
     fn cuda_fwd(
         &self,
         as_: &CudaStorage,
@@ -461,10 +445,7 @@ impl CustomOp3 for SwigluBwd {
         }
         same_dtype(as_, bs)?;
         same_dtype(as_, gs)?;
-        let out = match as_.dtype() {
-            DType::F32 => run::<f32>((as_, al), (bs, bl), (gs, gl))?,
-            _ => run::<bf16>((as_, al), (bs, bl), (gs, gl))?,
-        };
+        let out = by_dtype!(as_.dtype(), run((as_, al), (bs, bl), (gs, gl)))?;
         let mut dims = vec![2];
         dims.extend_from_slice(al.shape().dims());
         Ok((out, Shape::from(dims)))
@@ -478,9 +459,7 @@ impl CustomOp1 for Emit {
     fn name(&self) -> &'static str {
         "minimind-emit"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu()
-    }
+    cuda_only!(1);
     fn cuda_fwd(&self, _: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let s = self.0.lock().expect("emit lock").take();
         let s = s.ok_or_else(|| candle_core::Error::Msg("emit: nothing to hand over".into()))?;
