@@ -1,0 +1,212 @@
+//! `bench parity`: does a device compute what the CPU computes? CLIP features, each of the
+//! model's operations in the device's form (this crate's CUDA kernels on a GPU) against its
+//! portable form, the loss curve of the same f32 training steps, and bf16 against f32 on the
+//! device. Reads nothing, writes a table; the GPU session's first check (docs/GPU.md).
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::{synth_jpegs, synthetic_batches, train_steps};
+use crate::error::Result;
+use crate::ingest::clip::{ClipSource, ClipTower};
+use crate::ingest::preprocess::load_resized;
+
+/// `bench parity`: does `device` compute what the CPU computes? CLIP features of the same
+/// images, and the loss curve of the same training steps (f32); then bf16 against f32 on
+/// `device`. Fails when a tolerance is exceeded.
+pub struct ParityCheck {
+    pub model: crate::model::ModelConfig,
+    pub clip: ClipSource,
+    pub images: usize,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub bf16_steps: usize,
+}
+
+pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
+    use crate::train::Precision;
+    let mut out =
+        String::from("| check | measure | value | tolerance | ok |\n|---|---|---|---|---|\n");
+    let mut all_ok = true;
+    let mut row = |out: &mut String, check: &str, measure: &str, v: f64, tol: f64| {
+        let ok = v <= tol;
+        all_ok &= ok;
+        out.push_str(&format!(
+            "| {check} | {measure} | {v:.3e} | {tol:.0e} | {} |\n",
+            if ok { "yes" } else { "NO" }
+        ));
+    };
+
+    let jpegs = synth_jpegs(p.images);
+    let features = |dev: &Device| -> Result<Vec<f32>> {
+        let tower = ClipTower::load(&p.clip, dev)?;
+        let px: Vec<Vec<u8>> = jpegs
+            .iter()
+            .map(|b| load_resized(b, tower.image_size as u32).expect("synthetic JPEG"))
+            .collect();
+        let refs: Vec<&[u8]> = px.iter().map(|v| v.as_slice()).collect();
+        Ok(tower.features_u8(&refs)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let (a, b) = (features(device)?, features(&Device::Cpu)?);
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64;
+    row(
+        &mut out,
+        &format!("CLIP {} features, {} images", p.clip, p.images),
+        "max abs diff / max abs (cpu)",
+        diff / scale,
+        1e-3,
+    );
+
+    for (what, dtype, tol) in [("f32", DType::F32, 1e-4), ("bf16", DType::BF16, 2e-2)] {
+        for (op, rel) in kernel_checks(device, dtype)? {
+            row(
+                &mut out,
+                &format!("{op}, {what}: the device's form vs the portable one"),
+                "max abs diff / max abs, value and gradients",
+                rel,
+                tol,
+            );
+        }
+    }
+
+    let cfg = &p.model;
+    let batches = synthetic_batches(cfg, p.batch_size, 94, p.steps, 11);
+    let (dev_losses, _, _) = train_steps(cfg, &batches, None, Precision::F32, device)?;
+    let (cpu_losses, _, _) = train_steps(cfg, &batches, None, Precision::F32, &Device::Cpu)?;
+    let rel = dev_losses
+        .iter()
+        .zip(&cpu_losses)
+        .fold(0f64, |m, (x, y)| m.max(((x - y) / y).abs() as f64));
+    row(
+        &mut out,
+        &format!("{} f32 steps, dim {} × {}", p.steps, cfg.dim, cfg.n_layers),
+        "max step abs loss diff / loss",
+        rel,
+        1e-3,
+    );
+
+    if p.bf16_steps > 0 {
+        let batches = synthetic_batches(cfg, p.batch_size, 94, p.bf16_steps, 12);
+        let (f32_losses, _, _) = train_steps(cfg, &batches, None, Precision::F32, device)?;
+        let (bf16_losses, _, _) = train_steps(cfg, &batches, None, Precision::Bf16, device)?;
+        // Compare the curves smoothed over 10 steps: single bf16 steps are noisier.
+        let smooth = |v: &[f32]| -> Vec<f64> {
+            v.windows(10)
+                .map(|w| w.iter().map(|&x| x as f64).sum::<f64>() / 10.0)
+                .collect()
+        };
+        let rel = smooth(&bf16_losses)
+            .iter()
+            .zip(smooth(&f32_losses))
+            .fold(0f64, |m, (x, y)| m.max(((x - y) / y).abs()));
+        row(
+            &mut out,
+            &format!("bf16 vs f32 on this device, {} steps", p.bf16_steps),
+            "max abs diff of 10-step mean loss / loss",
+            rel,
+            2e-2,
+        );
+        out.push_str(&format!(
+            "\nfinal loss (10-step mean): f32 {:.4}, bf16 {:.4}\n",
+            smooth(&f32_losses).last().copied().unwrap_or(f64::NAN),
+            smooth(&bf16_losses).last().copied().unwrap_or(f64::NAN)
+        ));
+    }
+    Ok((out, all_ok))
+}
+
+/// The model's operations as `device` runs them (this crate's CUDA kernels on a GPU) against
+/// their portable forms on the same device, computed in f32 from the same `dtype`-rounded
+/// inputs: the largest difference of the value and of each input's gradient, relative to the
+/// largest magnitude of the portable one. Causal attention softmax with keys before the first
+/// query (a KV cache), RMSNorm, SwiGLU's gate, and the embedding lookup.
+fn kernel_checks(device: &Device, dtype: DType) -> Result<Vec<(&'static str, f64)>> {
+    use crate::model::fused;
+    type Op<'a> = Box<dyn Fn(&[&Tensor]) -> candle_core::Result<Tensor> + 'a>;
+    // Value and gradients of sum(f(x) ⊙ r) for a fixed uneven weighting r.
+    let run = |f: &Op, inputs: &[Tensor]| -> Result<Vec<Vec<f32>>> {
+        let vars = inputs
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let xs: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let y = f(&xs)?.to_dtype(DType::F32)?;
+        let n = y.elem_count();
+        let r: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.4)
+            .collect();
+        let grads = (&y * Tensor::from_vec(r, y.shape(), device)?)?
+            .sum_all()?
+            .backward()?;
+        let mut out = vec![y.flatten_all()?.to_vec1::<f32>()?];
+        for x in xs {
+            let g = grads.get(x).ok_or_else(|| {
+                crate::error::Error::Config("kernel check: no gradient reached an input".into())
+            })?;
+            out.push(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    };
+    let compare = |fast: Op, portable: Op, shapes: &[&[usize]]| -> Result<f64> {
+        let inputs = shapes
+            .iter()
+            .map(|s| Tensor::randn(0f32, 1f32, *s, device)?.to_dtype(dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let wide = inputs
+            .iter()
+            .map(|t| t.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let (a, b) = (run(&fast, &inputs)?, run(&portable, &wide)?);
+        Ok(a.iter().zip(&b).fold(0f64, |m, (a, b)| {
+            let scale = b.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            m.max((diff / scale) as f64)
+        }))
+    };
+    // 5 queries over 8 keys: 3 cached keys before the first query.
+    let mask = crate::model::llm::causal_mask(5, 8, device)?;
+    let ids = Tensor::new(
+        &[[3u32, 0, 7, 3, 49, 3, 0], [12, 12, 12, 1, 2, 3, 4]],
+        device,
+    )?;
+    Ok(vec![
+        (
+            "causal softmax 2×3×5×8",
+            compare(
+                Box::new(|x| fused::attention_probs(x[0], 2.5, Some(&mask), DType::F32)),
+                Box::new(|x| fused::attention_probs_portable(x[0], 2.5, Some(&mask), DType::F32)),
+                &[&[2, 3, 5, 8]],
+            )?,
+        ),
+        (
+            "RMSNorm 2×5×64",
+            compare(
+                Box::new(|x| fused::rms_norm(x[0], x[1], 1e-5)),
+                Box::new(|x| fused::rms_norm_portable(x[0], x[1], 1e-5)),
+                &[&[2, 5, 64], &[64]],
+            )?,
+        ),
+        (
+            "SwiGLU 3×40",
+            compare(
+                Box::new(|x| fused::swiglu(x[0], x[1])),
+                Box::new(|x| fused::swiglu_portable(x[0], x[1])),
+                &[&[3, 40], &[3, 40]],
+            )?,
+        ),
+        (
+            "embedding 50×16, 2×7 ids",
+            compare(
+                Box::new(|x| fused::embedding(x[0], &ids)),
+                Box::new(|x| {
+                    x[0].index_select(&ids.flatten_all()?, 0)?
+                        .reshape((2, 7, 16))
+                }),
+                &[&[50, 16]],
+            )?,
+        ),
+    ])
+}
