@@ -131,6 +131,31 @@ fn features_match_hf_last_hidden_state_before_post_layernorm() {
 }
 
 #[test]
+fn f16_feature_bytes_are_the_host_rounding_of_the_f32_features() {
+    // What ingest writes: rounded on the tower's device; must equal the host's f32 → f16.
+    let tower = ClipTower::load(
+        &ClipSource::Dir(common::reference().join("clip_small")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let imgs: Vec<Vec<u8>> = (0..3u8)
+        .map(|k| {
+            (0..224 * 224 * 3)
+                .map(|i| ((i * 31 + k as usize * 97) % 256) as u8)
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[u8]> = imgs.iter().map(|v| v.as_slice()).collect();
+    let got = tower.features_f16_bytes(&refs).unwrap();
+    let f32s = f32s(&tower.features_u8(&refs).unwrap());
+    let per = tower.tokens * tower.hidden;
+    assert_eq!(got.len(), 3);
+    for (g, chunk) in got.iter().zip(f32s.chunks_exact(per)) {
+        assert_eq!(g, &minimind_v::shards::f32_to_f16_bytes(chunk));
+    }
+}
+
+#[test]
 fn missing_clip_directory_says_where_to_put_it() {
     let err = ClipTower::load(&ClipSource::Dir("/nonexistent/clip".into()), &Device::Cpu)
         .err()

@@ -244,6 +244,28 @@ impl ClipTower {
         let px = pixel_values(images, self.image_size, &self.norm, &self.device)?;
         self.features(&px)
     }
+
+    /// Resized HWC u8 images → each image's features as the shards store them: little-endian
+    /// f16 bytes. Rounded to f16 on the tower's device (round to nearest even, as
+    /// `shards::f32_to_f16_bytes`), so a GPU sends half the bytes back and the host converts none.
+    pub fn features_f16_bytes(&self, images: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
+        let halves = self
+            .features_u8(images)?
+            .to_dtype(DType::F16)?
+            .flatten_all()?
+            .to_vec1::<half::f16>()?;
+        let per = self.tokens * self.hidden;
+        Ok(halves
+            .chunks_exact(per)
+            .map(|c| {
+                if cfg!(target_endian = "little") {
+                    bytemuck::cast_slice::<half::f16, u8>(c).to_vec()
+                } else {
+                    c.iter().flat_map(|v| v.to_le_bytes()).collect()
+                }
+            })
+            .collect())
+    }
 }
 
 type Loaded<'a> = (HfVisionConfig, Normalization, VarBuilder<'a>, String);

@@ -382,13 +382,11 @@ fn featurize(tower: &ClipTower, chunk: Prepared) -> Result<Featured> {
         .flat_map(|r| r.iter().flatten())
         .map(|v| v.as_slice())
         .collect();
-    let mut per_image = Vec::with_capacity(flat.len());
-    if !flat.is_empty() {
-        let feats = tower.features_u8(&flat)?; // (N, tokens, hidden)
-        let data = feats.flatten_all()?.to_vec1::<f32>()?;
-        let per = tower.tokens * tower.hidden;
-        per_image.extend(data.chunks_exact(per).map(sh::f32_to_f16_bytes));
-    }
+    let per_image = if flat.is_empty() {
+        Vec::new()
+    } else {
+        tower.features_f16_bytes(&flat)?
+    };
     let mut it = per_image.into_iter();
     let features = chunk
         .images
