@@ -5,6 +5,8 @@
 # PyTorch baseline on the same GPU. One device run.
 #   BIN=target/minimind-v-cuda OUT=gpu-results bash scripts/gpu-profile.sh
 #   ARGS="--batch-size 256 --precision bf16" STEPS=2 EXTRA=0 (the profile only)
+#   PROFILE_CMD="bench ingest --device cuda --clip random:0 --clip-images 512" STEPS=1: any
+#   subcommand's kernels (STEPS then only divides the totals)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/minimind-v-cuda}
@@ -22,7 +24,7 @@ t0=$SECONDS
 timeout "${PROFILE_LIMIT:-180}" "$NCU" --clock-control none --cache-control none \
     --metrics gpu__time_duration.sum --csv --page raw --print-units base \
     --log-file "$OUT/ncu.csv" \
-    "$BIN" bench train --device cuda --padding dynamic --steps "$STEPS" $ARGS \
+    "$BIN" ${PROFILE_CMD:-bench train --device cuda --padding dynamic --steps $STEPS $ARGS} \
     > "$OUT/ncu-run.md" 2> "$OUT/ncu-run.err"
 echo "ncu exit $?, $((SECONDS - t0)) s" | tee -a "$OUT/profile.md"
 # The warm-up step and the timed steps: STEPS + 1 steps in the trace.
