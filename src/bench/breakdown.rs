@@ -34,7 +34,8 @@ fn time_ms(device: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> R
     Ok(t.elapsed().as_secs_f64() * 1e3 / reps as f64)
 }
 
-/// Forward + backward of `op` on a fresh variable of `shape` (random normal), in `dtype`.
+/// Forward + backward of `op` on a fresh variable of `shape` (random normal), in `dtype`. The
+/// backward starts from sum(y): one reduction and one broadcast pass beside the op's own.
 fn fwd_bwd(
     device: &Device,
     shape: &[usize],
@@ -44,8 +45,7 @@ fn fwd_bwd(
     let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, shape, device)?.to_dtype(dtype)?)?;
     time_ms(device, 5, || {
         let y = op(x.as_tensor())?;
-        let loss = y.to_dtype(DType::F32)?.sqr()?.mean_all()?;
-        let grads = loss.backward()?;
+        let grads = y.sum_all()?.backward()?;
         std::hint::black_box(grads.get(x.as_tensor()));
         Ok(())
     })
@@ -208,25 +208,37 @@ pub fn run(b: &Breakdown, device: &Device) -> Result<String> {
                 .broadcast_mul(&norm_w)
         })?,
     );
+    use crate::model::fused;
     row(
         &mut out,
-        "RMSNorm, fused kernel + written-out backward",
+        "RMSNorm, the model's form (CUDA kernels on a GPU)",
         format!("{bs}×{t}×{c}"),
         fwd_bwd(device, &[bs, t, c], dt, |x| {
-            crate::model::fused::rms_norm(x, &norm_w, 1e-5)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            fused::rms_norm(x, &norm_w, 1e-5)
+        })?,
+    );
+    let mask = crate::model::llm::causal_mask(t, t, device)?;
+    let sqrt_hd = (hd as f64).sqrt();
+    row(
+        &mut out,
+        "causal softmax, the model's form",
+        format!("{bs}×{h}×{t}×{t}"),
+        fwd_bwd(device, &[bs, h, t, t], dt, |x| {
+            fused::attention_probs(x, sqrt_hd, Some(&mask), dt)
         })?,
     );
     row(
         &mut out,
-        "softmax, fused kernel + written-out backward (f32)",
-        format!("{bs}×{h}×{t}×{t}"),
-        fwd_bwd(
-            device,
-            &[bs, h, t, t],
-            DType::F32,
-            crate::model::fused::softmax_last_dim,
-        )?,
+        "SwiGLU gate silu(a)·b, the model's form (a = b here)",
+        format!("{n}×{}", cfg.ffn_hidden()),
+        fwd_bwd(device, &[n, cfg.ffn_hidden()], dt, |x| fused::swiglu(x, x))?,
+    );
+    let ids2 = ids.reshape((bs, t))?;
+    row(
+        &mut out,
+        "embedding, the model's form (one-hot backward on a GPU)",
+        format!("{v}×{c} table, {n} ids"),
+        fwd_bwd(device, &[v, c], dt, |w| fused::embedding(w, &ids2))?,
     );
     let neg = cos.neg()?;
     row(
@@ -240,9 +252,9 @@ pub fn run(b: &Breakdown, device: &Device) -> Result<String> {
     let w1 = Tensor::randn(0f32, 0.02, (cfg.ffn_hidden(), c), device)?.to_dtype(dt)?;
     row(
         &mut out,
-        "linear dim→ffn (x·Wᵀ)",
+        "linear dim→ffn (x·Wᵀ, as candle's Linear: one 2-D product)",
         format!("{n}×{c} · {c}×{}", cfg.ffn_hidden()),
-        fwd_bwd(device, &[bs, t, c], dt, |x| x.broadcast_matmul(&w1.t()?))?,
+        fwd_bwd(device, &[n, c], dt, |x| x.matmul(&w1.t()?))?,
     );
     row(
         &mut out,
