@@ -91,17 +91,17 @@ fn breakdown_times_every_phase_and_operation_of_a_step() {
             .unwrap_or_else(|| panic!("no {phase} row in\n{text}"));
         assert!(numbers(row).first().is_some_and(|&ms| ms >= 0.0), "{row}");
     }
-    // Every operation row has a time; the fused forms are there beside the elementary ones.
+    // Every operation row has a time; the model's forms are there beside the elementary ones.
     let ops: Vec<&str> = text
         .lines()
         .skip_while(|l| !l.starts_with("| operation"))
         .skip(2)
         .collect();
-    assert!(ops.len() >= 14, "{text}");
+    assert!(ops.len() >= 16, "{text}");
     assert!(ops
         .iter()
         .all(|r| numbers(r).last().is_some_and(|&v| v > 0.0)));
-    assert_eq!(ops.iter().filter(|r| r.contains("fused")).count(), 3);
+    assert_eq!(ops.iter().filter(|r| r.contains("the model's form")).count(), 4);
 }
 
 #[test]
