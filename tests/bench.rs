@@ -32,13 +32,14 @@ fn parity_on_cpu_is_exact_and_bf16_within_tolerance() {
     common::assert_ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     let rows: Vec<&str> = text.lines().filter(|l| l.ends_with("| yes |")).collect();
-    // CLIP, 4 kernel checks × (f32, bf16), the f32 curve, bf16 vs f32.
-    assert_eq!(rows.len(), 11, "{text}");
+    // CLIP, 5 kernel checks × (f32, bf16), the f32 curve, bf16 vs f32.
+    assert_eq!(rows.len(), 13, "{text}");
     let row = |what: &str| *rows.iter().find(|r| r.contains(what)).expect(what);
     for exact in [
         "CLIP",
         "f32 steps",
         "causal softmax 2×3×5×8, f32",
+        "causal softmax 2×3×(2·5)×8, grouped heads, f32",
         "RMSNorm 2×5×64, f32",
         "SwiGLU 3×40, f32",
         "embedding 50×16, 2×7 ids, f32",
@@ -101,7 +102,12 @@ fn breakdown_times_every_phase_and_operation_of_a_step() {
     assert!(ops
         .iter()
         .all(|r| numbers(r).last().is_some_and(|&v| v > 0.0)));
-    assert_eq!(ops.iter().filter(|r| r.contains("the model's form")).count(), 4);
+    assert_eq!(
+        ops.iter()
+            .filter(|r| r.contains("the model's form"))
+            .count(),
+        4
+    );
 }
 
 #[test]

@@ -224,7 +224,7 @@ pub fn run(b: &Breakdown, device: &Device) -> Result<String> {
         "causal softmax, the model's form",
         format!("{bs}×{h}×{t}×{t}"),
         fwd_bwd(device, &[bs, h, t, t], dt, |x| {
-            fused::attention_probs(x, sqrt_hd, Some(&mask), dt)
+            fused::attention_probs(x, t, sqrt_hd, Some(&mask), dt)
         })?,
     );
     row(

@@ -176,9 +176,21 @@ fn kernel_checks(device: &Device, dtype: DType) -> Result<Vec<(&'static str, f64
         (
             "causal softmax 2×3×5×8",
             compare(
-                Box::new(|x| fused::attention_probs(x[0], 2.5, Some(&mask), DType::F32)),
-                Box::new(|x| fused::attention_probs_portable(x[0], 2.5, Some(&mask), DType::F32)),
+                Box::new(|x| fused::attention_probs(x[0], 5, 2.5, Some(&mask), DType::F32)),
+                Box::new(|x| {
+                    fused::attention_probs_portable(x[0], 5, 2.5, Some(&mask), DType::F32)
+                }),
                 &[&[2, 3, 5, 8]],
+            )?,
+        ),
+        (
+            "causal softmax 2×3×(2·5)×8, grouped heads",
+            compare(
+                Box::new(|x| fused::attention_probs(x[0], 5, 2.5, Some(&mask), DType::F32)),
+                Box::new(|x| {
+                    fused::attention_probs_portable(x[0], 5, 2.5, Some(&mask), DType::F32)
+                }),
+                &[&[2, 3, 10, 8]],
             )?,
         ),
         (

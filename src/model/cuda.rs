@@ -117,14 +117,18 @@ fn no_cpu<T>() -> Result<T> {
     candle_core::bail!("a minimind CUDA kernel was called on a CPU tensor")
 }
 
-/// `(B, H, T, S)` scores → causal softmax of `scale · scores` (query i sees keys ≤ i + S − T).
-pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+/// `(B, G, R·T, S)` scores → causal softmax of `scale · scores`: row r is query i = r mod T,
+/// which sees keys ≤ i + S − T.
+pub fn causal_softmax(scores: &Tensor, t: usize, scale: f64) -> Result<Tensor> {
     scores.contiguous()?.apply_op1(CausalSoftmax {
+        t,
         scale: scale as f32,
     })
 }
 
 struct CausalSoftmax {
+    /// Queries per block of rows.
+    t: usize,
     scale: f32,
 }
 
@@ -139,7 +143,11 @@ impl CustomOp1 for CausalSoftmax {
             s: &CudaStorage,
             l: &Layout,
         ) -> Result<CudaStorage> {
-            let (_, _, t, k) = l.shape().dims4()?;
+            let (_, _, rt, k) = l.shape().dims4()?;
+            let t = op.t;
+            if t == 0 || rt % t != 0 || t > k {
+                candle_core::bail!("causal_softmax: {rt} rows per head, {t} queries, {k} keys")
+            }
             let rows = l.shape().elem_count() / k;
             let dev = s.device();
             let func = kernel(dev, "causal_softmax", s.dtype())?;

@@ -160,33 +160,41 @@ pub fn swiglu_portable(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     candle_nn::ops::silu(a)? * b
 }
 
-/// Attention probabilities of (B, H, T, S) `scores` = q·kᵀ: softmax of `scores / sqrt_hd` where
-/// `mask` (the causal mask of T queries over S keys, or none when T = 1) allows, in f32, as
-/// `out` dtype. On CUDA one kernel each way (`model::cuda::causal_softmax`), which derives the
+/// Attention probabilities of (B, G, R·T, S) `scores` = q·kᵀ — G heads (or KV groups) of R
+/// blocks of the same T queries (R = 1: one head each) over S keys: softmax of `scores / sqrt_hd`
+/// where `mask` (the causal mask of T queries over S keys, or none when T = 1) allows, in f32,
+/// as `out` dtype. On CUDA one kernel each way (`model::cuda::causal_softmax`), which derives the
 /// causal mask itself; elsewhere [`attention_probs_portable`].
 pub fn attention_probs(
     scores: &Tensor,
+    t: usize,
     sqrt_hd: f64,
     mask: Option<&Tensor>,
     out: DType,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if on_cuda(scores) {
-        return super::cuda::causal_softmax(scores, 1.0 / sqrt_hd)?.to_dtype(out);
+        return super::cuda::causal_softmax(scores, t, 1.0 / sqrt_hd)?.to_dtype(out);
     }
-    attention_probs_portable(scores, sqrt_hd, mask, out)
+    attention_probs_portable(scores, t, sqrt_hd, mask, out)
 }
 
 /// [`attention_probs`] from candle's ops and [`softmax_last_dim`], on any device.
 pub fn attention_probs_portable(
     scores: &Tensor,
+    t: usize,
     sqrt_hd: f64,
     mask: Option<&Tensor>,
     out: DType,
 ) -> Result<Tensor> {
+    let (b, g, rt, s) = scores.dims4()?;
     let scores = (scores / sqrt_hd)?;
     let scores = match mask {
-        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+        Some(m) if rt == t => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+        Some(m) => scores
+            .reshape((b, g, rt / t, t, s))?
+            .broadcast_add(&m.to_dtype(scores.dtype())?)?
+            .reshape((b, g, rt, s))?,
         None => scores,
     };
     softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(out)

@@ -131,6 +131,32 @@ impl Attention {
             .reshape((b, kv * n_rep, t, hd))
     }
 
+    /// Causal attention of (B, H, T, hd) queries over (B, KV, S, hd) keys and values →
+    /// (B, H, T, hd). `grouped`: each KV head's n_rep query heads as one (n_rep·T)-row matrix
+    /// against that head's keys, so k and v are never copied n_rep times (the CUDA form);
+    /// otherwise upstream's repeat_kv, the CPU's form (the demo's numbers were measured with it).
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        grouped: bool,
+    ) -> Result<Tensor> {
+        let (b, h, t, hd) = q.dims4()?;
+        let sqrt_hd = (self.head_dim as f64).sqrt();
+        let (q, k, v) = if grouped {
+            let kv = self.n_kv_heads;
+            (q.reshape((b, kv, (h / kv) * t, hd))?, k.clone(), v.clone())
+        } else {
+            let k = self.repeat_kv(k.clone())?.contiguous()?;
+            (q.clone(), k, self.repeat_kv(v.clone())?.contiguous()?)
+        };
+        let scores = q.matmul(&k.t()?)?; // (B, G, R·T, S)
+        let probs = super::fused::attention_probs(&scores, t, sqrt_hd, mask, v.dtype())?;
+        probs.matmul(&v)?.reshape((b, h, t, hd))
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -165,12 +191,7 @@ impl Attention {
             }
             *cache = Some((k.clone(), v.clone()));
         }
-        let k = self.repeat_kv(k)?.contiguous()?;
-        let v = self.repeat_kv(v)?.contiguous()?;
-        let scores = q.matmul(&k.t()?)?; // (B, H, T, S)
-        let sqrt_hd = (self.head_dim as f64).sqrt();
-        let probs = super::fused::attention_probs(&scores, sqrt_hd, mask, v.dtype())?;
-        let out = probs.matmul(&v)?; // (B, H, T, hd)
+        let out = self.attend(&q, &k, &v, mask, super::fused::on_cuda(&q))?; // (B, H, T, hd)
         out.transpose(1, 2)?
             .reshape((b, t, self.n_heads * self.head_dim))?
             .apply(&self.wo)
@@ -300,5 +321,60 @@ impl MiniMind {
     /// (…, C) → (…, V).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         hidden.apply(&self.output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+    use candle_nn::VarMap;
+
+    #[test]
+    fn grouped_attention_equals_repeat_kv_in_value_and_gradients() {
+        // The CUDA form (query heads grouped per KV head) against the CPU's (repeat_kv), with
+        // keys before the first query as under a KV cache: 3 queries over 7 keys.
+        let cfg = ModelConfig::tiny(); // 4 heads over 2 KV heads
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let att = Attention::new(vb, &cfg).unwrap();
+        let hd = cfg.head_dim();
+        let var = |shape: (usize, usize, usize, usize)| {
+            Var::from_tensor(&Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()).unwrap()
+        };
+        let (q, k, v) = (var((2, 4, 3, hd)), var((2, 2, 7, hd)), var((2, 2, 7, hd)));
+        let mask = causal_mask(3, 7, &Device::Cpu).unwrap();
+        let run = |grouped: bool| -> Vec<Vec<f32>> {
+            let out = att
+                .attend(
+                    q.as_tensor(),
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    Some(&mask),
+                    grouped,
+                )
+                .unwrap();
+            let weight: Vec<f32> = (0..out.elem_count())
+                .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.4)
+                .collect();
+            let weight = Tensor::from_vec(weight, out.shape(), &Device::Cpu).unwrap();
+            let grads = (&out * &weight)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut all = vec![flat(&out)];
+            for x in [&q, &k, &v] {
+                all.push(flat(grads.get(x.as_tensor()).unwrap()));
+            }
+            all
+        };
+        let (a, b) = (run(true), run(false));
+        for (name, (x, y)) in ["out", "dq", "dk", "dv"].iter().zip(a.iter().zip(&b)) {
+            let diff = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(diff < 1e-5, "{name}: grouped and repeated differ by {diff}");
+        }
     }
 }
