@@ -6,6 +6,11 @@
 //! training step (docs/gpu-runs). Here the forward runs the fused kernel on a detached input, and
 //! its result enters the graph as the output of a small custom op on the real input whose
 //! backward is written out: one extra copy instead of the chain.
+//!
+//! The model calls the operations here, never candle's directly: `rms_norm`, `attention_probs`,
+//! `swiglu` and `embedding` pick this crate's own CUDA kernels (`model::cuda`, one pass each way)
+//! for tensors on a CUDA device and the portable `*_portable` forms elsewhere, so CPU results
+//! are those the reference tests and the demo were measured with.
 
 use std::sync::Mutex;
 
