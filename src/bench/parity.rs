@@ -126,29 +126,14 @@ pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
 fn kernel_checks(device: &Device, dtype: DType) -> Result<Vec<(&'static str, f64)>> {
     use crate::model::fused;
     type Op<'a> = Box<dyn Fn(&[&Tensor]) -> candle_core::Result<Tensor> + 'a>;
-    // Value and gradients of sum(f(x) ⊙ r) for a fixed uneven weighting r.
+    // fused::weighted_value_and_grads of fresh variables holding `inputs`.
     let run = |f: &Op, inputs: &[Tensor]| -> Result<Vec<Vec<f32>>> {
         let vars = inputs
             .iter()
             .map(Var::from_tensor)
             .collect::<candle_core::Result<Vec<_>>>()?;
         let xs: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-        let y = f(&xs)?.to_dtype(DType::F32)?;
-        let n = y.elem_count();
-        let r: Vec<f32> = (0..n)
-            .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.4)
-            .collect();
-        let grads = (&y * Tensor::from_vec(r, y.shape(), device)?)?
-            .sum_all()?
-            .backward()?;
-        let mut out = vec![y.flatten_all()?.to_vec1::<f32>()?];
-        for x in xs {
-            let g = grads.get(x).ok_or_else(|| {
-                crate::error::Error::Config("kernel check: no gradient reached an input".into())
-            })?;
-            out.push(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-        }
-        Ok(out)
+        Ok(fused::weighted_value_and_grads(&xs, f)?)
     };
     let compare = |fast: Op, portable: Op, shapes: &[&[usize]]| -> Result<f64> {
         let inputs = shapes

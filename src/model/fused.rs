@@ -278,17 +278,21 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 /// of `g` at a time to bound the one-hot matrix.
 pub fn scatter_rows_onehot(ids: &Tensor, g: &Tensor, v: usize, chunk: usize) -> Result<Tensor> {
     let classes = Tensor::arange(0u32, v as u32, g.device())?.unsqueeze(1)?; // (V, 1)
-    let n = ids.dim(0)?;
-    let mut sum = Tensor::zeros((v, g.dim(1)?), g.dtype(), g.device())?;
-    for start in (0..n).step_by(chunk.max(1)) {
-        let len = chunk.max(1).min(n - start);
+    let (n, chunk) = (ids.dim(0)?, chunk.max(1));
+    let mut sum: Option<Tensor> = None;
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
         let onehot = classes
             .broadcast_eq(&ids.narrow(0, start, len)?.unsqueeze(0)?)?
             .to_dtype(g.dtype())?; // (V, len)
         let part = onehot.matmul(&g.narrow(0, start, len)?.contiguous()?)?;
-        sum = if start == 0 { part } else { (sum + part)? };
+        sum = Some(match sum {
+            None => part,
+            Some(s) => (s + part)?,
+        });
     }
-    Ok(sum)
+    // No ids: a zero table (the only case that needs one filled in).
+    sum.map_or_else(|| Tensor::zeros((v, g.dim(1)?), g.dtype(), g.device()), Ok)
 }
 
 /// Rows `index` of `src` (R, C), no row picked twice. Its backward is a gather as well: candle's
@@ -325,40 +329,44 @@ pub fn select_rows(src: &Tensor, index: &[u32]) -> Result<Tensor> {
     })
 }
 
+/// Value and input gradients of `sum(f(xs) ⊙ r)`, as f32: `[value, d/dxs[0], d/dxs[1], …]`, for a
+/// fixed uneven weighting r (no gradient comes out uniform). How a fused or device form of an
+/// operation is checked against its portable form: the same weighting on both sides (tests,
+/// `bench parity`). `xs` must be tracked (variables).
+pub fn weighted_value_and_grads(
+    xs: &[&Tensor],
+    f: impl Fn(&[&Tensor]) -> Result<Tensor>,
+) -> Result<Vec<Vec<f32>>> {
+    let y = f(xs)?.to_dtype(DType::F32)?;
+    let weight: Vec<f32> = (0..y.elem_count())
+        .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.4)
+        .collect();
+    let weight = Tensor::from_vec(weight, y.shape(), y.device())?;
+    let grads = (&y * &weight)?.sum_all()?.backward()?;
+    let mut out = vec![y.flatten_all()?.to_vec1::<f32>()?];
+    for x in xs {
+        let g = grads
+            .get(x)
+            .ok_or_else(|| candle_core::Error::Msg("no gradient reached an input".into()))?;
+        out.push(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// Value and gradient of `sum(f(x) ⊙ r)` for a fixed random `r`.
+    /// [`weighted_value_and_grads`] of the variables: (value, gradients).
     fn value_and_grads(
         vars: &[&Var],
         f: impl Fn(&[&Tensor]) -> Result<Tensor>,
     ) -> (Vec<f32>, Vec<Vec<f32>>) {
         let xs: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-        let y = f(&xs).unwrap();
-        // A fixed, uneven weighting: the same for both paths being compared.
-        let n = y.elem_count();
-        let weight: Vec<f32> = (0..n)
-            .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.4)
-            .collect();
-        let weight = Tensor::from_vec(weight, y.shape(), &Device::Cpu).unwrap();
-        let loss = (&y * &weight).unwrap().sum_all().unwrap();
-        let grads = loss.backward().unwrap();
-        (
-            y.flatten_all().unwrap().to_vec1().unwrap(),
-            xs.iter()
-                .map(|x| {
-                    grads
-                        .get(x)
-                        .expect("gradient reached the input")
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                })
-                .collect(),
-        )
+        let mut all = weighted_value_and_grads(&xs, f).unwrap();
+        let value = all.remove(0);
+        (value, all)
     }
 
     fn close(a: &[f32], b: &[f32], what: &str) {

@@ -345,31 +345,11 @@ mod tests {
         let (q, k, v) = (var((2, 4, 3, hd)), var((2, 2, 7, hd)), var((2, 2, 7, hd)));
         let mask = causal_mask(3, 7, &Device::Cpu).unwrap();
         let run = |grouped: bool| -> Vec<Vec<f32>> {
-            let out = att
-                .attend(
-                    q.as_tensor(),
-                    k.as_tensor(),
-                    v.as_tensor(),
-                    Some(&mask),
-                    grouped,
-                )
-                .unwrap();
-            let weight: Vec<f32> = (0..out.elem_count())
-                .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.4)
-                .collect();
-            let weight = Tensor::from_vec(weight, out.shape(), &Device::Cpu).unwrap();
-            let grads = (&out * &weight)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let mut all = vec![flat(&out)];
-            for x in [&q, &k, &v] {
-                all.push(flat(grads.get(x.as_tensor()).unwrap()));
-            }
-            all
+            let xs = [q.as_tensor(), k.as_tensor(), v.as_tensor()];
+            super::super::fused::weighted_value_and_grads(&xs, |x| {
+                att.attend(x[0], x[1], x[2], Some(&mask), grouped)
+            })
+            .unwrap()
         };
         let (a, b) = (run(true), run(false));
         for (name, (x, y)) in ["out", "dq", "dk", "dv"].iter().zip(a.iter().zip(&b)) {
