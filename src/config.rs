@@ -46,6 +46,20 @@ pub struct IngestConfig {
     /// Images per CLIP forward pass.
     #[serde(default = "default_clip_batch")]
     pub clip_batch: usize,
+    /// `f32` (upstream's numbers) or `tf32`: on CUDA, CLIP's matrix products with TF32 inputs
+    /// (the tower alone ran 2× faster on an H100); the features then differ from f32 (`bench
+    /// parity` on a GPU says by how much), and the shards say so (`clip_precision = tf32`), which
+    /// also keeps a resumed run from mixing the two. On the CPU both are f32.
+    #[serde(default)]
+    pub clip_precision: ClipPrecision,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClipPrecision {
+    #[default]
+    F32,
+    Tf32,
 }
 
 fn default_tokenizer() -> PathBuf {
@@ -144,6 +158,7 @@ impl IngestConfig {
             max_images: None,
             rows_per_shard: default_rows_per_shard(),
             clip_batch: default_clip_batch(),
+            clip_precision: ClipPrecision::F32,
         }
     }
 }

@@ -24,6 +24,26 @@ pub fn select(spec: &str) -> Result<Device> {
     }
 }
 
+/// Another handle on `device` for work that should overlap with what already runs there: on
+/// CUDA the same GPU with its own stream (tensors are not shared between the two), on the CPU
+/// the CPU.
+pub fn another_stream(device: &Device) -> Result<Device> {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => Ok(Device::new_cuda_with_stream(gpu_id)?),
+        _ => Ok(device.clone()),
+    }
+}
+
+/// How many CLIP streams ingest runs when not told: two on a GPU (one's copies and host work
+/// overlap the other's forward), one on the CPU (the forward already uses every core).
+pub fn default_clip_streams(device: &Device) -> usize {
+    if device.is_cuda() {
+        2
+    } else {
+        1
+    }
+}
+
 fn bad(s: &str) -> crate::Error {
     crate::Error::Config(format!("device {s:?}: expected cpu, cuda, cuda:N or auto"))
 }

@@ -38,6 +38,10 @@ enum Command {
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// CLIP towers running side by side, each on its own CUDA stream (0: 2 on a GPU, 1 on
+        /// the CPU). The shards are the same whatever it is.
+        #[arg(long, default_value_t = 0)]
+        clip_streams: usize,
     },
     /// Offline demo: synthetic dataset → ingest (all three stages) → inspect; no downloads.
     Demo {
@@ -226,6 +230,9 @@ enum BenchWhat {
         clip_batch: usize,
         #[arg(long, default_value_t = 128)]
         clip_images: usize,
+        /// Also time this many CLIP towers side by side (on CUDA: one stream each).
+        #[arg(long, default_value_t = 1)]
+        clip_streams: usize,
         #[arg(long, default_value_t = 1024)]
         shard_rows: usize,
         /// CUDA: CLIP's matrix products in TF32 (features then differ from f32 by ~1e-3).
@@ -310,6 +317,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             workers,
             worker,
             device,
+            clip_streams,
         } => {
             if let Some(c) = clip {
                 overrides.push(format!("ingest.clip={c:?}"));
@@ -323,6 +331,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 worker,
                 progress: true,
                 device: device::select(&device)?,
+                clip_streams,
             };
             eprintln!(
                 "ingest {} ({}) → {}",
@@ -532,6 +541,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     clip,
                     clip_batch,
                     clip_images,
+                    clip_streams,
                     shard_rows,
                     tf32,
                     device,
@@ -543,6 +553,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 clip: clip.parse()?,
                 clip_batch,
                 clip_images,
+                clip_streams,
                 shard_rows,
             };
             print!("{}", bench::ingest(&b, &device::select(&device)?)?);

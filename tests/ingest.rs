@@ -350,6 +350,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     all
 }
 
+/// Also: CLIP streams (here three, from three threads) change nothing in the shards.
 #[test]
 fn workers_write_disjoint_shards_that_add_up_to_one_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -365,7 +366,11 @@ fn workers_write_disjoint_shards_that_add_up_to_one_run() {
         let i: usize = name[6..11].parse().unwrap();
         i % 2 == 1
     }));
-    ingest(&p, &["--workers", "2", "--worker", "0"]);
+    let second = ingest(
+        &p,
+        &["--workers", "2", "--worker", "0", "--clip-streams", "3"],
+    );
+    assert!(String::from_utf8_lossy(&second.stdout).contains("CLIP (3 streams) busy"));
     assert_eq!(
         shard_hashes(&out),
         shard_hashes(&tmp.path().join("cache/whole"))

@@ -24,6 +24,7 @@ fn meta() -> ShardMeta {
         feature_shape: [2, 3],
         placeholder_ids: minimind_v::ingest::chat::placeholder_ids(),
         max_seq_len: 512,
+        clip_precision: "tf32".into(),
     }
 }
 

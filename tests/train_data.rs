@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use candle_core::Device;
 use minimind_v::shards::writer::write_shard;
 use minimind_v::shards::{f32_to_f16_bytes, Sample, ShardMeta, ShardRow, SCHEMA_VERSION};
-use minimind_v::train::data::{collate, DataConfig, Stream};
+use minimind_v::train::data::{check_shards, collate, DataConfig, Stream};
 use minimind_v::train::optim::lr_at;
 
 fn meta() -> ShardMeta {
@@ -22,6 +22,7 @@ fn meta() -> ShardMeta {
         feature_shape: [50, 4],
         placeholder_ids: minimind_v::ingest::chat::placeholder_ids(),
         max_seq_len: 512,
+        clip_precision: "f32".into(),
     }
 }
 
@@ -176,6 +177,43 @@ fn collate_shifts_like_upstream_and_splices_images() {
     let padded = collate(&items, &meta(), Some(512), false, &ph, &Device::Cpu).unwrap();
     assert_eq!(padded.x.dims(), &[items.len(), 512]);
     assert_eq!(padded.tokens, b.tokens);
+}
+
+#[test]
+fn shards_of_another_clip_or_clip_precision_are_refused_naming_both_files() {
+    let (tmp, _) = shard_dir();
+    assert_eq!(check_shards(&files(tmp.path()), 4).unwrap(), meta());
+    let rows = |n: usize| -> Vec<ShardRow> {
+        (0..n)
+            .map(|r| ShardRow {
+                image_key: format!("x-{r}"),
+                images: vec![format!("x-{r}.jpg")],
+                features: vec![f32_to_f16_bytes(&[0.5; 200])],
+                samples: vec![],
+            })
+            .collect()
+    };
+    for other in [
+        ShardMeta {
+            clip_precision: "tf32".into(),
+            ..meta()
+        },
+        ShardMeta {
+            clip_weights: "u".into(),
+            ..meta()
+        },
+    ] {
+        let odd = tmp.path().join("shard-00003.parquet");
+        write_shard(&odd, &rows(2), &other).unwrap();
+        let err = check_shards(&files(tmp.path()), 4).unwrap_err().to_string();
+        assert!(
+            err.contains("shard-00003.parquet")
+                && err.contains("shard-00000.parquet")
+                && err.contains("another CLIP")
+                && err.contains("HINT"),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -23,6 +23,8 @@ pub struct IngestBench {
     pub clip: ClipSource,
     pub clip_batch: usize,
     pub clip_images: usize,
+    /// Also time this many towers side by side, as `ingest --clip-streams` runs them (1: skip).
+    pub clip_streams: usize,
     pub shard_rows: usize,
 }
 
@@ -60,6 +62,7 @@ fn bench_meta(
         feature_shape,
         placeholder_ids,
         max_seq_len,
+        clip_precision: "f32".into(),
     }
 }
 
@@ -108,6 +111,38 @@ pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
         "| CLIP {} ({}×{} features), batch {}, {:?}{tf32}: u8 pixels in, f16 feature bytes out (as ingest) | {clip:.1} images/s |\n",
         b.clip, tower.tokens, tower.hidden, b.clip_batch, device
     ));
+    if b.clip_streams > 1 {
+        let towers: Vec<ClipTower> = std::iter::once(Ok(tower.clone()))
+            .chain(tower.more_streams(b.clip_streams - 1)?.into_iter().map(Ok))
+            .collect::<Result<_>>()?;
+        for t in &towers {
+            t.features_f16_bytes(&batch)?; // warm-up
+        }
+        let per = b.clip_images.div_ceil(b.clip_batch * towers.len());
+        let t = Instant::now();
+        std::thread::scope(|s| -> Result<()> {
+            let runs: Vec<_> = towers
+                .iter()
+                .map(|tower| {
+                    let batch = &batch;
+                    s.spawn(move || -> Result<()> {
+                        for _ in 0..per {
+                            std::hint::black_box(tower.features_f16_bytes(batch)?);
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            runs.into_iter()
+                .try_for_each(|r| r.join().expect("CLIP stream panicked"))
+        })?;
+        let rate = (per * b.clip_batch * towers.len()) as f64 / t.elapsed().as_secs_f64();
+        out.push_str(&format!(
+            "| the same, {} streams side by side, one thread each (as `ingest --clip-streams {}`) | {rate:.1} images/s |\n",
+            towers.len(),
+            towers.len()
+        ));
+    }
     let px =
         crate::ingest::preprocess::pixel_values(&batch, tower.image_size, &tower.norm, device)?;
     device.synchronize()?;

@@ -37,8 +37,7 @@ pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
     };
 
     let jpegs = synth_jpegs(p.images);
-    let features = |dev: &Device| -> Result<Vec<f32>> {
-        let tower = ClipTower::load(&p.clip, dev)?;
+    let features = |tower: &ClipTower| -> Result<Vec<f32>> {
         let px: Vec<Vec<u8>> = jpegs
             .iter()
             .map(|b| load_resized(b, tower.image_size as u32).expect("synthetic JPEG"))
@@ -46,19 +45,47 @@ pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
         let refs: Vec<&[u8]> = px.iter().map(|v| v.as_slice()).collect();
         Ok(tower.features_u8(&refs)?.flatten_all()?.to_vec1::<f32>()?)
     };
-    let (a, b) = (features(device)?, features(&Device::Cpu)?);
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-    let diff = a
-        .iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64;
+    let tower = ClipTower::load(&p.clip, device)?;
+    let cpu = features(&ClipTower::load(&p.clip, &Device::Cpu)?)?;
+    let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    let rel_diff = |a: &[f32]| {
+        a.iter()
+            .zip(&cpu)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64
+            / scale
+    };
+    let on_device = features(&tower)?;
     row(
         &mut out,
         &format!("CLIP {} features, {} images", p.clip, p.images),
         "max abs diff / max abs (cpu)",
-        diff / scale,
+        rel_diff(&on_device),
         1e-3,
     );
+    if device.is_cuda() {
+        // What `ingest --clip-streams 2` runs beside the first tower: a replica on its own stream.
+        let replica = features(&tower.more_streams(1)?[0])?;
+        let differ = replica.iter().zip(&on_device).filter(|(x, y)| x != y);
+        row(
+            &mut out,
+            "CLIP on a second CUDA stream (a replica) vs the first",
+            "values that differ",
+            differ.count() as f64,
+            0.0,
+        );
+        // `[ingest] clip_precision = "tf32"`.
+        let before = candle_core::cuda::gemm_reduced_precision_f32();
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        let tf32 = features(&tower);
+        candle_core::cuda::set_gemm_reduced_precision_f32(before);
+        row(
+            &mut out,
+            "CLIP features with TF32 matmuls (ingest clip_precision = tf32)",
+            "max abs diff / max abs (cpu, f32)",
+            rel_diff(&tf32?),
+            1e-2,
+        );
+    }
 
     for (what, dtype, tol) in [("f32", DType::F32, 1e-4), ("bf16", DType::BF16, 2e-2)] {
         for (op, rel) in kernel_checks(device, dtype)? {

@@ -158,8 +158,12 @@ impl TowerShape {
     }
 }
 
+#[derive(Clone)]
 pub struct ClipTower {
     model: ClipVisionTransformer,
+    /// Where the weights came from, kept to build the same tower on another device.
+    vb: VarBuilder<'static>,
+    hf: HfVisionConfig,
     n_layers: usize,
     pub image_size: usize,
     /// Feature width (768 for ViT-B/32).
@@ -205,10 +209,41 @@ impl ClipTower {
         Self::build(hf, Normalization::default(), vb, id, source, device)
     }
 
+    /// The same tower with its weights on `device` (on CUDA: another stream of the same GPU,
+    /// from `crate::device::another_stream`). Waits until the weights are there, so the copy can
+    /// go to another thread.
+    pub fn replica(&self, device: &Device) -> Result<Self> {
+        let vb = self.vb.clone().set_device(device.clone());
+        let tower = Self::build(
+            self.hf.clone(),
+            self.norm,
+            vb,
+            self.weights_id.clone(),
+            self.source.clone(),
+            device,
+        )?;
+        device.synchronize()?;
+        Ok(tower)
+    }
+
+    /// `n` more towers to run beside this one, each from its own thread: on CUDA replicas on
+    /// streams of their own, on the CPU this tower again (its weights shared).
+    pub fn more_streams(&self, n: usize) -> Result<Vec<Self>> {
+        (0..n)
+            .map(|_| {
+                if self.device.is_cuda() {
+                    self.replica(&crate::device::another_stream(&self.device)?)
+                } else {
+                    Ok(self.clone())
+                }
+            })
+            .collect()
+    }
+
     fn build(
         hf: HfVisionConfig,
         norm: Normalization,
-        vb: VarBuilder,
+        vb: VarBuilder<'static>,
         weights_id: String,
         source: ClipSource,
         device: &Device,
@@ -218,6 +253,8 @@ impl ClipTower {
         let side = cfg.image_size / cfg.patch_size;
         Ok(Self {
             model,
+            vb,
+            hf,
             n_layers: cfg.num_hidden_layers,
             image_size: cfg.image_size,
             hidden: cfg.embed_dim,
@@ -268,9 +305,9 @@ impl ClipTower {
     }
 }
 
-type Loaded<'a> = (HfVisionConfig, Normalization, VarBuilder<'a>, String);
+type Loaded = (HfVisionConfig, Normalization, VarBuilder<'static>, String);
 
-fn load_dir<'a>(dir: &Path, device: &Device) -> Result<Loaded<'a>> {
+fn load_dir(dir: &Path, device: &Device) -> Result<Loaded> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
         return Err(Error::ClipMissing {

@@ -3,7 +3,7 @@
 //! Reads `cfg.json` and `cfg.images`; writes `cfg.out/shard-NNNNN.parquet`, a completion record
 //! per shard under `cfg.out/progress/`, and, once every shard exists, `manifest.json` and
 //! `rejects.jsonl`. Three stages run concurrently with bounded queues: read + decode + resize
-//! (rayon), CLIP (batched), Parquet writing (own thread).
+//! (rayon), CLIP (batched; one thread per stream, `clip_streams`), Parquet writing (own thread).
 
 pub mod chat;
 pub mod clip;
@@ -16,11 +16,14 @@ pub mod source;
 use std::collections::BTreeMap;
 
 use candle_core::Device;
-use crossbeam_channel::bounded;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
-use crate::config::IngestConfig;
+use crate::config::{ClipPrecision, IngestConfig};
 use crate::error::{bad_file, Error, Result};
 use crate::shards::manifest::{self, Manifest, ShardDone, ShardEntry};
 use crate::shards::{self as sh, ShardMeta, ShardRow};
@@ -38,6 +41,9 @@ pub struct IngestOptions {
     pub worker: usize,
     pub progress: bool,
     pub device: Device,
+    /// CLIP towers running side by side (on CUDA each on its own stream of the GPU); 0: the
+    /// device's default (`crate::device::default_clip_streams`). The shards do not depend on it.
+    pub clip_streams: usize,
 }
 
 impl Default for IngestOptions {
@@ -47,6 +53,7 @@ impl Default for IngestOptions {
             worker: 0,
             progress: false,
             device: Device::Cpu,
+            clip_streams: 0,
         }
     }
 }
@@ -59,8 +66,39 @@ pub struct Summary {
     pub shards_skipped: usize,
     pub images_processed: usize,
     pub clip_random: bool,
+    /// Where this run's time went; absent when every shard was already done.
+    pub timing: Option<Timing>,
     /// Present once every shard of the plan exists.
     pub manifest: Option<Manifest>,
+}
+
+/// Where the pipeline's wall time went, seen from the CLIP stage: the share of it each CLIP
+/// stream spent computing, waiting for decoded images, and waiting for the writer. The largest
+/// says which stage limits the run.
+#[derive(Debug, Clone, Default)]
+pub struct Timing {
+    pub wall_s: f64,
+    pub clip_streams: usize,
+    /// Summed over the streams.
+    pub clip_s: f64,
+    pub wait_images_s: f64,
+    pub wait_writer_s: f64,
+}
+
+impl std::fmt::Display for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let share = |s: f64| 100.0 * s / (self.wall_s * self.clip_streams as f64).max(1e-9);
+        write!(
+            f,
+            "{:.1} s; CLIP ({} stream{}) busy {:.0}%, waiting for decoded images {:.0}%, for the writer {:.0}%",
+            self.wall_s,
+            self.clip_streams,
+            if self.clip_streams == 1 { "" } else { "s" },
+            share(self.clip_s),
+            share(self.wait_images_s),
+            share(self.wait_writer_s)
+        )
+    }
 }
 
 impl std::fmt::Display for Summary {
@@ -70,6 +108,9 @@ impl std::fmt::Display for Summary {
             "shards: {} written now, {} already done, {} in the plan; {} images through CLIP",
             self.shards_written, self.shards_skipped, self.shards_total, self.images_processed
         )?;
+        if let Some(t) = &self.timing {
+            writeln!(f, "time: {t}")?;
+        }
         if self.clip_random {
             writeln!(f, "NOTE: features come from a RANDOM-INITIALISED CLIP tower (not real image features)")?;
         }
@@ -105,6 +146,8 @@ type RowImages = std::result::Result<Vec<Vec<u8>>, (Reason, String)>;
 
 /// A chunk of rows whose images are decoded and resized.
 struct Prepared {
+    /// Position in the run: the CLIP streams may finish chunks out of order, the writer restores it.
+    seq: usize,
     shard: usize,
     groups: std::ops::Range<usize>,
     /// Per row: its resized images, or why it has none.
@@ -114,6 +157,7 @@ struct Prepared {
 
 /// The same chunk with features.
 struct Featured {
+    seq: usize,
     shard: usize,
     groups: std::ops::Range<usize>,
     features: Vec<RowImages>,
@@ -141,7 +185,14 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
     crate::util::remove_stale_tmp(&cfg.out)?;
     crate::util::remove_stale_tmp(&manifest::progress_dir(&cfg.out))?;
 
-    let plan = plan::make_plan(cfg, &tokenizer, &cfg.clip)?;
+    // TF32 changes the features, so it is part of what the shards are (their plan and metadata).
+    let tf32 = cfg.clip_precision == ClipPrecision::Tf32 && opts.device.is_cuda();
+    let clip_id = if tf32 {
+        format!("{}+tf32", cfg.clip)
+    } else {
+        cfg.clip.clone()
+    };
+    let plan = plan::make_plan(cfg, &tokenizer, &clip_id)?;
     let n_shards = plan.n_shards(cfg.rows_per_shard);
     let mut pending = Vec::new();
     let mut skipped = 0;
@@ -162,12 +213,20 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
     }
 
     let mut images_processed = 0;
+    let mut timing = None;
     let mut clip_random = matches!(clip_source, ClipSource::Random { .. });
     if !pending.is_empty() {
         let tower = ClipTower::load(&clip_source, &opts.device)?;
         clip_random = tower.is_random();
-        let meta = shard_meta(cfg, &tower, &tokenizer);
-        images_processed = process(cfg, opts, &plan, &pending, &tower, &meta)?;
+        let meta = shard_meta(cfg, &tower, &tokenizer, tf32);
+        // A process-wide switch of candle's: set for this run only.
+        let before = candle_core::cuda::gemm_reduced_precision_f32();
+        candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+        let result = process(cfg, opts, &plan, &pending, &tower, &meta);
+        candle_core::cuda::set_gemm_reduced_precision_f32(before);
+        let (n, t) = result?;
+        images_processed = n;
+        timing = Some(t);
     }
 
     let manifest = finalize(cfg, &plan, n_shards)?;
@@ -178,11 +237,17 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
         shards_skipped: skipped,
         images_processed,
         clip_random,
+        timing,
         manifest,
     })
 }
 
-fn shard_meta(cfg: &IngestConfig, tower: &ClipTower, tokenizer: &ChatTokenizer) -> ShardMeta {
+fn shard_meta(
+    cfg: &IngestConfig,
+    tower: &ClipTower,
+    tokenizer: &ChatTokenizer,
+    tf32: bool,
+) -> ShardMeta {
     ShardMeta {
         schema_version: sh::SCHEMA_VERSION.into(),
         stage: cfg.stage.as_str().into(),
@@ -195,6 +260,7 @@ fn shard_meta(cfg: &IngestConfig, tower: &ClipTower, tokenizer: &ChatTokenizer) 
         feature_shape: [tower.tokens, tower.hidden],
         placeholder_ids: chat::placeholder_ids(),
         max_seq_len: cfg.max_seq_len,
+        clip_precision: if tf32 { "tf32" } else { "f32" }.into(),
     }
 }
 
@@ -212,7 +278,8 @@ fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
     pb
 }
 
-/// Run the three-stage pipeline over the pending shards; returns images through CLIP.
+/// Run the three-stage pipeline over the pending shards; returns the images through CLIP and
+/// where the time went.
 fn process(
     cfg: &IngestConfig,
     opts: &IngestOptions,
@@ -220,7 +287,8 @@ fn process(
     pending: &[usize],
     tower: &ClipTower,
     meta: &ShardMeta,
-) -> Result<usize> {
+) -> Result<(usize, Timing)> {
+    let started = Instant::now();
     let rows = cfg.rows_per_shard;
     let total: usize = pending
         .iter()
@@ -231,16 +299,24 @@ fn process(
                 .sum::<usize>()
         })
         .sum();
+    let streams = match opts.clip_streams {
+        0 => crate::device::default_clip_streams(&tower.device),
+        n => n,
+    };
+    let more = tower.more_streams(streams - 1)?;
     let pb = progress_bar(total as u64, opts.progress);
-    let (prep_tx, prep_rx) = bounded::<Result<Prepared>>(2);
-    let (feat_tx, feat_rx) = bounded::<Featured>(2);
+    let (prep_tx, prep_rx) = bounded::<Result<Prepared>>(streams + 1);
+    let (feat_tx, feat_rx) = bounded::<Featured>(streams + 1);
+    // Set by the first CLIP stream that fails, so that the others stop too.
+    let failed = AtomicBool::new(false);
 
-    std::thread::scope(|s| -> Result<usize> {
+    std::thread::scope(|s| -> Result<(usize, Timing)> {
         // Stage 1: read bytes (sequential) and decode + resize (parallel). Owns the sender, so
-        // the CLIP loop ends when this thread does.
+        // the CLIP streams end when this thread does.
         s.spawn(move || {
             let result = (|| -> Result<()> {
                 let mut source = ImageSource::open(&cfg.images)?;
+                let mut seq = 0;
                 for &shard in pending {
                     let groups = plan.shard(shard, rows);
                     let base = shard * rows;
@@ -251,11 +327,13 @@ fn process(
                         let images =
                             prepare(&mut source, &groups[range.clone()], tower.image_size as u32);
                         let chunk = Prepared {
+                            seq,
                             shard,
                             groups: base + range.start..base + range.end,
                             images,
                             last: c + 1 == n_chunks,
                         };
+                        seq += 1;
                         if prep_tx.send(Ok(chunk)).is_err() {
                             return Ok(());
                         }
@@ -268,74 +346,143 @@ fn process(
             }
         });
 
-        // Stage 3: assemble rows and write each shard when its last chunk arrives.
+        // Stage 3: put the chunks back in order, assemble rows and write each shard when its
+        // last chunk arrives. A chunk lost to a failed stream leaves its shard (and the later
+        // ones) unwritten: the run fails and a rerun does them.
         let writer = s.spawn(|| -> Result<()> {
             let mut acc: Vec<ShardRow> = Vec::new();
             let mut rejects: Vec<Reject> = Vec::new();
+            let mut in_order = InOrder::default();
             for chunk in feat_rx {
-                for (g, feats) in plan.groups[chunk.groups.clone()].iter().zip(chunk.features) {
-                    match feats {
-                        Ok(features) => acc.push(ShardRow {
-                            image_key: g.image_key.clone(),
-                            images: g.images.clone(),
-                            features,
-                            samples: g.samples.clone(),
-                        }),
-                        Err((reason, detail)) => rejects.push(image_reject(g, reason, detail)),
+                for chunk in in_order.push(chunk.seq, chunk) {
+                    for (g, feats) in plan.groups[chunk.groups.clone()].iter().zip(chunk.features) {
+                        match feats {
+                            Ok(features) => acc.push(ShardRow {
+                                image_key: g.image_key.clone(),
+                                images: g.images.clone(),
+                                features,
+                                samples: g.samples.clone(),
+                            }),
+                            Err((reason, detail)) => rejects.push(image_reject(g, reason, detail)),
+                        }
                     }
-                }
-                if chunk.last {
-                    write_one(
-                        cfg,
-                        plan,
-                        chunk.shard,
-                        std::mem::take(&mut acc),
-                        std::mem::take(&mut rejects),
-                        meta,
-                    )?;
-                    pb.set_message(format!("shard {} written", chunk.shard));
+                    if chunk.last {
+                        write_one(
+                            cfg,
+                            plan,
+                            chunk.shard,
+                            std::mem::take(&mut acc),
+                            std::mem::take(&mut rejects),
+                            meta,
+                        )?;
+                        pb.set_message(format!("shard {} written", chunk.shard));
+                    }
                 }
             }
             Ok(())
         });
 
-        // Stage 2 (this thread): CLIP.
-        let mut processed = 0;
-        let mut failure = None;
-        for chunk in prep_rx.iter() {
-            let chunk = match chunk.and_then(|c| featurize(tower, c)) {
-                Ok(c) => c,
-                Err(e) => {
-                    failure = Some(e);
+        // Stage 2: CLIP, one thread per stream; this thread runs the first.
+        let clip_stream = |tower: &ClipTower,
+                           rx: Receiver<Result<Prepared>>,
+                           tx: Sender<Featured>|
+         -> Result<(usize, Timing)> {
+            let mut processed = 0;
+            let mut t = Timing::default();
+            loop {
+                let waited = Instant::now();
+                let Ok(chunk) = rx.recv() else { break };
+                t.wait_images_s += waited.elapsed().as_secs_f64();
+                if failed.load(Ordering::Relaxed) {
                     break;
                 }
-            };
-            let n: usize = chunk
-                .features
-                .iter()
-                .map(|f| f.as_ref().map_or(0, |v| v.len()))
-                .sum();
-            processed += n;
-            pb.inc(
-                plan.groups[chunk.groups.clone()]
+                let busy = Instant::now();
+                let chunk = match chunk.and_then(|c| featurize(tower, c)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                };
+                t.clip_s += busy.elapsed().as_secs_f64();
+                processed += chunk
+                    .features
                     .iter()
-                    .map(|g| g.images.len())
-                    .sum::<usize>() as u64,
-            );
-            if feat_tx.send(chunk).is_err() {
-                break;
+                    .map(|f| f.as_ref().map_or(0, |v| v.len()))
+                    .sum::<usize>();
+                pb.inc(
+                    plan.groups[chunk.groups.clone()]
+                        .iter()
+                        .map(|g| g.images.len())
+                        .sum::<usize>() as u64,
+                );
+                let waited = Instant::now();
+                if tx.send(chunk).is_err() {
+                    break;
+                }
+                t.wait_writer_s += waited.elapsed().as_secs_f64();
             }
-        }
-        drop(feat_tx);
-        drop(prep_rx);
+            Ok((processed, t))
+        };
+        let others: Vec<_> = more
+            .iter()
+            .map(|t| {
+                let (rx, tx) = (prep_rx.clone(), feat_tx.clone());
+                s.spawn(move || clip_stream(t, rx, tx))
+            })
+            .collect();
+        let mut results = vec![clip_stream(tower, prep_rx, feat_tx)];
+        results.extend(
+            others
+                .into_iter()
+                .map(|h| h.join().expect("CLIP stream panicked")),
+        );
         let written = writer.join().expect("writer thread panicked");
         pb.finish_and_clear();
-        if let Some(e) = failure {
-            return Err(e);
+        let mut processed = 0;
+        let mut timing = Timing {
+            clip_streams: streams,
+            ..Timing::default()
+        };
+        for r in results {
+            let (n, t) = r?;
+            processed += n;
+            timing.clip_s += t.clip_s;
+            timing.wait_images_s += t.wait_images_s;
+            timing.wait_writer_s += t.wait_writer_s;
         }
         written?;
-        Ok(processed)
+        timing.wall_s = started.elapsed().as_secs_f64();
+        Ok((processed, timing))
     })
+}
+
+/// Restores a sequence numbered from 0 that arrives out of order: `push` gives back every item
+/// that is next in line.
+struct InOrder<T> {
+    next: usize,
+    early: BTreeMap<usize, T>,
+}
+
+impl<T> Default for InOrder<T> {
+    fn default() -> Self {
+        Self {
+            next: 0,
+            early: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T> InOrder<T> {
+    fn push(&mut self, seq: usize, item: T) -> Vec<T> {
+        self.early.insert(seq, item);
+        let mut ready = Vec::new();
+        while let Some(item) = self.early.remove(&self.next) {
+            ready.push(item);
+            self.next += 1;
+        }
+        ready
+    }
 }
 
 fn image_reject(g: &Group, reason: Reason, detail: String) -> Reject {
@@ -400,6 +547,7 @@ fn featurize(tower: &ClipTower, chunk: Prepared) -> Result<Featured> {
         })
         .collect();
     Ok(Featured {
+        seq: chunk.seq,
         shard: chunk.shard,
         groups: chunk.groups,
         features,
@@ -486,4 +634,21 @@ fn finalize(cfg: &IngestConfig, plan: &Plan, n_shards: usize) -> Result<Option<M
         &serde_json::to_vec_pretty(&manifest)?,
     )?;
     Ok(Some(manifest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InOrder;
+
+    #[test]
+    fn in_order_gives_each_item_once_in_sequence_whatever_the_arrival_order() {
+        let mut o = InOrder::default();
+        assert!(o.push(2, 'c').is_empty());
+        assert!(o.push(1, 'b').is_empty());
+        assert_eq!(o.push(0, 'a'), vec!['a', 'b', 'c']);
+        assert_eq!(o.push(3, 'd'), vec!['d']);
+        assert!(o.push(5, 'f').is_empty());
+        assert_eq!(o.push(4, 'e'), vec!['e', 'f']);
+        assert!(o.early.is_empty());
+    }
 }

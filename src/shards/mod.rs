@@ -55,6 +55,17 @@ pub struct ShardMeta {
     pub feature_shape: [usize; 2],
     pub placeholder_ids: Vec<u32>,
     pub max_seq_len: usize,
+    /// `tf32` when CLIP ran with TF32 matrix products; absent (f32) otherwise.
+    #[serde(default = "f32_name", skip_serializing_if = "is_f32")]
+    pub clip_precision: String,
+}
+
+fn f32_name() -> String {
+    "f32".into()
+}
+
+fn is_f32(s: &str) -> bool {
+    s == "f32"
 }
 
 impl ShardMeta {
@@ -82,7 +93,9 @@ impl ShardMeta {
             }
             let value = match k.as_str() {
                 "schema_version" | "stage" | "clip_source" | "clip_weights"
-                | "tokenizer_sha256" | "feature_dtype" => serde_json::Value::String(v.clone()),
+                | "tokenizer_sha256" | "feature_dtype" | "clip_precision" => {
+                    serde_json::Value::String(v.clone())
+                }
                 _ => serde_json::from_str(v).map_err(|e| format!("metadata {k}={v:?}: {e}"))?,
             };
             obj.insert(k.clone(), value);
@@ -140,4 +153,37 @@ pub fn f16_bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
 /// `shard-00042.parquet`: names are global indices, so workers never collide.
 pub fn shard_name(index: usize) -> String {
     format!("shard-{index:05}.parquet")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_precision_is_written_only_when_not_f32_and_read_back_as_f32_when_absent() {
+        let meta = ShardMeta {
+            schema_version: SCHEMA_VERSION.into(),
+            stage: "pretrain".into(),
+            clip_source: "random:0".into(),
+            clip_weights: "random:0".into(),
+            clip_random: true,
+            tokenizer_sha256: "abc".into(),
+            image_size: 224,
+            feature_dtype: "f16".into(),
+            feature_shape: [50, 768],
+            placeholder_ids: vec![30, 32],
+            max_seq_len: 512,
+            clip_precision: "f32".into(),
+        };
+        let kv = |m: &ShardMeta| m.to_kv().into_iter().collect::<HashMap<_, _>>();
+        // f32 shards carry the keys they always had: their bytes do not change.
+        assert!(!kv(&meta).contains_key("clip_precision"));
+        assert_eq!(ShardMeta::from_kv(&kv(&meta)).unwrap(), meta);
+        let tf32 = ShardMeta {
+            clip_precision: "tf32".into(),
+            ..meta
+        };
+        assert_eq!(kv(&tf32)["clip_precision"], "tf32");
+        assert_eq!(ShardMeta::from_kv(&kv(&tf32)).unwrap(), tf32);
+    }
 }

@@ -264,7 +264,7 @@ pub fn collate(
 
 /// Every shard's metadata must agree and fit the model; refuse before training starts.
 pub fn check_shards(files: &[PathBuf], vision_dim: usize) -> Result<ShardMeta> {
-    let mut first: Option<ShardMeta> = None;
+    let mut first: Option<(PathBuf, ShardMeta)> = None;
     for f in files {
         let meta = crate::shards::reader::read_meta(f)?;
         if meta.feature_shape[1] != vision_dim {
@@ -277,17 +277,36 @@ pub fn check_shards(files: &[PathBuf], vision_dim: usize) -> Result<ShardMeta> {
             ));
         }
         match &first {
-            Some(m)
-                if m.feature_shape != meta.feature_shape || m.clip_weights != meta.clip_weights =>
+            Some((f0, m))
+                if m.feature_shape != meta.feature_shape
+                    || m.clip_weights != meta.clip_weights
+                    || m.clip_precision != meta.clip_precision =>
             {
+                let clip = |m: &ShardMeta| {
+                    format!(
+                        "{} ({}, {}×{}, {})",
+                        m.clip_source,
+                        m.clip_weights,
+                        m.feature_shape[0],
+                        m.feature_shape[1],
+                        m.clip_precision
+                    )
+                };
                 return Err(bad_file(
                     f,
-                    "was ingested with another CLIP than the first shard",
-                ))
+                    format!(
+                        "was ingested with another CLIP than {}: {} here, {} there\nHINT: ingest every shard of a dataset with the same [ingest] clip and clip_precision",
+                        f0.display(),
+                        clip(&meta),
+                        clip(m)
+                    ),
+                ));
             }
             Some(_) => {}
-            None => first = Some(meta),
+            None => first = Some((f.clone(), meta)),
         }
     }
-    first.ok_or_else(|| crate::Error::Config("no shard files".into()))
+    first
+        .map(|(_, m)| m)
+        .ok_or_else(|| crate::Error::Config("no shard files".into()))
 }
