@@ -187,6 +187,9 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
 
     // TF32 changes the features, so it is part of what the shards are (their plan and metadata).
     let tf32 = cfg.clip_precision == ClipPrecision::Tf32 && opts.device.is_cuda();
+    if cfg.clip_precision == ClipPrecision::Tf32 && !tf32 {
+        eprintln!("note: clip_precision = \"tf32\" applies on CUDA only; this run computes f32 features (and records f32)");
+    }
     let clip_id = if tf32 {
         format!("{}+tf32", cfg.clip)
     } else {
@@ -299,11 +302,17 @@ fn process(
                 .sum::<usize>()
         })
         .sum();
-    let streams = match opts.clip_streams {
-        0 => crate::device::default_clip_streams(&tower.device),
-        n => n,
+    let (streams, more) = match opts.clip_streams {
+        // Not asked for: a device that cannot give more streams still ingests, with one.
+        0 => match tower.more_streams(crate::device::default_clip_streams(&tower.device) - 1) {
+            Ok(more) => (more.len() + 1, more),
+            Err(e) => {
+                eprintln!("note: one CLIP stream only (another could not be made: {e})");
+                (1, Vec::new())
+            }
+        },
+        n => (n, tower.more_streams(n - 1)?),
     };
-    let more = tower.more_streams(streams - 1)?;
     let pb = progress_bar(total as u64, opts.progress);
     let (prep_tx, prep_rx) = bounded::<Result<Prepared>>(streams + 1);
     let (feat_tx, feat_rx) = bounded::<Featured>(streams + 1);
