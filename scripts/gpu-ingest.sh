@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Ingest on a GPU, the open half of issue 6's goals (≥3,000 images/s; docs/GPU.md): CLIP parity
-# (features on the device vs the CPU, a replica on a second stream vs the first, TF32 vs f32),
-# the stages (`bench ingest`, one and more CLIP streams, f32 and TF32), then the real `ingest`
-# of synthetic shards with 1 and 2 streams, f32 and TF32, each printing where its time went.
-# About 3 minutes on an H100. Results: $OUT/ingest.md.
+# (features on the device vs the CPU, a replica on a second stream vs the first, TF32 and f16 vs
+# f32), the stages (`bench ingest`, one and more CLIP streams, f32 / TF32 / f16), then the real
+# `ingest` of synthetic shards with 1, 2 and 3 streams in each precision, each printing where its
+# time went. About 4 minutes on an H100. Results: $OUT/ingest.md.
 #   BIN=target/minimind-v-cuda OUT=gpu-results bash scripts/gpu-ingest.sh
 #   IMAGES=12000 (synthetic dataset size)  DEV=cpu LIMIT=30: a dry run without a GPU
 set -uo pipefail
@@ -34,17 +34,17 @@ run() {  # limit, command...: its output and exit status into the report
 echo "## parity (CLIP rows)" >> "$REPORT"
 run 90 "$BIN" bench parity --device "$DEV" --clip "$CLIP" --steps 2 --bf16-steps 0
 echo "## stages" >> "$REPORT"
-for tf32 in "" --tf32; do
+for precision in "" --tf32 --f16; do
     for streams in 2 3; do
         run 90 "$BIN" bench ingest --device "$DEV" --clip "$CLIP" --images 4000 \
-            --clip-images 4096 --clip-batch 256 --clip-streams $streams $tf32
+            --clip-images 4096 --clip-batch 256 --clip-streams $streams $precision
     done
 done
 
 echo "## ingest end to end ($IMAGES synthetic images)" >> "$REPORT"
 cd "$WORK"
 "$BIN" synth --out ds --pretrain "$IMAGES" --sft 0 --multi 0 > synth.log 2>&1 || cat synth.log
-for precision in f32 tf32; do
+for precision in f32 tf32 f16; do
     for streams in 1 2 3; do
         name=$precision-$streams
         cat > "$name.toml" <<EOF
@@ -62,10 +62,12 @@ EOF
         run 120 "$BIN" ingest "$name.toml" --device "$DEV" --clip-streams $streams
     done
 done
-# The streams must not change a byte; TF32 must change the features (and say so).
+# The streams must not change a byte; TF32 and f16 change the features (and say so).
 { echo; echo "shard sha256, f32 with 1 vs 2 vs 3 streams:"
   for s in 1 2 3; do (cd shards-f32-$s && cat *.parquet | sha256sum); done
-  echo "tf32 shards' metadata:"; "$BIN" inspect shards-tf32-2 2>&1 | grep -E "clip_precision|features" | head -3
+  for p in tf32 f16; do
+      echo "$p shards' metadata:"; "$BIN" inspect shards-$p-2 2>&1 | grep -E "clip_precision" | head -1
+  done
 } >> "$REPORT" 2>&1
 cd "$ROOT"
 rm -rf "$WORK"

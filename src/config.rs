@@ -46,10 +46,12 @@ pub struct IngestConfig {
     /// Images per CLIP forward pass.
     #[serde(default = "default_clip_batch")]
     pub clip_batch: usize,
-    /// `f32` (upstream's numbers) or `tf32`: on CUDA, CLIP's matrix products with TF32 inputs
-    /// (the tower alone ran 2× faster on an H100); the features then differ from f32 (`bench
-    /// parity` on a GPU says by how much), and the shards say so (`clip_precision = tf32`), which
-    /// also keeps a resumed run from mixing the two. On the CPU both are f32.
+    /// `f32` (upstream's numbers), `tf32` (on CUDA CLIP's matrix products take TF32 inputs; the
+    /// tower alone ran 2× faster on an H100; f32 on the CPU, with a note) or `f16` (the tower's
+    /// weights and activations in f16, attention scores in f32; any device). Both change the
+    /// features (`bench parity` on a GPU and tests/reference_clip.rs say by how much), so the
+    /// shards record it (`clip_precision` in their metadata; f32 shards are unchanged) and it is
+    /// part of the plan, so a resumed run cannot mix precisions.
     #[serde(default)]
     pub clip_precision: ClipPrecision,
 }
@@ -60,6 +62,7 @@ pub enum ClipPrecision {
     #[default]
     F32,
     Tf32,
+    F16,
 }
 
 fn default_tokenizer() -> PathBuf {

@@ -235,9 +235,12 @@ enum BenchWhat {
         clip_streams: usize,
         #[arg(long, default_value_t = 1024)]
         shard_rows: usize,
-        /// CUDA: CLIP's matrix products in TF32 (features then differ from f32 by ~1e-3).
+        /// CUDA: CLIP's matrix products in TF32 (as ingest's clip_precision = "tf32").
         #[arg(long)]
         tf32: bool,
+        /// CLIP's weights and activations in f16 (as ingest's clip_precision = "f16").
+        #[arg(long, conflicts_with = "tf32")]
+        f16: bool,
         #[arg(long, default_value = "auto")]
         device: String,
     },
@@ -544,6 +547,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     clip_streams,
                     shard_rows,
                     tf32,
+                    f16,
                     device,
                 },
         } => {
@@ -555,6 +559,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 clip_images,
                 clip_streams,
                 shard_rows,
+                f16,
             };
             print!("{}", bench::ingest(&b, &device::select(&device)?)?);
         }

@@ -389,6 +389,57 @@ fn workers_write_disjoint_shards_that_add_up_to_one_run() {
     );
 }
 
+/// `clip_precision = "f16"`: the shards say so, their features stay close to f32 ones, and a
+/// directory of f32 shards refuses to be resumed in f16.
+#[test]
+fn an_f16_ingest_is_recorded_and_cannot_be_mixed_with_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (json, zip) = small_dataset(tmp.path());
+    let f32p = pipeline(tmp.path(), "f32", "pretrain", &json, &zip, "", 100);
+    let f16p = pipeline(tmp.path(), "f16", "pretrain", &json, &zip, "", 100);
+    let f16 = ["--set", "ingest.clip_precision=f16"];
+    // Shard 0 of each (a worker of 8 writes only shards 0 and 8: there are 7).
+    ingest(&f32p, &["--workers", "8", "--worker", "0"]);
+    ingest(
+        &f16p,
+        &[&f16[..], &["--workers", "8", "--worker", "0"]].concat(),
+    );
+    let (m32, r32) = read_shard(&tmp.path().join("cache/f32/shard-00000.parquet")).unwrap();
+    let (m16, r16) = read_shard(&tmp.path().join("cache/f16/shard-00000.parquet")).unwrap();
+    assert_eq!(
+        (m32.clip_precision.as_str(), m16.clip_precision.as_str()),
+        ("f32", "f16")
+    );
+    assert_eq!(r32.len(), r16.len());
+    let (mut diff, mut scale) = (0f32, 0f32);
+    for (a, b) in r32.iter().zip(&r16) {
+        assert_eq!(a.samples, b.samples);
+        let (a, b) = (
+            f16_bytes_to_f32(&a.features[0]),
+            f16_bytes_to_f32(&b.features[0]),
+        );
+        for (x, y) in a.iter().zip(&b) {
+            diff = diff.max((x - y).abs());
+            scale = scale.max(x.abs());
+        }
+    }
+    assert!(
+        diff > 0.0 && diff / scale < 1e-2,
+        "f16 vs f32: {diff} of {scale}"
+    );
+
+    let out = Command::new(common::bin())
+        .args(["ingest", f32p.to_str().unwrap(), "--device", "cpu"])
+        .args(f16)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("another plan") && err.contains("HINT"),
+        "{err}"
+    );
+}
+
 #[test]
 fn user_errors_name_the_file_and_the_fix() {
     let tmp = tempfile::tempdir().unwrap();

@@ -218,3 +218,25 @@ fn any_colour_type_decodes_to_rgb() {
     assert!(decode_rgb(&[]).is_err());
     assert!(decode_rgb(b"not an image").is_err());
 }
+
+#[test]
+fn an_f16_tower_stays_close_to_the_f32_features() {
+    let exp = expected();
+    let tower = ClipTower::load(
+        &ClipSource::Dir(common::reference().join("clip_small")),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .with_dtype(DType::F16)
+    .unwrap();
+    let want = f32s(&exp["last_hidden_state"]);
+    let got = f32s(&tower.features(&exp["pixel_values"]).unwrap());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let rel = common::max_abs_diff(&got, &want) / scale;
+    eprintln!("f16 tower: max abs diff / max abs = {rel:.3e}");
+    assert!(rel < 1e-2, "f16 features differ by {rel} (relative)");
+    assert!(
+        rel > 0.0,
+        "an f16 tower that computes exactly the f32 numbers is not running f16"
+    );
+}

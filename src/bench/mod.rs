@@ -26,6 +26,8 @@ pub struct IngestBench {
     /// Also time this many towers side by side, as `ingest --clip-streams` runs them (1: skip).
     pub clip_streams: usize,
     pub shard_rows: usize,
+    /// The tower in f16 (ingest's `clip_precision = "f16"`).
+    pub f16: bool,
 }
 
 fn synth_jpegs(n: usize) -> Vec<Vec<u8>> {
@@ -90,8 +92,11 @@ pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
         rayon::current_num_threads()
     ));
 
-    let tower = ClipTower::load(&b.clip, device)?;
-    let tf32 = if device.is_cuda() && candle_core::cuda::gemm_reduced_precision_f32() {
+    let mut tower = ClipTower::load(&b.clip, device)?;
+    let precision = if b.f16 {
+        tower = tower.with_dtype(candle_core::DType::F16)?;
+        ", f16"
+    } else if device.is_cuda() && candle_core::cuda::gemm_reduced_precision_f32() {
         ", TF32 matmuls"
     } else {
         ""
@@ -108,7 +113,7 @@ pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
     }
     let clip = done as f64 / t.elapsed().as_secs_f64();
     out.push_str(&format!(
-        "| CLIP {} ({}×{} features), batch {}, {:?}{tf32}: u8 pixels in, f16 feature bytes out (as ingest) | {clip:.1} images/s |\n",
+        "| CLIP {} ({}×{} features), batch {}, {:?}{precision}: u8 pixels in, f16 feature bytes out (as ingest) | {clip:.1} images/s |\n",
         b.clip, tower.tokens, tower.hidden, b.clip_batch, device
     ));
     if b.clip_streams > 1 {
@@ -144,12 +149,13 @@ pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
         ));
     }
     let px =
-        crate::ingest::preprocess::pixel_values(&batch, tower.image_size, &tower.norm, device)?;
+        crate::ingest::preprocess::pixel_values(&batch, tower.image_size, &tower.norm, device)?
+            .to_dtype(tower.dtype)?;
     device.synchronize()?;
     let t = Instant::now();
     let mut done = 0;
     while done < b.clip_images {
-        std::hint::black_box(tower.features(&px)?);
+        std::hint::black_box(tower.hidden_state(&px)?);
         done += b.clip_batch;
     }
     device.synchronize()?;

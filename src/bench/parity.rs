@@ -85,6 +85,13 @@ pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
             rel_diff(&tf32?),
             1e-2,
         );
+        row(
+            &mut out,
+            "CLIP features of an f16 tower (ingest clip_precision = f16)",
+            "max abs diff / max abs (cpu, f32)",
+            rel_diff(&features(&tower.with_dtype(DType::F16)?)?),
+            1e-2,
+        );
     }
 
     for (what, dtype, tol) in [("f32", DType::F32, 1e-4), ("bf16", DType::BF16, 2e-2)] {

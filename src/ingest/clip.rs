@@ -172,6 +172,8 @@ pub struct ClipTower {
     pub tokens: usize,
     pub norm: Normalization,
     pub source: ClipSource,
+    /// The weights' and activations' dtype: F32 (upstream's numbers), or F16 (`with_dtype`).
+    pub dtype: DType,
     /// sha256 of the weights file, or `random:<seed>`.
     pub weights_id: String,
     pub device: Device,
@@ -226,6 +228,20 @@ impl ClipTower {
         Ok(tower)
     }
 
+    /// The same tower with weights and activations in `dtype` (F16: half the memory traffic and
+    /// f16 tensor cores on a GPU; candle's CLIP still takes the attention scores in f32). The
+    /// features then differ from f32 ones: tests/reference_clip.rs bounds by how much.
+    pub fn with_dtype(&self, dtype: DType) -> Result<Self> {
+        Self::build(
+            self.hf.clone(),
+            self.norm,
+            self.vb.clone().set_dtype(dtype),
+            self.weights_id.clone(),
+            self.source.clone(),
+            &self.device,
+        )
+    }
+
     /// `n` more towers to run beside this one, each from its own thread: on CUDA replicas on
     /// streams of their own, on the CPU this tower again (its weights shared).
     pub fn more_streams(&self, n: usize) -> Result<Vec<Self>> {
@@ -253,6 +269,7 @@ impl ClipTower {
         let side = cfg.image_size / cfg.patch_size;
         Ok(Self {
             model,
+            dtype: vb.dtype(),
             vb,
             hf,
             n_layers: cfg.num_hidden_layers,
@@ -272,7 +289,14 @@ impl ClipTower {
 
     /// (B, 3, H, W) pixel values → (B, tokens, hidden) last encoder hidden state, f32.
     pub fn features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let hidden = self.model.output_hidden_states(pixel_values)?;
+        Ok(self.hidden_state(pixel_values)?.to_dtype(DType::F32)?)
+    }
+
+    /// The same in the tower's own dtype (`dtype`).
+    pub(crate) fn hidden_state(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let hidden = self
+            .model
+            .output_hidden_states(&pixel_values.to_dtype(self.dtype)?)?;
         Ok(hidden[self.n_layers - 1].clone())
     }
 
@@ -286,8 +310,9 @@ impl ClipTower {
     /// f16 bytes. Rounded to f16 on the tower's device (round to nearest even, as
     /// `shards::f32_to_f16_bytes`), so a GPU sends half the bytes back and the host converts none.
     pub fn features_f16_bytes(&self, images: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
+        let px = pixel_values(images, self.image_size, &self.norm, &self.device)?;
         let halves = self
-            .features_u8(images)?
+            .hidden_state(&px)?
             .to_dtype(DType::F16)?
             .flatten_all()?
             .to_vec1::<half::f16>()?;

@@ -185,15 +185,20 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
     crate::util::remove_stale_tmp(&cfg.out)?;
     crate::util::remove_stale_tmp(&manifest::progress_dir(&cfg.out))?;
 
-    // TF32 changes the features, so it is part of what the shards are (their plan and metadata).
-    let tf32 = cfg.clip_precision == ClipPrecision::Tf32 && opts.device.is_cuda();
-    if cfg.clip_precision == ClipPrecision::Tf32 && !tf32 {
-        eprintln!("note: clip_precision = \"tf32\" applies on CUDA only; this run computes f32 features (and records f32)");
-    }
-    let clip_id = if tf32 {
-        format!("{}+tf32", cfg.clip)
-    } else {
-        cfg.clip.clone()
+    // The precision changes the features, so it is part of what the shards are (their plan and
+    // metadata). TF32 exists on CUDA only.
+    let precision = match cfg.clip_precision {
+        ClipPrecision::Tf32 if !opts.device.is_cuda() => {
+            eprintln!("note: clip_precision = \"tf32\" applies on CUDA only; this run computes f32 features (and records f32)");
+            "f32"
+        }
+        ClipPrecision::Tf32 => "tf32",
+        ClipPrecision::F16 => "f16",
+        ClipPrecision::F32 => "f32",
+    };
+    let clip_id = match precision {
+        "f32" => cfg.clip.clone(),
+        p => format!("{}+{p}", cfg.clip),
     };
     let plan = plan::make_plan(cfg, &tokenizer, &clip_id)?;
     let n_shards = plan.n_shards(cfg.rows_per_shard);
@@ -219,12 +224,15 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
     let mut timing = None;
     let mut clip_random = matches!(clip_source, ClipSource::Random { .. });
     if !pending.is_empty() {
-        let tower = ClipTower::load(&clip_source, &opts.device)?;
+        let mut tower = ClipTower::load(&clip_source, &opts.device)?;
+        if precision == "f16" {
+            tower = tower.with_dtype(candle_core::DType::F16)?;
+        }
         clip_random = tower.is_random();
-        let meta = shard_meta(cfg, &tower, &tokenizer, tf32);
+        let meta = shard_meta(cfg, &tower, &tokenizer, precision);
         // A process-wide switch of candle's: set for this run only.
         let before = candle_core::cuda::gemm_reduced_precision_f32();
-        candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+        candle_core::cuda::set_gemm_reduced_precision_f32(precision == "tf32");
         let result = process(cfg, opts, &plan, &pending, &tower, &meta);
         candle_core::cuda::set_gemm_reduced_precision_f32(before);
         let (n, t) = result?;
@@ -249,7 +257,7 @@ fn shard_meta(
     cfg: &IngestConfig,
     tower: &ClipTower,
     tokenizer: &ChatTokenizer,
-    tf32: bool,
+    precision: &str,
 ) -> ShardMeta {
     ShardMeta {
         schema_version: sh::SCHEMA_VERSION.into(),
@@ -263,7 +271,7 @@ fn shard_meta(
         feature_shape: [tower.tokens, tower.hidden],
         placeholder_ids: chat::placeholder_ids(),
         max_seq_len: cfg.max_seq_len,
-        clip_precision: if tf32 { "tf32" } else { "f32" }.into(),
+        clip_precision: precision.into(),
     }
 }
 
