@@ -240,3 +240,22 @@ fn an_f16_tower_stays_close_to_the_f32_features() {
         "an f16 tower that computes exactly the f32 numbers is not running f16"
     );
 }
+
+#[test]
+fn a_replica_rebuilt_from_the_weights_computes_the_same_features() {
+    // What `ingest --clip-streams` does on CUDA (there onto another stream); here on the CPU.
+    let img = vec![120u8; 224 * 224 * 3];
+    for src in [
+        ClipSource::Dir(common::reference().join("clip_small")),
+        "random-small:4".parse().unwrap(),
+    ] {
+        let tower = ClipTower::load(&src, &Device::Cpu).unwrap();
+        let replica = tower.replica(&Device::Cpu).unwrap();
+        assert_eq!(replica.weights_id, tower.weights_id);
+        assert_eq!(
+            f32s(&replica.features_u8(&[&img]).unwrap()),
+            f32s(&tower.features_u8(&[&img]).unwrap())
+        );
+        assert_eq!(tower.more_streams(2).unwrap().len(), 2);
+    }
+}
