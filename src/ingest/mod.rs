@@ -2,8 +2,9 @@
 //!
 //! Reads `cfg.json` and `cfg.images`; writes `cfg.out/shard-NNNNN.parquet`, a completion record
 //! per shard under `cfg.out/progress/`, and, once every shard exists, `manifest.json` and
-//! `rejects.jsonl`. Three stages run concurrently with bounded queues: read + decode + resize
-//! (rayon), CLIP (batched; one thread per stream, `clip_streams`), Parquet writing (own thread).
+//! `rejects.jsonl`. The stages run concurrently with bounded queues: read + decode + resize
+//! (rayon), CLIP (batched; one thread per stream, `clip_streams`), putting the chunks back in
+//! order, Parquet writing (`WRITERS` shards at once).
 
 pub mod chat;
 pub mod clip;
@@ -289,7 +290,10 @@ fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
     pb
 }
 
-/// Run the three-stage pipeline over the pending shards; returns the images through CLIP and
+/// Shards written at once.
+pub const WRITERS: usize = 2;
+
+/// Run the pipeline over the pending shards; returns the images through CLIP and
 /// where the time went.
 fn process(
     cfg: &IngestConfig,
@@ -363,10 +367,12 @@ fn process(
             }
         });
 
-        // Stage 3: put the chunks back in order, assemble rows and write each shard when its
-        // last chunk arrives. A chunk lost to a failed stream leaves its shard (and the later
-        // ones) unwritten: the run fails and a rerun does them.
-        let writer = s.spawn(|| -> Result<()> {
+        // Stage 3: put the chunks back in order and assemble each shard's rows. A chunk lost to a
+        // failed stream leaves its shard (and the later ones) unwritten: the run fails and a
+        // rerun does them.
+        let (shard_tx, shard_rx) = bounded::<(usize, Vec<ShardRow>, Vec<Reject>)>(1);
+        let (pb, failed) = (&pb, &failed);
+        s.spawn(move || {
             let mut acc: Vec<ShardRow> = Vec::new();
             let mut rejects: Vec<Reject> = Vec::new();
             let mut in_order = InOrder::default();
@@ -384,20 +390,38 @@ fn process(
                         }
                     }
                     if chunk.last {
-                        write_one(
-                            cfg,
-                            plan,
+                        let shard = (
                             chunk.shard,
                             std::mem::take(&mut acc),
                             std::mem::take(&mut rejects),
-                            meta,
-                        )?;
-                        pb.set_message(format!("shard {} written", chunk.shard));
+                        );
+                        if failed.load(Ordering::Relaxed) || shard_tx.send(shard).is_err() {
+                            return;
+                        }
                     }
                 }
             }
-            Ok(())
         });
+        // Stage 4: write the shards, WRITERS at once (one Parquet writer is one core's work).
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|_| {
+                let rx = shard_rx.clone();
+                s.spawn(move || -> Result<()> {
+                    for (index, rows, rejects) in rx {
+                        if failed.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        if let Err(e) = write_one(cfg, plan, index, rows, rejects, meta) {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                        pb.set_message(format!("shard {index} written"));
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        drop(shard_rx);
 
         // Stage 2: CLIP, one thread per stream; this thread runs the first.
         let clip_stream = |tower: &ClipTower,
@@ -454,7 +478,10 @@ fn process(
                 .into_iter()
                 .map(|h| h.join().expect("CLIP stream panicked")),
         );
-        let written = writer.join().expect("writer thread panicked");
+        let written: Vec<Result<()>> = writers
+            .into_iter()
+            .map(|h| h.join().expect("writer thread panicked"))
+            .collect();
         pb.finish_and_clear();
         let mut processed = 0;
         let mut timing = Timing {
@@ -468,7 +495,7 @@ fn process(
             timing.wait_images_s += t.wait_images_s;
             timing.wait_writer_s += t.wait_writer_s;
         }
-        written?;
+        written.into_iter().collect::<Result<()>>()?;
         timing.wall_s = started.elapsed().as_secs_f64();
         Ok((processed, timing))
     })
