@@ -468,6 +468,32 @@ fn user_errors_name_the_file_and_the_fix() {
         "ingest.images=/no/such.zip",
     ]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("/no/such.zip"));
+
+    // A shard that cannot be written (its name taken by a directory) stops the run, named; the
+    // shards before it stay done.
+    let blocked = tmp.path().join("cache/x/shard-00002.parquet");
+    std::fs::create_dir_all(blocked.join("d")).unwrap();
+    let out = run(&[
+        "ingest",
+        p.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--clip-streams",
+        "2",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("shard-00002.parquet"),
+        "{err}"
+    );
+    assert!(tmp
+        .path()
+        .join("cache/x/progress/shard-00000.json")
+        .exists());
+    assert!(!tmp
+        .path()
+        .join("cache/x/progress/shard-00002.json")
+        .exists());
 }
 
 #[test]
