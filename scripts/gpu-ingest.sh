@@ -36,7 +36,7 @@ run 90 "$BIN" bench parity --device "$DEV" --clip "$CLIP" --steps 2 --bf16-steps
 echo "## stages" >> "$REPORT"
 for precision in "" --tf32 --f16; do
     for streams in 2 3; do
-        run 90 "$BIN" bench ingest --device "$DEV" --clip "$CLIP" --images 4000 \
+        run 90 "$BIN" bench ingest --device "$DEV" --clip "$CLIP" --images 2000 \
             --clip-images 4096 --clip-batch 256 --clip-streams $streams $precision
     done
 done
