@@ -143,8 +143,21 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
         "f32" => cfg.clip.clone(),
         p => format!("{}+{p}", cfg.clip),
     };
+    let planning = std::time::Instant::now();
+    if opts.progress {
+        eprintln!("planning: reading and tokenizing {}", cfg.json.display());
+    }
     let plan = plan::make_plan(cfg, &tokenizer, &clip_id)?;
     let n_shards = plan.n_shards(cfg.rows_per_shard);
+    if opts.progress {
+        eprintln!(
+            "planned in {:.1} s: {} records → {} rows (unique image sets) in {n_shards} shards; {} records rejected so far",
+            planning.elapsed().as_secs_f64(),
+            plan.records_read,
+            plan.groups.len(),
+            plan.record_rejects.len()
+        );
+    }
     let mut pending = Vec::new();
     let mut skipped = 0;
     for i in (0..n_shards).filter(|i| i % opts.workers == opts.worker) {
