@@ -6,6 +6,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use minimind_v::shards::reader::read_shard;
+use minimind_v::shards::writer::write_shard;
+use minimind_v::shards::ShardMeta;
 use minimind_v::synth::{self, SynthConfig};
 use minimind_v::train::{read_metrics, StepLog};
 
@@ -114,7 +117,7 @@ fn stop_and_resume_reproduces_the_uninterrupted_run_exactly() {
 }
 
 #[test]
-fn shards_that_do_not_fit_the_projector_are_refused_before_training() {
+fn shards_that_do_not_fit_the_projector_or_the_training_clip_are_refused_before_training() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = shards(tmp.path());
     let p = pipeline(tmp.path(), "bad", &cache, 2, 768);
@@ -125,6 +128,23 @@ fn shards_that_do_not_fit_the_projector_are_refused_before_training() {
         "{err}"
     );
     assert!(!tmp.path().join("bad/metrics.jsonl").exists());
+
+    // Validation shards from another CLIP precision than the training shards: refused too.
+    let (meta, rows) = read_shard(&cache.join("shard-00000.parquet")).unwrap();
+    let val = tmp.path().join("val-f16");
+    let other = ShardMeta {
+        clip_precision: "f16".into(),
+        ..meta
+    };
+    write_shard(&val.join("shard-00000.parquet"), &rows, &other).unwrap();
+    let p = pipeline(tmp.path(), "mixed", &cache, 2, 192);
+    let out = train(&p, &["--set", &format!("train.val_shards={val:?}")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("val-f16") && err.contains("another CLIP"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("mixed/metrics.jsonl").exists());
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! (files, seed, settings), so a position — batches drawn so far — is all a checkpoint needs.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -262,6 +262,33 @@ pub fn collate(
     })
 }
 
+/// `a`'s features must come from the CLIP (weights, shape and precision) that made `b`'s: a model
+/// trained on one would read the other's as noise. The error names both.
+pub fn check_same_clip(a: (&Path, &ShardMeta), b: (&Path, &ShardMeta)) -> Result<()> {
+    let clip = |m: &ShardMeta| {
+        format!(
+            "{} ({}, {}×{}, {})",
+            m.clip_source, m.clip_weights, m.feature_shape[0], m.feature_shape[1], m.clip_precision
+        )
+    };
+    let (ma, mb) = (a.1, b.1);
+    if ma.feature_shape == mb.feature_shape
+        && ma.clip_weights == mb.clip_weights
+        && ma.clip_precision == mb.clip_precision
+    {
+        return Ok(());
+    }
+    Err(bad_file(
+        a.0,
+        format!(
+            "was ingested with another CLIP than {}: {} here, {} there\nHINT: ingest every shard a model trains and validates on with the same [ingest] clip and clip_precision",
+            b.0.display(),
+            clip(ma),
+            clip(mb)
+        ),
+    ))
+}
+
 /// Every shard's metadata must agree and fit the model; refuse before training starts.
 pub fn check_shards(files: &[PathBuf], vision_dim: usize) -> Result<ShardMeta> {
     let mut first: Option<(PathBuf, ShardMeta)> = None;
@@ -277,32 +304,7 @@ pub fn check_shards(files: &[PathBuf], vision_dim: usize) -> Result<ShardMeta> {
             ));
         }
         match &first {
-            Some((f0, m))
-                if m.feature_shape != meta.feature_shape
-                    || m.clip_weights != meta.clip_weights
-                    || m.clip_precision != meta.clip_precision =>
-            {
-                let clip = |m: &ShardMeta| {
-                    format!(
-                        "{} ({}, {}×{}, {})",
-                        m.clip_source,
-                        m.clip_weights,
-                        m.feature_shape[0],
-                        m.feature_shape[1],
-                        m.clip_precision
-                    )
-                };
-                return Err(bad_file(
-                    f,
-                    format!(
-                        "was ingested with another CLIP than {}: {} here, {} there\nHINT: ingest every shard of a dataset with the same [ingest] clip and clip_precision",
-                        f0.display(),
-                        clip(&meta),
-                        clip(m)
-                    ),
-                ));
-            }
-            Some(_) => {}
+            Some((f0, m)) => check_same_clip((f, &meta), (f0, m))?,
             None => first = Some((f.clone(), meta)),
         }
     }

@@ -453,8 +453,9 @@ pub fn run_dist(
     let val = match &cfg.val_shards {
         Some(dir) => {
             let files = crate::shards::reader::list_shards(dir)?;
-            let meta = data::check_shards(&files, mcfg.vision_dim)?;
-            Some((files, meta))
+            let val_meta = data::check_shards(&files, mcfg.vision_dim)?;
+            data::check_same_clip((dir, &val_meta), (&cfg.shards, &meta))?;
+            Some((files, val_meta))
         }
         None => None,
     };
