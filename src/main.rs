@@ -128,9 +128,10 @@ enum Command {
         image: Vec<PathBuf>,
         #[arg(long)]
         prompt: Option<String>,
-        /// HF CLIP directory (must be the one the model was trained with) or random:<seed>.
-        #[arg(long, default_value = "model/clip_model/clip-vit-base-patch32")]
-        clip: String,
+        /// HF CLIP directory or random:<seed>; default: the one the checkpoint was trained with
+        /// (its shards.json), else model/clip_model/clip-vit-base-patch32.
+        #[arg(long)]
+        clip: Option<String>,
         #[arg(long, default_value_t = 0.5)]
         temperature: f64,
         #[arg(long, default_value_t = 8)]
@@ -155,10 +156,11 @@ enum Command {
         /// Model preset for a bare weights file: minimind_512, minimind_768, tiny.
         #[arg(long)]
         model: Option<String>,
-        /// HF CLIP directory (the one the model was trained with), random-small:<seed> /
-        /// random:<seed> (tests only), or none (text only).
-        #[arg(long, default_value = "model/clip_model/clip-vit-base-patch32")]
-        clip: String,
+        /// HF CLIP directory, random-small:<seed> / random:<seed> (tests only), or none (text
+        /// only); default: the one the checkpoint was trained with (its shards.json), else
+        /// model/clip_model/clip-vit-base-patch32.
+        #[arg(long)]
+        clip: Option<String>,
         #[arg(long, default_value = "127.0.0.1:8000")]
         addr: String,
         /// Largest request body, MiB (images arrive base64-encoded inside the JSON).
@@ -498,7 +500,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             let engine = generate::Engine::load(
                 &ckpt,
                 preset(model)?.as_ref(),
-                &clip,
+                &generate::clip_for(&ckpt, clip),
                 std::path::Path::new("assets/tokenizer"),
                 &device::select(&device)?,
             )?;
@@ -654,7 +656,7 @@ fn chat(
     model: Option<String>,
     images: Vec<PathBuf>,
     prompt: Option<String>,
-    clip: String,
+    clip: Option<String>,
     sampling: generate::Sampling,
     device: &str,
 ) -> anyhow::Result<()> {
@@ -669,11 +671,15 @@ fn chat(
     );
     let device = device::select(device)?;
     // No images: no tower to load (the CLIP directory need not exist for text-only chat).
-    let clip = if images.is_empty() { "none" } else { &clip };
+    let clip = if images.is_empty() {
+        "none".to_string()
+    } else {
+        generate::clip_for(&ckpt, clip)
+    };
     let engine = generate::Engine::load(
         &ckpt,
         preset(model)?.as_ref(),
-        clip,
+        &clip,
         std::path::Path::new("assets/tokenizer"),
         &device,
     )?;

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use minimind_v::shards::reader::read_shard;
+use minimind_v::shards::reader::{read_meta, read_shard};
 use minimind_v::shards::writer::write_shard;
 use minimind_v::shards::ShardMeta;
 use minimind_v::synth::{self, SynthConfig};
@@ -114,6 +114,44 @@ fn stop_and_resume_reproduces_the_uninterrupted_run_exactly() {
     assert!(lines
         .iter()
         .all(|v| v.loss.is_finite() && v.loss != v.loss_no_image));
+}
+
+/// The checkpoint says which CLIP made its features; chat takes that one when not told, and warns
+/// when told another.
+#[test]
+fn a_checkpoint_remembers_its_clip_and_chat_uses_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = shards(tmp.path());
+    let p = pipeline(tmp.path(), "run", &cache, 4, 192);
+    common::assert_ok(&train(&p, &[]));
+    let ckpt = tmp.path().join("run/checkpoint");
+    let want = read_meta(&cache.join("shard-00000.parquet")).unwrap();
+    assert_eq!(minimind_v::generate::trained_on(&ckpt), Some(want));
+
+    let bear = common::repo().join("../shared/assets/eval_images/a-bear.png");
+    let chat = |extra: &[&str]| {
+        let out = Command::new(common::bin())
+            .current_dir(common::repo())
+            .args(["chat", "--ckpt", ckpt.to_str().unwrap(), "--device", "cpu"])
+            .args(["--image", bear.to_str().unwrap(), "--prompt", "x"])
+            .args(["--temperature", "0", "--max-new-tokens", "2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        common::assert_ok(&out);
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    // No --clip: the training shards' random-small:1 (HF's directory does not exist here).
+    let err = chat(&[]);
+    assert!(
+        err.contains("random-small:1") && !err.contains("WARNING"),
+        "{err}"
+    );
+    let err = chat(&["--clip", "random-small:2"]);
+    assert!(
+        err.contains("WARNING") && err.contains("trained on features of CLIP random-small:1"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -209,6 +209,23 @@ pub fn load_model(
     Ok(crate::model::weights::load(&weights_path, &cfg, false, device)?.0)
 }
 
+/// In a checkpoint directory: the metadata of the shards it was trained on (written by `train`).
+pub const SHARDS_META: &str = "shards.json";
+
+/// The metadata of the shards a checkpoint directory was trained on, if it says.
+pub fn trained_on(ckpt: &std::path::Path) -> Option<crate::shards::ShardMeta> {
+    let text = std::fs::read_to_string(ckpt.join(SHARDS_META)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The CLIP to chat with: the one asked for, else the one the checkpoint was trained with, else
+/// HF's ViT-B/32 where upstream keeps it.
+pub fn clip_for(ckpt: &std::path::Path, asked: Option<String>) -> String {
+    asked
+        .or_else(|| trained_on(ckpt).map(|m| m.clip_source))
+        .unwrap_or_else(|| "model/clip_model/clip-vit-base-patch32".into())
+}
+
 /// A model ready to answer: the VLM, the frozen tower (when it takes images) and the tokenizer.
 /// What `chat` and `serve` load.
 pub struct Engine {
@@ -233,7 +250,20 @@ impl Engine {
         let tower = if clip == "none" {
             None
         } else {
-            let tower = crate::ingest::clip::ClipTower::load(&clip.parse()?, device)?;
+            let mut tower = crate::ingest::clip::ClipTower::load(&clip.parse()?, device)?;
+            if let Some(m) = trained_on(ckpt) {
+                if tower.weights_id != m.clip_weights {
+                    eprintln!(
+                        "WARNING: the model was trained on features of CLIP {} ({}); {clip} has other weights ({}): answers about images will suffer",
+                        m.clip_source, m.clip_weights, tower.weights_id
+                    );
+                }
+                match m.clip_precision.as_str() {
+                    "f16" => tower = tower.with_dtype(candle_core::DType::F16)?,
+                    "tf32" => eprintln!("note: the model was trained on TF32 CLIP features; these are f32 (~1e-3 apart)"),
+                    _ => {}
+                }
+            }
             if tower.hidden != vlm.cfg.vision_dim {
                 return Err(crate::error::Error::Config(format!(
                     "CLIP {clip} gives {}-wide features but the model's projector takes {}",

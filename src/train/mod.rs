@@ -370,6 +370,7 @@ fn save_checkpoint(
     mcfg: &ModelConfig,
     opt: &AdamW,
     state: &TrainState,
+    shards: &crate::shards::ShardMeta,
 ) -> Result<()> {
     let dir = checkpoint_dir(out);
     let tmp = crate::util::tmp_path(&dir);
@@ -377,6 +378,11 @@ fn save_checkpoint(
     weights::save(vm, mcfg, &tmp)?;
     opt.save(&tmp.join("optimizer.safetensors"))?;
     crate::util::write_bytes_atomic(&tmp.join("state.json"), &serde_json::to_vec_pretty(state)?)?;
+    // What the features came from: chat and serve take the same CLIP (`generate::trained_on`).
+    crate::util::write_bytes_atomic(
+        &tmp.join(crate::generate::SHARDS_META),
+        &serde_json::to_vec_pretty(shards)?,
+    )?;
     let old = out.join("checkpoint.old");
     let _ = std::fs::remove_dir_all(&old);
     if dir.exists() {
@@ -679,7 +685,7 @@ pub fn run_dist(
                 adam_t: opt.t,
                 config: cfg.clone(),
             };
-            save_checkpoint(&cfg.out, &varmap, &mcfg, &opt, &state)?;
+            save_checkpoint(&cfg.out, &varmap, &mcfg, &opt, &state, &meta)?;
         }
         if let Some(val) = val.as_ref().filter(|_| val_step && main) {
             let loss = evaluate(
