@@ -158,11 +158,32 @@ impl TowerShape {
     }
 }
 
+/// Where a tower's weights are, kept to build it again on another device or in another dtype.
+#[derive(Clone)]
+enum Weights {
+    /// A safetensors or PyTorch file, opened again for each build (no mapping outlives a build).
+    File(PathBuf),
+    /// Tensors in memory (a random tower), shared with the model.
+    Tensors(HashMap<String, Tensor>),
+}
+
+impl Weights {
+    fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        Ok(match self {
+            Weights::File(p) if p.extension().is_some_and(|e| e == "safetensors") => {
+                // SAFETY: mapped read-only while the builder lives: during one build.
+                unsafe { VarBuilder::from_mmaped_safetensors(&[p], dtype, device)? }
+            }
+            Weights::File(p) => VarBuilder::from_pth(p, dtype, device)?,
+            Weights::Tensors(t) => VarBuilder::from_tensors(t.clone(), dtype, device),
+        })
+    }
+}
+
 #[derive(Clone)]
 pub struct ClipTower {
     model: ClipVisionTransformer,
-    /// Where the weights came from, kept to build the same tower on another device.
-    vb: VarBuilder<'static>,
+    weights: Weights,
     hf: HfVisionConfig,
     n_layers: usize,
     pub image_size: usize,
@@ -181,7 +202,7 @@ pub struct ClipTower {
 
 impl ClipTower {
     pub fn load(source: &ClipSource, device: &Device) -> Result<Self> {
-        let (hf, norm, vb, weights_id) = match source {
+        let (hf, norm, weights, weights_id) = match source {
             ClipSource::Dir(dir) => load_dir(dir, device)?,
             ClipSource::Random { seed, small } => {
                 let shape = if *small {
@@ -192,13 +213,21 @@ impl ClipTower {
                 return Self::random(*seed, &shape, device);
             }
         };
-        Self::build(hf, norm, vb, weights_id, source.clone(), device)
+        Self::build(
+            hf,
+            norm,
+            weights,
+            DType::F32,
+            weights_id,
+            source.clone(),
+            device,
+        )
     }
 
     /// A seeded random-initialised tower of any shape. Never real features.
     pub fn random(seed: u64, shape: &TowerShape, device: &Device) -> Result<Self> {
         let hf = shape.hf();
-        let vb = VarBuilder::from_tensors(random_weights(&hf, seed, device)?, DType::F32, device);
+        let weights = Weights::Tensors(random_weights(&hf, seed, device)?);
         let source = ClipSource::Random {
             seed,
             small: *shape == TowerShape::small(),
@@ -208,18 +237,26 @@ impl ClipTower {
         } else {
             format!("{source}:{shape:?}")
         };
-        Self::build(hf, Normalization::default(), vb, id, source, device)
+        Self::build(
+            hf,
+            Normalization::default(),
+            weights,
+            DType::F32,
+            id,
+            source,
+            device,
+        )
     }
 
     /// The same tower with its weights on `device` (on CUDA: another stream of the same GPU,
     /// from `crate::device::another_stream`). Waits until the weights are there, so the copy can
     /// go to another thread.
     pub fn replica(&self, device: &Device) -> Result<Self> {
-        let vb = self.vb.clone().set_device(device.clone());
         let tower = Self::build(
             self.hf.clone(),
             self.norm,
-            vb,
+            self.weights.clone(),
+            self.dtype,
             self.weights_id.clone(),
             self.source.clone(),
             device,
@@ -235,7 +272,8 @@ impl ClipTower {
         Self::build(
             self.hf.clone(),
             self.norm,
-            self.vb.clone().set_dtype(dtype),
+            self.weights.clone(),
+            dtype,
             self.weights_id.clone(),
             self.source.clone(),
             &self.device,
@@ -259,18 +297,20 @@ impl ClipTower {
     fn build(
         hf: HfVisionConfig,
         norm: Normalization,
-        vb: VarBuilder<'static>,
+        weights: Weights,
+        dtype: DType,
         weights_id: String,
         source: ClipSource,
         device: &Device,
     ) -> Result<Self> {
         let cfg = hf.to_candle(Path::new("config.json"))?;
+        let vb = weights.var_builder(dtype, device)?;
         let model = ClipVisionTransformer::new(vb.pp("vision_model"), &cfg)?;
         let side = cfg.image_size / cfg.patch_size;
         Ok(Self {
             model,
-            dtype: vb.dtype(),
-            vb,
+            dtype,
+            weights,
             hf,
             n_layers: cfg.num_hidden_layers,
             image_size: cfg.image_size,
@@ -330,7 +370,7 @@ impl ClipTower {
     }
 }
 
-type Loaded = (HfVisionConfig, Normalization, VarBuilder<'static>, String);
+type Loaded = (HfVisionConfig, Normalization, Weights, String);
 
 fn load_dir(dir: &Path, device: &Device) -> Result<Loaded> {
     let config_path = dir.join("config.json");
@@ -356,17 +396,16 @@ fn load_dir(dir: &Path, device: &Device) -> Result<Loaded> {
 
     let st = dir.join("model.safetensors");
     let bin = dir.join("pytorch_model.bin");
-    let (vb, weights) = if st.exists() {
-        // SAFETY: the file is mapped read-only and not modified while the tower lives.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&st], DType::F32, device)? };
-        (vb, st)
+    let weights = if st.exists() {
+        st
     } else if bin.exists() {
-        (VarBuilder::from_pth(&bin, DType::F32, device)?, bin)
+        bin
     } else {
         return Err(Error::ClipMissing {
             path: dir.to_path_buf(),
         });
     };
+    let vb = Weights::File(weights.clone()).var_builder(DType::F32, device)?;
     // candle silently substitutes a random CLS embedding when the key is absent: refuse instead.
     if !vb.contains_tensor("vision_model.embeddings.class_embedding") {
         return Err(bad_file(
@@ -375,7 +414,7 @@ fn load_dir(dir: &Path, device: &Device) -> Result<Loaded> {
         ));
     }
     let sha = crate::util::sha256_file(&weights)?;
-    Ok((hf, norm, vb, sha))
+    Ok((hf, norm, Weights::File(weights), sha))
 }
 
 /// Seeded weights of the right names and shapes; scaled like a trained tower so activations stay O(1).
