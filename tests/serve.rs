@@ -95,6 +95,7 @@ fn health_models_and_page() {
     let h = h.json();
     assert_eq!(h["status"], "ok");
     assert_eq!(h["clip_random"], true);
+    assert_eq!(h["clip_dtype"], "f32");
     let m = http::get(addr, "/v1/models").json();
     assert_eq!(m["object"], "list");
     assert_eq!(m["data"][0]["id"], "model.pth");

@@ -72,6 +72,8 @@ struct AppState {
     model_id: String,
     clip_id: Option<String>,
     clip_random: bool,
+    /// The tower's dtype: "f32", or "f16" for a model trained on f16 features.
+    clip_dtype: Option<String>,
     image_size: Option<u32>,
     max_seq_len: usize,
     limits: Limits,
@@ -89,6 +91,7 @@ pub fn app(engine: Engine, limits: Limits) -> Router {
         model_id: engine.model_id.clone(),
         clip_id: engine.tower.as_ref().map(|t| t.source.to_string()),
         clip_random: engine.tower.as_ref().is_some_and(|t| t.is_random()),
+        clip_dtype: engine.tower.as_ref().map(|t| t.dtype.as_str().to_string()),
         image_size: engine.tower.as_ref().map(|t| t.image_size as u32),
         max_seq_len: engine.vlm.cfg.max_seq_len,
         limits,
@@ -176,6 +179,7 @@ async fn health(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "model": st.model_id,
         "clip": st.clip_id,
         "clip_random": st.clip_random,
+        "clip_dtype": st.clip_dtype,
         "queued": st.queued.load(Ordering::SeqCst),
         "max_seq_len": st.max_seq_len,
     }))
