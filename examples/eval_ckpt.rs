@@ -1,0 +1,21 @@
+//! Score a checkpoint on a demo directory's held-out images (colour and shape), as the demo does.
+//! For experiments that retrain one stage by hand (`minimind-v train <dir>/sft.toml …`).
+//!
+//! cargo run --release --example eval_ckpt -- <demo dir> <checkpoint dir>
+
+use std::path::PathBuf;
+
+use minimind_v::demo_eval::evaluate_demo_dir;
+use minimind_v::ingest::chat::ChatTokenizer;
+
+fn main() {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let root = PathBuf::from(&a[0]);
+    let tok = ChatTokenizer::load(&PathBuf::from("assets/tokenizer")).unwrap();
+    let acc = evaluate_demo_dir(&root, &PathBuf::from(&a[1]), &tok).unwrap();
+    println!(
+        "colour {:.1}% shape {:.1}%",
+        acc.colour_pct(),
+        acc.shape_pct()
+    );
+}
