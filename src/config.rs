@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{bad_file, Error, IoContext, Result};
 use crate::ingest::chat::Stage;
+use crate::shards::ClipPrecision;
 
 /// One pipeline file. Each stage reads its own section.
 #[derive(Debug, Clone, Deserialize)]
@@ -54,15 +55,6 @@ pub struct IngestConfig {
     /// part of the plan, so a resumed run cannot mix precisions.
     #[serde(default)]
     pub clip_precision: ClipPrecision,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ClipPrecision {
-    #[default]
-    F32,
-    Tf32,
-    F16,
 }
 
 fn default_tokenizer() -> PathBuf {

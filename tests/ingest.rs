@@ -12,9 +12,9 @@ use minimind_v::ingest::chat::{ChatTokenizer, Stage, Turn};
 use minimind_v::ingest::clip::ClipTower;
 use minimind_v::ingest::preprocess::load_resized;
 use minimind_v::ingest::source::ImageSource;
-use minimind_v::shards::f16_bytes_to_f32;
 use minimind_v::shards::manifest::{read_manifest, read_rejects, Manifest};
 use minimind_v::shards::reader::{list_shards, read_shard};
+use minimind_v::shards::{f16_bytes_to_f32, ClipPrecision};
 use minimind_v::synth::{self, SynthConfig};
 
 const CLIP: &str = "random-small:3";
@@ -407,8 +407,8 @@ fn an_f16_ingest_is_recorded_and_cannot_be_mixed_with_f32() {
     let (m32, r32) = read_shard(&tmp.path().join("cache/f32/shard-00000.parquet")).unwrap();
     let (m16, r16) = read_shard(&tmp.path().join("cache/f16/shard-00000.parquet")).unwrap();
     assert_eq!(
-        (m32.clip_precision.as_str(), m16.clip_precision.as_str()),
-        ("f32", "f16")
+        (m32.clip_precision, m16.clip_precision),
+        (ClipPrecision::F32, ClipPrecision::F16)
     );
     assert_eq!(r32.len(), r16.len());
     let (mut diff, mut scale) = (0f32, 0f32);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use minimind_v::shards::reader::{read_meta, read_shard};
 use minimind_v::shards::writer::write_shard;
 use minimind_v::shards::{
-    f16_bytes_to_f32, f32_to_f16_bytes, Sample, ShardMeta, ShardRow, SCHEMA_VERSION,
+    f16_bytes_to_f32, f32_to_f16_bytes, ClipPrecision, Sample, ShardMeta, ShardRow, SCHEMA_VERSION,
 };
 use minimind_v::Error;
 
@@ -24,7 +24,7 @@ fn meta() -> ShardMeta {
         feature_shape: [2, 3],
         placeholder_ids: minimind_v::ingest::chat::placeholder_ids(),
         max_seq_len: 512,
-        clip_precision: "tf32".into(),
+        clip_precision: ClipPrecision::Tf32,
     }
 }
 

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use minimind_v::shards::reader::{read_meta, read_shard};
 use minimind_v::shards::writer::write_shard;
-use minimind_v::shards::ShardMeta;
+use minimind_v::shards::{ClipPrecision, ShardMeta};
 use minimind_v::synth::{self, SynthConfig};
 use minimind_v::train::{read_metrics, StepLog};
 
@@ -171,7 +171,7 @@ fn shards_that_do_not_fit_the_projector_or_the_training_clip_are_refused_before_
     let (meta, rows) = read_shard(&cache.join("shard-00000.parquet")).unwrap();
     let val = tmp.path().join("val-f16");
     let other = ShardMeta {
-        clip_precision: "f16".into(),
+        clip_precision: ClipPrecision::F16,
         ..meta
     };
     write_shard(&val.join("shard-00000.parquet"), &rows, &other).unwrap();

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use candle_core::Device;
 use minimind_v::shards::writer::write_shard;
-use minimind_v::shards::{f32_to_f16_bytes, Sample, ShardMeta, ShardRow, SCHEMA_VERSION};
+use minimind_v::shards::{
+    f32_to_f16_bytes, ClipPrecision, Sample, ShardMeta, ShardRow, SCHEMA_VERSION,
+};
 use minimind_v::train::data::{check_shards, collate, DataConfig, Stream};
 use minimind_v::train::optim::lr_at;
 
@@ -22,7 +24,7 @@ fn meta() -> ShardMeta {
         feature_shape: [50, 4],
         placeholder_ids: minimind_v::ingest::chat::placeholder_ids(),
         max_seq_len: 512,
-        clip_precision: "f32".into(),
+        clip_precision: ClipPrecision::F32,
     }
 }
 
@@ -195,7 +197,7 @@ fn shards_of_another_clip_or_clip_precision_are_refused_naming_both_files() {
     };
     for other in [
         ShardMeta {
-            clip_precision: "tf32".into(),
+            clip_precision: ClipPrecision::Tf32,
             ..meta()
         },
         ShardMeta {

@@ -66,7 +66,7 @@ fn bench_meta(
         feature_shape,
         placeholder_ids,
         max_seq_len,
-        clip_precision: "f32".into(),
+        clip_precision: crate::shards::ClipPrecision::F32,
     }
 }
 

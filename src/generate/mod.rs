@@ -258,10 +258,11 @@ impl Engine {
                         m.clip_source, m.clip_weights, tower.weights_id
                     );
                 }
-                match m.clip_precision.as_str() {
-                    "f16" => tower = tower.with_dtype(candle_core::DType::F16)?,
-                    "tf32" => eprintln!("note: the model was trained on TF32 CLIP features; these are f32 (~1e-3 apart)"),
-                    _ => {}
+                use crate::shards::ClipPrecision;
+                match m.clip_precision {
+                    ClipPrecision::F16 => tower = tower.with_dtype(candle_core::DType::F16)?,
+                    ClipPrecision::Tf32 => eprintln!("note: the model was trained on TF32 CLIP features; these are f32 (~1e-3 apart)"),
+                    ClipPrecision::F32 => {}
                 }
             }
             if tower.hidden != vlm.cfg.vision_dim {

@@ -18,10 +18,10 @@ use std::collections::BTreeMap;
 
 use candle_core::Device;
 
-use crate::config::{ClipPrecision, IngestConfig};
+use crate::config::IngestConfig;
 use crate::error::{bad_file, Error, Result};
 use crate::shards::manifest::{self, Manifest, ShardEntry};
-use crate::shards::{self as sh, ShardMeta};
+use crate::shards::{self as sh, ClipPrecision, ShardMeta};
 use chat::ChatTokenizer;
 use clip::{ClipSource, ClipTower};
 pub use pipeline::{Timing, WRITERS};
@@ -133,15 +133,13 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
     let precision = match cfg.clip_precision {
         ClipPrecision::Tf32 if !opts.device.is_cuda() => {
             eprintln!("note: clip_precision = \"tf32\" applies on CUDA only; this run computes f32 features (and records f32)");
-            "f32"
+            ClipPrecision::F32
         }
-        ClipPrecision::Tf32 => "tf32",
-        ClipPrecision::F16 => "f16",
-        ClipPrecision::F32 => "f32",
+        p => p,
     };
     let clip_id = match precision {
-        "f32" => cfg.clip.clone(),
-        p => format!("{}+{p}", cfg.clip),
+        ClipPrecision::F32 => cfg.clip.clone(),
+        p => format!("{}+{}", cfg.clip, p.as_str()),
     };
     let planning = std::time::Instant::now();
     if opts.progress {
@@ -181,14 +179,14 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
     let mut clip_random = matches!(clip_source, ClipSource::Random { .. });
     if !pending.is_empty() {
         let mut tower = ClipTower::load(&clip_source, &opts.device)?;
-        if precision == "f16" {
+        if precision == ClipPrecision::F16 {
             tower = tower.with_dtype(candle_core::DType::F16)?;
         }
         clip_random = tower.is_random();
         let meta = shard_meta(cfg, &tower, &tokenizer, precision);
         // A process-wide switch of candle's: set for this run only.
         let before = candle_core::cuda::gemm_reduced_precision_f32();
-        candle_core::cuda::set_gemm_reduced_precision_f32(precision == "tf32");
+        candle_core::cuda::set_gemm_reduced_precision_f32(precision == ClipPrecision::Tf32);
         let more = more_streams(&tower, opts.clip_streams)?;
         let result = pipeline::process(cfg, &plan, &pending, (&tower, &more), &meta, opts.progress);
         candle_core::cuda::set_gemm_reduced_precision_f32(before);
@@ -214,7 +212,7 @@ fn shard_meta(
     cfg: &IngestConfig,
     tower: &ClipTower,
     tokenizer: &ChatTokenizer,
-    precision: &str,
+    precision: ClipPrecision,
 ) -> ShardMeta {
     ShardMeta {
         schema_version: sh::SCHEMA_VERSION.into(),
@@ -228,7 +226,7 @@ fn shard_meta(
         feature_shape: [tower.tokens, tower.hidden],
         placeholder_ids: chat::placeholder_ids(),
         max_seq_len: cfg.max_seq_len,
-        clip_precision: precision.into(),
+        clip_precision: precision,
     }
 }
 

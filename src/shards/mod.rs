@@ -55,17 +55,35 @@ pub struct ShardMeta {
     pub feature_shape: [usize; 2],
     pub placeholder_ids: Vec<u32>,
     pub max_seq_len: usize,
-    /// `tf32` when CLIP ran with TF32 matrix products; absent (f32) otherwise.
-    #[serde(default = "f32_name", skip_serializing_if = "is_f32")]
-    pub clip_precision: String,
+    /// How CLIP computed the features; absent (so f32 shards keep the keys they always had) for
+    /// f32.
+    #[serde(default, skip_serializing_if = "ClipPrecision::is_f32")]
+    pub clip_precision: ClipPrecision,
 }
 
-fn f32_name() -> String {
-    "f32".into()
+/// How CLIP computed the features: `f32` (upstream's numbers), `tf32` (CUDA matmuls with TF32
+/// inputs) or `f16` (weights and activations in f16). `[ingest] clip_precision`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClipPrecision {
+    #[default]
+    F32,
+    Tf32,
+    F16,
 }
 
-fn is_f32(s: &str) -> bool {
-    s == "f32"
+impl ClipPrecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Tf32 => "tf32",
+            Self::F16 => "f16",
+        }
+    }
+
+    fn is_f32(&self) -> bool {
+        *self == Self::F32
+    }
 }
 
 impl ShardMeta {
@@ -173,14 +191,14 @@ mod tests {
             feature_shape: [50, 768],
             placeholder_ids: vec![30, 32],
             max_seq_len: 512,
-            clip_precision: "f32".into(),
+            clip_precision: ClipPrecision::F32,
         };
         let kv = |m: &ShardMeta| m.to_kv().into_iter().collect::<HashMap<_, _>>();
         // f32 shards carry the keys they always had: their bytes do not change.
         assert!(!kv(&meta).contains_key("clip_precision"));
         assert_eq!(ShardMeta::from_kv(&kv(&meta)).unwrap(), meta);
         let tf32 = ShardMeta {
-            clip_precision: "tf32".into(),
+            clip_precision: ClipPrecision::Tf32,
             ..meta
         };
         assert_eq!(kv(&tf32)["clip_precision"], "tf32");

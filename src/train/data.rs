@@ -268,7 +268,11 @@ pub fn check_same_clip(a: (&Path, &ShardMeta), b: (&Path, &ShardMeta)) -> Result
     let clip = |m: &ShardMeta| {
         format!(
             "{} ({}, {}×{}, {})",
-            m.clip_source, m.clip_weights, m.feature_shape[0], m.feature_shape[1], m.clip_precision
+            m.clip_source,
+            m.clip_weights,
+            m.feature_shape[0],
+            m.feature_shape[1],
+            m.clip_precision.as_str()
         )
     };
     let (ma, mb) = (a.1, b.1);
