@@ -259,3 +259,27 @@ fn a_replica_rebuilt_from_the_weights_computes_the_same_features() {
         assert_eq!(tower.more_streams(2).unwrap().len(), 2);
     }
 }
+
+#[test]
+fn a_weights_file_without_clip_tensors_is_refused_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        common::reference().join("clip_small/config.json"),
+        tmp.path().join("config.json"),
+    )
+    .unwrap();
+    let x = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &HashMap::from([("x".to_string(), x)]),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let err = ClipTower::load(&ClipSource::Dir(tmp.path().into()), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a CLIP vision checkpoint"),
+        "{err}"
+    );
+}

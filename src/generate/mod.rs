@@ -250,20 +250,24 @@ impl Engine {
         let tower = if clip == "none" {
             None
         } else {
-            let mut tower = crate::ingest::clip::ClipTower::load(&clip.parse()?, device)?;
-            if let Some(m) = trained_on(ckpt) {
-                if tower.weights_id != m.clip_weights {
-                    eprintln!(
-                        "WARNING: the model was trained on features of CLIP {} ({}); {clip} has other weights ({}): answers about images will suffer",
-                        m.clip_source, m.clip_weights, tower.weights_id
-                    );
-                }
-                use crate::shards::ClipPrecision;
-                match m.clip_precision {
-                    ClipPrecision::F16 => tower = tower.with_dtype(candle_core::DType::F16)?,
-                    ClipPrecision::Tf32 => eprintln!("note: the model was trained on TF32 CLIP features; these are f32 (~1e-3 apart)"),
-                    ClipPrecision::F32 => {}
-                }
+            use crate::shards::ClipPrecision;
+            let trained = trained_on(ckpt);
+            let precision = trained
+                .as_ref()
+                .map_or(ClipPrecision::F32, |m| m.clip_precision);
+            let tower = crate::ingest::clip::ClipTower::load_as(
+                &clip.parse()?,
+                device,
+                precision.tower_dtype(),
+            )?;
+            if let Some(m) = trained.filter(|m| m.clip_weights != tower.weights_id) {
+                eprintln!(
+                    "WARNING: the model was trained on features of CLIP {} ({}); {clip} has other weights ({}): answers about images will suffer",
+                    m.clip_source, m.clip_weights, tower.weights_id
+                );
+            }
+            if precision == ClipPrecision::Tf32 {
+                eprintln!("note: the model was trained on TF32 CLIP features; these are f32 (~1e-3 apart)");
             }
             if tower.hidden != vlm.cfg.vision_dim {
                 return Err(crate::error::Error::Config(format!(

@@ -169,14 +169,23 @@ enum Weights {
 
 impl Weights {
     fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        Ok(match self {
+        let (vb, file) = match self {
             Weights::File(p) if p.extension().is_some_and(|e| e == "safetensors") => {
                 // SAFETY: mapped read-only while the builder lives: during one build.
-                unsafe { VarBuilder::from_mmaped_safetensors(&[p], dtype, device)? }
+                let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[p], dtype, device)? };
+                (vb, p)
             }
-            Weights::File(p) => VarBuilder::from_pth(p, dtype, device)?,
-            Weights::Tensors(t) => VarBuilder::from_tensors(t.clone(), dtype, device),
-        })
+            Weights::File(p) => (VarBuilder::from_pth(p, dtype, device)?, p),
+            Weights::Tensors(t) => return Ok(VarBuilder::from_tensors(t.clone(), dtype, device)),
+        };
+        // candle silently substitutes a random CLS embedding when the key is absent: refuse.
+        if !vb.contains_tensor("vision_model.embeddings.class_embedding") {
+            return Err(bad_file(
+                file,
+                "no vision_model.embeddings.class_embedding: not a CLIP vision checkpoint",
+            ));
+        }
+        Ok(vb)
     }
 }
 
@@ -202,26 +211,29 @@ pub struct ClipTower {
 
 impl ClipTower {
     pub fn load(source: &ClipSource, device: &Device) -> Result<Self> {
+        Self::load_as(source, device, DType::F32)
+    }
+
+    /// [`load`](Self::load) with weights and activations in `dtype` (see [`with_dtype`](Self::with_dtype)),
+    /// built once.
+    pub fn load_as(source: &ClipSource, device: &Device, dtype: DType) -> Result<Self> {
         let (hf, norm, weights, weights_id) = match source {
-            ClipSource::Dir(dir) => load_dir(dir, device)?,
+            ClipSource::Dir(dir) => load_dir(dir)?,
             ClipSource::Random { seed, small } => {
                 let shape = if *small {
                     TowerShape::small()
                 } else {
                     TowerShape::base_patch32()
                 };
-                return Self::random(*seed, &shape, device);
+                let tower = Self::random(*seed, &shape, device)?;
+                return if dtype == DType::F32 {
+                    Ok(tower)
+                } else {
+                    tower.with_dtype(dtype)
+                };
             }
         };
-        Self::build(
-            hf,
-            norm,
-            weights,
-            DType::F32,
-            weights_id,
-            source.clone(),
-            device,
-        )
+        Self::build(hf, norm, weights, dtype, weights_id, source.clone(), device)
     }
 
     /// A seeded random-initialised tower of any shape. Never real features.
@@ -372,7 +384,7 @@ impl ClipTower {
 
 type Loaded = (HfVisionConfig, Normalization, Weights, String);
 
-fn load_dir(dir: &Path, device: &Device) -> Result<Loaded> {
+fn load_dir(dir: &Path) -> Result<Loaded> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
         return Err(Error::ClipMissing {
@@ -405,14 +417,6 @@ fn load_dir(dir: &Path, device: &Device) -> Result<Loaded> {
             path: dir.to_path_buf(),
         });
     };
-    let vb = Weights::File(weights.clone()).var_builder(DType::F32, device)?;
-    // candle silently substitutes a random CLS embedding when the key is absent: refuse instead.
-    if !vb.contains_tensor("vision_model.embeddings.class_embedding") {
-        return Err(bad_file(
-            &weights,
-            "no vision_model.embeddings.class_embedding: not a CLIP vision checkpoint",
-        ));
-    }
     let sha = crate::util::sha256_file(&weights)?;
     Ok((hf, norm, Weights::File(weights), sha))
 }

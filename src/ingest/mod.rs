@@ -178,10 +178,7 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
     let mut timing = None;
     let mut clip_random = matches!(clip_source, ClipSource::Random { .. });
     if !pending.is_empty() {
-        let mut tower = ClipTower::load(&clip_source, &opts.device)?;
-        if precision == ClipPrecision::F16 {
-            tower = tower.with_dtype(candle_core::DType::F16)?;
-        }
+        let tower = ClipTower::load_as(&clip_source, &opts.device, precision.tower_dtype())?;
         clip_random = tower.is_random();
         let meta = shard_meta(cfg, &tower, &tokenizer, precision);
         // A process-wide switch of candle's: set for this run only.

@@ -81,6 +81,14 @@ impl ClipPrecision {
         }
     }
 
+    /// The CLIP tower's dtype (TF32 is f32 storage with TF32 matmuls).
+    pub fn tower_dtype(self) -> candle_core::DType {
+        match self {
+            Self::F16 => candle_core::DType::F16,
+            Self::F32 | Self::Tf32 => candle_core::DType::F32,
+        }
+    }
+
     fn is_f32(&self) -> bool {
         *self == Self::F32
     }
