@@ -60,7 +60,8 @@ pub struct IngestConfig {
 fn default_tokenizer() -> PathBuf {
     PathBuf::from("assets/tokenizer")
 }
-fn default_clip() -> String {
+/// HF's ViT-B/32 where upstream keeps it.
+pub fn default_clip() -> String {
     "model/clip_model/clip-vit-base-patch32".into()
 }
 fn default_max_seq_len() -> usize {

@@ -34,6 +34,15 @@ pub fn another_stream(device: &Device) -> Result<Device> {
     }
 }
 
+/// `f()` with candle's process-wide switch for TF32 f32 matmuls (CUDA) set to `on`, then as before.
+pub fn with_tf32<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    let before = candle_core::cuda::gemm_reduced_precision_f32();
+    candle_core::cuda::set_gemm_reduced_precision_f32(on);
+    let out = f();
+    candle_core::cuda::set_gemm_reduced_precision_f32(before);
+    out
+}
+
 /// How many CLIP streams ingest runs when not told: two on a GPU (one's copies and host work
 /// overlap the other's forward), one on the CPU (the forward already uses every core).
 pub fn default_clip_streams(device: &Device) -> usize {

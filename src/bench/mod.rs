@@ -119,9 +119,8 @@ pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
         b.clip, tower.tokens, tower.hidden, b.clip_batch, device
     ));
     if b.clip_streams > 1 {
-        let towers: Vec<ClipTower> = std::iter::once(Ok(tower.clone()))
-            .chain(tower.more_streams(b.clip_streams - 1)?.into_iter().map(Ok))
-            .collect::<Result<_>>()?;
+        let mut towers = vec![tower.clone()];
+        towers.extend(tower.more_streams(b.clip_streams - 1)?);
         for t in &towers {
             t.features_f16_bytes(&batch)?; // warm-up
         }

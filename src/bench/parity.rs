@@ -74,10 +74,7 @@ pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
             0.0,
         );
         // `[ingest] clip_precision = "tf32"`.
-        let before = candle_core::cuda::gemm_reduced_precision_f32();
-        candle_core::cuda::set_gemm_reduced_precision_f32(true);
-        let tf32 = features(&tower);
-        candle_core::cuda::set_gemm_reduced_precision_f32(before);
+        let tf32 = crate::device::with_tf32(true, || features(&tower));
         row(
             &mut out,
             "CLIP features with TF32 matmuls (ingest clip_precision = tf32)",

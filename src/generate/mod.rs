@@ -219,11 +219,11 @@ pub fn trained_on(ckpt: &std::path::Path) -> Option<crate::shards::ShardMeta> {
 }
 
 /// The CLIP to chat with: the one asked for, else the one the checkpoint was trained with, else
-/// HF's ViT-B/32 where upstream keeps it.
+/// ingest's default.
 pub fn clip_for(ckpt: &std::path::Path, asked: Option<String>) -> String {
     asked
         .or_else(|| trained_on(ckpt).map(|m| m.clip_source))
-        .unwrap_or_else(|| "model/clip_model/clip-vit-base-patch32".into())
+        .unwrap_or_else(crate::config::default_clip)
 }
 
 /// A model ready to answer: the VLM, the frozen tower (when it takes images) and the tokenizer.

@@ -181,13 +181,10 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
         let tower = ClipTower::load_as(&clip_source, &opts.device, precision.tower_dtype())?;
         clip_random = tower.is_random();
         let meta = shard_meta(cfg, &tower, &tokenizer, precision);
-        // A process-wide switch of candle's: set for this run only.
-        let before = candle_core::cuda::gemm_reduced_precision_f32();
-        candle_core::cuda::set_gemm_reduced_precision_f32(precision == ClipPrecision::Tf32);
         let more = more_streams(&tower, opts.clip_streams)?;
-        let result = pipeline::process(cfg, &plan, &pending, (&tower, &more), &meta, opts.progress);
-        candle_core::cuda::set_gemm_reduced_precision_f32(before);
-        let (n, t) = result?;
+        let (n, t) = crate::device::with_tf32(precision == ClipPrecision::Tf32, || {
+            pipeline::process(cfg, &plan, &pending, (&tower, &more), &meta, opts.progress)
+        })?;
         images_processed = n;
         timing = Some(t);
     }
