@@ -3,7 +3,7 @@
 # (features on the device vs the CPU, a replica on a second stream vs the first, TF32 and f16 vs
 # f32), the stages (`bench ingest`, one and more CLIP streams, f32 / TF32 / f16), then the real
 # `ingest` of synthetic shards with 1, 2 and 3 streams in each precision, each printing where its
-# time went. About 4 minutes on an H100. Results: $OUT/ingest.md.
+# time went. Estimated ~4 minutes on an H100 (not yet run on one). Results: $OUT/ingest.md.
 #   BIN=target/minimind-v-cuda OUT=gpu-results bash scripts/gpu-ingest.sh
 #   IMAGES=12000 (synthetic dataset size)  DEV=cpu LIMIT=30: a dry run without a GPU
 set -uo pipefail
