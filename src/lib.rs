@@ -5,6 +5,7 @@
 //! `inspect` (Polars view of shards). `synth` makes an upstream-format dataset for tests and demos.
 
 pub mod bench;
+pub mod compare;
 pub mod config;
 pub mod demo;
 pub mod demo_eval;

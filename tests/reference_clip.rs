@@ -8,6 +8,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use minimind_v::compare::Diff;
 use minimind_v::ingest::clip::{ClipSource, ClipTower};
 use minimind_v::ingest::preprocess::{decode_rgb, pixel_values, resize_rgb, Normalization};
 
@@ -44,6 +45,21 @@ fn max_u8_diff(a: &[u8], b: &[u8]) -> u8 {
         .map(|(x, y)| x.abs_diff(*y))
         .max()
         .unwrap_or(0)
+}
+
+/// Pixel values within 1e-6 of CLIPImageProcessor's (f32 rounding).
+fn check_pixel_values(got: &[f32], want: &[f32]) -> Result<(), String> {
+    Diff::of(got, want).check_abs(1e-6, "pixel values")
+}
+
+/// Features within 1e-4 of HF's (f32, 4 layers, another matmul order).
+fn check_features(got: &[f32], want: &[f32]) -> Result<(), String> {
+    Diff::of(got, want).check_abs(1e-4, "features")
+}
+
+/// An f16 tower's features within 1e-2 of the f32 ones, relative to their largest magnitude.
+fn check_f16_features(got: &[f32], want: &[f32]) -> Result<(), String> {
+    Diff::of(got, want).check_rel(1e-2, "f16 features")
 }
 
 const IMAGES: [&str; 4] = ["img0.png", "img1.png", "img2.jpg", "img3.jpg"];
@@ -105,8 +121,7 @@ fn pixel_values_match_clip_image_processor() {
     .unwrap();
     let ours = pixel_values(&imgs, 224, &pre, &Device::Cpu).unwrap();
     assert_eq!(ours.dims(), &[4, 3, 224, 224]);
-    let diff = common::max_abs_diff(&f32s(&ours), &f32s(&exp["pixel_values"]));
-    assert!(diff < 1e-6, "pixel values differ by {diff}");
+    check_pixel_values(&f32s(&ours), &f32s(&exp["pixel_values"])).unwrap();
 }
 
 #[test]
@@ -121,8 +136,7 @@ fn features_match_hf_last_hidden_state_before_post_layernorm() {
     assert!(!tower.is_random());
     let feats = tower.features(&exp["pixel_values"]).unwrap();
     assert_eq!(feats.dims(), &[4, 50, 192]);
-    let diff = common::max_abs_diff(&f32s(&feats), &f32s(&exp["last_hidden_state"]));
-    assert!(diff < 1e-4, "features differ by {diff}");
+    check_features(&f32s(&feats), &f32s(&exp["last_hidden_state"])).unwrap();
     // The weights hash is recorded in shard metadata.
     let sha =
         minimind_v::util::sha256_file(&common::reference().join("clip_small/model.safetensors"))
@@ -231,10 +245,9 @@ fn an_f16_tower_stays_close_to_the_f32_features() {
     .unwrap();
     let want = f32s(&exp["last_hidden_state"]);
     let got = f32s(&tower.features(&exp["pixel_values"]).unwrap());
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let rel = common::max_abs_diff(&got, &want) / scale;
+    let rel = Diff::of(&got, &want).rel();
     eprintln!("f16 tower: max abs diff / max abs = {rel:.3e}");
-    assert!(rel < 1e-2, "f16 features differ by {rel} (relative)");
+    check_f16_features(&got, &want).unwrap();
     assert!(
         rel > 0.0,
         "an f16 tower that computes exactly the f32 numbers is not running f16"
@@ -282,4 +295,30 @@ fn a_weights_file_without_clip_tensors_is_refused_naming_it() {
         err.contains("model.safetensors") && err.contains("not a CLIP vision checkpoint"),
         "{err}"
     );
+}
+
+/// Each check above fails when our side holds a NaN or an infinity.
+#[test]
+fn the_pixel_and_feature_checks_fail_on_non_finite_values() {
+    let exp = expected();
+    let (px, feats) = (f32s(&exp["pixel_values"]), f32s(&exp["last_hidden_state"]));
+    assert!(check_pixel_values(&px, &px).is_ok() && check_features(&feats, &feats).is_ok());
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let poison = |v: &[f32]| {
+            let mut v = v.to_vec();
+            let mid = v.len() / 2;
+            v[mid] = bad;
+            v
+        };
+        assert!(check_pixel_values(&poison(&px), &px).is_err(), "{bad}");
+        assert!(check_features(&poison(&feats), &feats).is_err(), "{bad}");
+        assert!(
+            check_f16_features(&poison(&feats), &feats).is_err(),
+            "{bad}"
+        );
+        assert!(
+            check_features(&vec![bad; feats.len()], &feats).is_err(),
+            "all {bad}"
+        );
+    }
 }

@@ -7,6 +7,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use minimind_v::compare::{within, Diff};
 use minimind_v::model::llm::KvCache;
 use minimind_v::model::vlm::{masked_loss_full, Images, Vlm};
 use minimind_v::model::{weights, ModelConfig};
@@ -61,29 +62,29 @@ fn images(c: &HashMap<String, Tensor>, cfg: &ModelConfig) -> Images {
     imgs
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-    d.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+/// The largest absolute difference; NaN (within no tolerance) when either side holds a
+/// non-finite value or the shapes differ.
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    Diff::of_tensors(a, b).unwrap().abs()
 }
 
-fn max_abs(a: &Tensor) -> f32 {
-    a.to_dtype(DType::F32)
-        .unwrap()
-        .abs()
+/// The gradient check: within 1e-5 of the reference gradient's largest magnitude.
+fn check_grad(got: &Tensor, want: &Tensor, name: &str) -> Result<(), String> {
+    Diff::of_tensors(got, want).unwrap().check_rel(1e-5, name)
+}
+
+/// `t` with the value in the middle replaced by `v`.
+fn poisoned(t: &Tensor, v: f32) -> Tensor {
+    let mut data = t
+        .to_dtype(DType::F32)
         .unwrap()
         .flatten_all()
         .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mid = data.len() / 2;
+    data[mid] = v;
+    Tensor::from_vec(data, t.shape(), t.device()).unwrap()
 }
 
 #[test]
@@ -97,7 +98,7 @@ fn logits_loss_and_gradients_match_upstream() {
     let logits = m.forward(&ids, Some(&imgs)).unwrap();
     assert_eq!(logits.dims(), &[2, 127, 6400]);
     let d = max_diff(&logits, &c["logits"]);
-    assert!(d < 1e-4, "logits differ by {d}");
+    assert!(within(d, 1e-4), "logits differ by {d}");
 
     let want = c["loss"]
         .to_dtype(DType::F32)
@@ -109,14 +110,17 @@ fn logits_loss_and_gradients_match_upstream() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(
-        (full - want).abs() < 1e-5,
+        within((full - want).abs() as f64, 1e-5),
         "full-logits loss {full} vs {want}"
     );
     let loss = m
         .loss(&ids, Some(&imgs), &c["targets"], &c["loss_mask"])
         .unwrap();
     let got = loss.to_scalar::<f32>().unwrap();
-    assert!((got - want).abs() < 1e-5, "loss {got} vs {want}");
+    assert!(
+        within((got - want).abs() as f64, 1e-5),
+        "loss {got} vs {want}"
+    );
 
     let grads = loss.backward().unwrap();
     let vars = vm.data().lock().unwrap();
@@ -128,9 +132,24 @@ fn logits_loss_and_gradients_match_upstream() {
         let g = grads
             .get(vars[name].as_tensor())
             .unwrap_or_else(|| panic!("no gradient reached {name}"));
-        let r = &c[&format!("grad.{name}")];
-        let rel = max_diff(g, r) / max_abs(r);
-        assert!(rel < 1e-5, "{name}: gradient differs by {rel} of its max");
+        check_grad(g, &c[&format!("grad.{name}")], name).unwrap();
+    }
+}
+
+/// The checks above fail when our side holds a NaN or an infinity (a fold over `f32::max`
+/// would have skipped it and passed).
+#[test]
+fn the_logit_loss_and_gradient_checks_fail_on_non_finite_values() {
+    let c = case();
+    let grad = &c["grad.layers.0.attention.wq.weight"];
+    assert_eq!(max_diff(&c["logits"], &c["logits"]), 0.0);
+    assert!(check_grad(grad, grad, "wq").is_ok());
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let d = max_diff(&poisoned(&c["logits"], bad), &c["logits"]);
+        assert!(!within(d, 1e-4), "logits with {bad}: {d}");
+        let err = check_grad(&poisoned(grad, bad), grad, "wq").unwrap_err();
+        assert!(err.contains("non-finite"), "{err}");
+        assert!(!within((bad - 1.0).abs() as f64, 1e-5), "loss {bad}");
     }
 }
 
@@ -146,7 +165,7 @@ fn without_images_placeholders_are_ordinary_tokens() {
     let logits = m.forward(&row0, None).unwrap();
     let last = logits.i((0, 126)).unwrap();
     let d = max_diff(&last, &c["logits_no_image_row0_last"]);
-    assert!(d < 1e-4, "differs by {d}");
+    assert!(within(d, 1e-4), "differs by {d}");
 }
 
 #[test]
@@ -305,6 +324,10 @@ fn kv_cache_decoding_equals_full_recompute() {
         .unwrap();
     for (k, step) in steps.iter().enumerate() {
         let d = max_diff(step, &full.i((.., 99 + k)).unwrap());
-        assert!(d < 1e-4, "position {}: cached logits differ by {d}", 99 + k);
+        assert!(
+            within(d, 1e-4),
+            "position {}: cached logits differ by {d}",
+            99 + k
+        );
     }
 }

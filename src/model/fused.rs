@@ -369,13 +369,28 @@ mod tests {
         (value, all)
     }
 
+    /// Within 1e-5 of the reference's largest magnitude; any non-finite value fails.
+    fn check(a: &[f32], b: &[f32], what: &str) -> std::result::Result<(), String> {
+        crate::compare::Diff::of(a, b).check_rel(1e-5, what)
+    }
+
     fn close(a: &[f32], b: &[f32], what: &str) {
-        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            diff / scale < 1e-5,
-            "{what}: max diff {diff} (scale {scale})"
-        );
+        check(a, b, what).unwrap();
+    }
+
+    #[test]
+    fn the_closeness_check_fails_on_non_finite_values() {
+        let x = var(&[2, 3, 5, 7]);
+        let (y, g) = value_and_grads(&[&x], |t| softmax_last_dim(t[0]));
+        check(&y, &y, "softmax").unwrap();
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for v in [&y, &g[0]] {
+                let mut poisoned = v.clone();
+                poisoned[3] = bad;
+                assert!(check(&poisoned, v, "x").is_err(), "{bad}");
+                assert!(check(v, &poisoned, "x").is_err(), "{bad}");
+            }
+        }
     }
 
     fn var(shape: &[usize]) -> Var {

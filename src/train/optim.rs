@@ -206,15 +206,9 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+    /// NaN (within no tolerance) when either side holds a non-finite value.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        crate::compare::Diff::of_tensors(a, b).unwrap().abs()
     }
 
     /// The fused host update and the tensor update (the one a GPU runs) agree over several steps,

@@ -22,13 +22,10 @@ pub fn tokenizer_dir() -> PathBuf {
     repo().join("assets/tokenizer")
 }
 
-/// Largest absolute difference between two equally long slices.
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+/// Largest absolute difference between two slices; NaN (within no tolerance) when either holds
+/// a non-finite value or the lengths differ (`minimind_v::compare`).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    minimind_v::compare::Diff::of(a, b).abs()
 }
 
 pub fn bin() -> &'static str {
