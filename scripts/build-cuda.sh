@@ -11,7 +11,8 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}   # H100/H200; 80 for A100, 89 f
 
 if [ ! -x "$VENV/bin/pip" ]; then python3 -m venv "$VENV"; fi
 VENV=$(cd "$VENV" && pwd)   # absolute: the link directory below holds symlinks into it
-# 13.0 on purpose: newer nvcc emits PTX too new for the 580 driver on the lent machines.
+# 13.0 on purpose: newer nvcc emits PTX too new for the 580 driver of the H100/H200 machines
+# this was measured on.
 "$VENV/bin/pip" install -q \
     "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*" \
     "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-cccl==13.0.*" \

@@ -15,7 +15,9 @@ run() {  # name limit command…
     local t0=$SECONDS
     { echo; echo "## $name"; echo; echo '`'"$*"'`'; echo; } >> "$OUT/breakdown.md"
     timeout "$limit" "$@" >> "$OUT/breakdown.md" 2> "$OUT/$name.err"
-    echo "exit $?, $((SECONDS - t0)) s" >> "$OUT/breakdown.md"
+    local rc=$?
+    [ "$name" = parity-500 ] && PARITY_RC=$rc
+    echo "exit $rc, $((SECONDS - t0)) s" >> "$OUT/breakdown.md"
     tail -3 "$OUT/$name.err" >> "$OUT/breakdown.md"
 }
 run breakdown-b256-bf16 90 "$BIN" bench breakdown --device cuda --batch-size 256 --precision bf16
@@ -23,5 +25,9 @@ run ingest 60 "$BIN" bench ingest --device cuda --clip random:0 --images 2000 --
 run ingest-tf32 60 "$BIN" bench ingest --device cuda --clip random:0 --images 2000 --clip-images 4096 --clip-batch 256 --tf32
 run breakdown-b256-f32 90 "$BIN" bench breakdown --device cuda --batch-size 256 --precision f32
 run breakdown-b32-bf16 60 "$BIN" bench breakdown --device cuda --batch-size 32 --precision bf16
-run parity-500 200 "$BIN" bench parity --device cuda --bf16-steps 500
+run parity-500 200 "$BIN" bench parity --require --device cuda --bf16-steps 500
 cat "$OUT/breakdown.md"
+if [ "${PARITY_RC:-1}" != 0 ]; then
+    echo "PARITY FAILED (exit ${PARITY_RC:-none})" >&2
+    exit 1
+fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's checks in one run on a GPU machine (docs/GPU.md): parity with the CPU, bf16 vs f32,
+# The GPU checks in one run on a GPU machine (docs/GPU.md): parity with the CPU, bf16 vs f32,
 # ingest and training throughput with peak GPU memory, the PyTorch baseline, the real trainer
 # end to end, and a world of one through NCCL. Needs the stripped CUDA binary from
 # scripts/build-cuda.sh (or its .xz copy). Every check has its own time limit and runs even when
@@ -32,6 +32,7 @@ check() {
     local rc=$?
     kill $smi 2>/dev/null; wait $smi 2>/dev/null
     local mib; mib=$(sort -n "$WORK/$name.mem" | tail -1)
+    [ "$name" = parity ] && PARITY_RC=$rc
     echo "| $name | $rc | $((SECONDS - t0)) s | ${mib:-?} MiB |" | tee -a "$OUT/summary.md"
     { echo; echo "## $name (exit $rc, $((SECONDS - t0)) s, peak GPU ${mib:-?} MiB)"; echo;
       echo '`'"$*"'`'; echo; cat "$WORK/$name.md";
@@ -47,7 +48,10 @@ train() {  # batch precision padding
     check "train-b$1-$2" 60 "$BIN" bench train --device "$DEV" --batch-size "$1" --steps "$STEPS" --precision "$2" --padding "$3"
 }
 # Most important first: a run cut short by its time limit still brings back what it did.
-check parity 150 "$BIN" bench parity --device "$DEV" --bf16-steps "$BF16"
+# --require: on a GPU, a miss, a NaN or a fallback to the CPU fails the check (a CPU dry run
+# compares the CPU with itself, so it cannot require).
+REQUIRE=$([ "$DEV" = cpu ] || echo --require)
+check parity 150 "$BIN" bench parity $REQUIRE --device "$DEV" --bf16-steps "$BF16"
 train 256 bf16 dynamic
 train 256 f32 dynamic
 train 256 tf32 dynamic
@@ -119,3 +123,8 @@ train 32 f32 dynamic
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude ds --exclude shards --exclude 'solo/checkpoint' --exclude 'nccl1/checkpoint' . 2>/dev/null
 cat "$OUT/summary.md"
 grep -E "^(solo|nccl1|solo vs)" "$OUT/results.md"
+# Every check above ran; a failed parity still fails the script.
+if [ "${PARITY_RC:-1}" != 0 ]; then
+    echo "PARITY FAILED (exit ${PARITY_RC:-none}): see $OUT/results.md" >&2
+    exit 1
+fi

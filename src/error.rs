@@ -27,6 +27,12 @@ pub enum Error {
     },
     #[error("config: {0}")]
     Config(String),
+    /// Input data that is wrong or inconsistent (a dataset, shards, an ingest's own counts).
+    #[error("data: {0}")]
+    Data(String),
+    /// Numbers that went wrong: a non-finite loss, a benchmark or check that missed.
+    #[error("numerics: {0}")]
+    Numerics(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

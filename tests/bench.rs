@@ -1,4 +1,4 @@
-//! `bench parity` (the GPU session's first check) runs end to end; on CPU against CPU every
+//! `bench parity` (the first check on a GPU machine) runs end to end; on CPU against CPU every
 //! difference must be exactly zero (the device's forms of the model's operations are the portable
 //! ones there), and bf16 must stay within its tolerance.
 
@@ -124,4 +124,42 @@ fn train_bench_rows_come_per_padding_and_tf32_runs_on_cpu() {
     assert!(rows
         .iter()
         .all(|r| numbers(r).iter().rev().take(2).all(|&v| v > 0.0)));
+}
+
+/// A row that fails (here: samples longer than the tiny model's 128 positions) is printed as
+/// failed and makes the whole command fail; a table with a hole is never a result.
+#[test]
+fn a_failed_train_bench_row_fails_the_command() {
+    let out = Command::new(common::bin())
+        .args(["bench", "train", "--model", "tiny", "--batch-size", "2"])
+        .args(["--steps", "1", "--mean-len", "200", "--padding", "dynamic"])
+        .args(["--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a failed row exited 0");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stdout.contains("| dynamic |") && stdout.contains("failed: "),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("1 of 1 rows failed") && stderr.contains("max_seq_len 128"),
+        "{stderr}"
+    );
+}
+
+/// `bench parity --require` is for GPU scripts: on the CPU the device's forms are the portable
+/// ones, every check passes trivially, and `--require` refuses to call that a result.
+#[test]
+fn parity_require_refuses_a_device_that_is_not_a_gpu() {
+    let out = Command::new(common::bin())
+        .args(["bench", "parity", "--require", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a GPU"), "{err}");
 }

@@ -5,7 +5,7 @@
 pub mod breakdown;
 mod parity;
 
-pub use parity::{parity, ParityCheck};
+pub use parity::{parity, ParityCheck, Table};
 
 use std::time::Instant;
 
@@ -369,8 +369,9 @@ fn train_steps(
     Ok((losses, tokens, secs))
 }
 
-/// Prints each row as soon as it is measured (a later one may run out of device memory: it
-/// gets a row saying so, and the bench goes on).
+/// Prints each row as soon as it is measured. A row that fails (a later one may run out of
+/// device memory) says so and the bench goes on to the next; at the end any failed row makes the
+/// whole command fail, so a table with a hole is never taken for a result.
 pub fn train(b: &TrainBench, device: &Device) -> Result<()> {
     use std::io::Write;
     let cfg = &b.model;
@@ -379,24 +380,31 @@ pub fn train(b: &TrainBench, device: &Device) -> Result<()> {
         Padding::Dynamic => &[None],
         Padding::Both => &[None, Some(cfg.max_seq_len)],
     };
+    let mut failed = Vec::new();
     for &pad_to in paddings {
         let batches = synthetic_batches(cfg, b.batch_size, b.mean_len, b.steps + 1, 3);
-        let rate = match train_steps(cfg, &batches, pad_to, b.precision, device) {
-            Ok((_, tokens, secs)) => format!(
+        let padding = pad_to.map_or("dynamic".to_string(), |p| format!("pad to {p}"));
+        let measured = train_steps(cfg, &batches, pad_to, b.precision, device).and_then(
+            |(losses, tokens, secs)| match losses.iter().find(|l| !l.is_finite()) {
+                Some(l) => Err(crate::Error::Numerics(format!("a step's loss is {l}"))),
+                None => Ok((tokens, secs)),
+            },
+        );
+        let rate = match measured {
+            Ok((tokens, secs)) => format!(
                 "{:.0} | {:.1}",
                 tokens as f64 / secs,
                 (b.steps * b.batch_size) as f64 / secs
             ),
-            Err(e) => format!("failed: {} |", e.to_string().lines().next().unwrap_or("")),
+            Err(e) => {
+                let first = e.to_string().lines().next().unwrap_or("").to_string();
+                failed.push(format!("{padding}: {first}"));
+                format!("failed: {first} |")
+            }
         };
         println!(
-            "| {} | dim {} × {} layers | {:?} | {} | {} | {rate} |",
-            pad_to.map_or("dynamic".to_string(), |p| format!("pad to {p}")),
-            cfg.dim,
-            cfg.n_layers,
-            b.precision,
-            b.batch_size,
-            b.mean_len,
+            "| {padding} | dim {} × {} layers | {:?} | {} | {} | {rate} |",
+            cfg.dim, cfg.n_layers, b.precision, b.batch_size, b.mean_len,
         );
         std::io::stdout().flush().ok();
     }
@@ -406,7 +414,16 @@ pub fn train(b: &TrainBench, device: &Device) -> Result<()> {
             rss as f64 / (1u64 << 30) as f64
         );
     }
-    Ok(())
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::Error::Numerics(format!(
+            "bench train: {} of {} rows failed: {}",
+            failed.len(),
+            paddings.len(),
+            failed.join("; ")
+        )))
+    }
 }
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in bytes.

@@ -1,7 +1,7 @@
 //! `bench parity`: does a device compute what the CPU computes? CLIP features, each of the
 //! model's operations in the device's form (this crate's CUDA kernels on a GPU) against its
 //! portable form, the loss curve of the same f32 training steps, and bf16 against f32 on the
-//! device. Reads nothing, writes a table; the GPU session's first check (docs/GPU.md).
+//! device. Reads nothing, writes a table; the first check to run on a GPU machine (docs/GPU.md).
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -22,19 +22,57 @@ pub struct ParityCheck {
     pub bf16_steps: usize,
 }
 
-pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
-    use crate::train::Precision;
-    let mut out =
-        String::from("| check | measure | value | tolerance | ok |\n|---|---|---|---|---|\n");
-    let mut all_ok = true;
-    let mut row = |out: &mut String, check: &str, measure: &str, v: f64, tol: f64| {
-        let ok = v <= tol;
-        all_ok &= ok;
-        out.push_str(&format!(
-            "| {check} | {measure} | {v:.3e} | {tol:.0e} | {} |\n",
-            if ok { "yes" } else { "NO" }
+/// The rows of a parity run: each a measured value against its tolerance. A row passes only when
+/// its value is finite and within the tolerance (`compare::within`).
+#[derive(Debug, Default)]
+pub struct Table {
+    text: String,
+    rows: usize,
+    failed: Vec<String>,
+}
+
+impl Table {
+    pub fn row(&mut self, check: &str, measure: &str, v: f64, tol: f64) {
+        let ok = crate::compare::within(v, tol);
+        if self.rows == 0 {
+            self.text
+                .push_str("| check | measure | value | tolerance | ok |\n|---|---|---|---|---|\n");
+        }
+        self.rows += 1;
+        let verdict = match (ok, v.is_finite()) {
+            (true, _) => "yes",
+            (false, true) => "NO",
+            (false, false) => "NO (not finite)",
+        };
+        if !ok {
+            self.failed.push(check.to_string());
+        }
+        self.text.push_str(&format!(
+            "| {check} | {measure} | {v:.3e} | {tol:.0e} | {verdict} |\n"
         ));
-    };
+    }
+
+    /// The Markdown table.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The checks that missed their tolerance or were not finite.
+    pub fn failed(&self) -> &[String] {
+        &self.failed
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Runs every check on `device` (against the CPU) and returns the table; [`Table::failed`] says
+/// which missed.
+pub fn parity(p: &ParityCheck, device: &Device) -> Result<Table> {
+    use crate::compare::{worst_rel_each, Diff};
+    use crate::train::Precision;
+    let mut t = Table::default();
 
     let jpegs = synth_jpegs(p.images);
     let features = |tower: &ClipTower| -> Result<Vec<f32>> {
@@ -47,16 +85,9 @@ pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
     };
     let tower = ClipTower::load(&p.clip, device)?;
     let cpu = features(&ClipTower::load(&p.clip, &Device::Cpu)?)?;
-    let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-    let rel_diff = |a: &[f32]| {
-        a.iter()
-            .zip(&cpu)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64
-            / scale
-    };
+    let rel_diff = |a: &[f32]| Diff::of(a, &cpu).rel();
     let on_device = features(&tower)?;
-    row(
-        &mut out,
+    t.row(
         &format!("CLIP {} features, {} images", p.clip, p.images),
         "max abs diff / max abs (cpu)",
         rel_diff(&on_device),
@@ -65,9 +96,12 @@ pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
     if device.is_cuda() {
         // What `ingest --clip-streams 2` runs beside the first tower: a replica on its own stream.
         let replica = features(&tower.more_streams(1)?[0])?;
-        let differ = replica.iter().zip(&on_device).filter(|(x, y)| x != y);
-        row(
-            &mut out,
+        // Bit for bit: a NaN differs from everything, itself included.
+        let differ = replica
+            .iter()
+            .zip(&on_device)
+            .filter(|(x, y)| x.to_bits() != y.to_bits() || x.is_nan());
+        t.row(
             "CLIP on a second CUDA stream (a replica) vs the first",
             "values that differ",
             differ.count() as f64,
@@ -75,15 +109,13 @@ pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
         );
         // `[ingest] clip_precision = "tf32"`.
         let tf32 = crate::device::with_tf32(true, || features(&tower));
-        row(
-            &mut out,
+        t.row(
             "CLIP features with TF32 matmuls (ingest clip_precision = tf32)",
             "max abs diff / max abs (cpu, f32)",
             rel_diff(&tf32?),
             1e-2,
         );
-        row(
-            &mut out,
+        t.row(
             "CLIP features of an f16 tower (ingest clip_precision = f16)",
             "max abs diff / max abs (cpu, f32)",
             rel_diff(&features(&tower.with_dtype(DType::F16)?)?),
@@ -93,8 +125,7 @@ pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
 
     for (what, dtype, tol) in [("f32", DType::F32, 1e-4), ("bf16", DType::BF16, 2e-2)] {
         for (op, rel) in kernel_checks(device, dtype)? {
-            row(
-                &mut out,
+            t.row(
                 &format!("{op}, {what}: the device's form vs the portable one"),
                 "max abs diff / max abs, value and gradients",
                 rel,
@@ -107,12 +138,8 @@ pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
     let batches = synthetic_batches(cfg, p.batch_size, 94, p.steps, 11);
     let (dev_losses, _, _) = train_steps(cfg, &batches, None, Precision::F32, device)?;
     let (cpu_losses, _, _) = train_steps(cfg, &batches, None, Precision::F32, &Device::Cpu)?;
-    let rel = dev_losses
-        .iter()
-        .zip(&cpu_losses)
-        .fold(0f64, |m, (x, y)| m.max(((x - y) / y).abs() as f64));
-    row(
-        &mut out,
+    let rel = worst_rel_each(&dev_losses, &cpu_losses);
+    t.row(
         &format!("{} f32 steps, dim {} × {}", p.steps, cfg.dim, cfg.n_layers),
         "max step abs loss diff / loss",
         rel,
@@ -124,29 +151,41 @@ pub fn parity(p: &ParityCheck, device: &Device) -> Result<(String, bool)> {
         let (f32_losses, _, _) = train_steps(cfg, &batches, None, Precision::F32, device)?;
         let (bf16_losses, _, _) = train_steps(cfg, &batches, None, Precision::Bf16, device)?;
         // Compare the curves smoothed over 10 steps: single bf16 steps are noisier.
-        let smooth = |v: &[f32]| -> Vec<f64> {
+        let smooth = |v: &[f32]| -> Vec<f32> {
             v.windows(10)
-                .map(|w| w.iter().map(|&x| x as f64).sum::<f64>() / 10.0)
+                .map(|w| (w.iter().map(|&x| x as f64).sum::<f64>() / 10.0) as f32)
                 .collect()
         };
-        let rel = smooth(&bf16_losses)
-            .iter()
-            .zip(smooth(&f32_losses))
-            .fold(0f64, |m, (x, y)| m.max(((x - y) / y).abs()));
-        row(
-            &mut out,
+        let rel = worst_rel_each(&smooth(&bf16_losses), &smooth(&f32_losses));
+        t.row(
             &format!("bf16 vs f32 on this device, {} steps", p.bf16_steps),
             "max abs diff of 10-step mean loss / loss",
             rel,
             2e-2,
         );
-        out.push_str(&format!(
+        t.text.push_str(&format!(
             "\nfinal loss (10-step mean): f32 {:.4}, bf16 {:.4}\n",
-            smooth(&f32_losses).last().copied().unwrap_or(f64::NAN),
-            smooth(&bf16_losses).last().copied().unwrap_or(f64::NAN)
+            smooth(&f32_losses).last().copied().unwrap_or(f32::NAN),
+            smooth(&bf16_losses).last().copied().unwrap_or(f32::NAN)
         ));
     }
-    Ok((out, all_ok))
+    Ok(t)
+}
+
+/// The largest [`Diff::rel`](crate::compare::Diff::rel) over parts (a value and its gradients);
+/// NaN when any part is not finite or the part counts differ.
+fn worst_of_parts(got: &[Vec<f32>], want: &[Vec<f32>]) -> f64 {
+    if got.len() != want.len() {
+        return f64::NAN;
+    }
+    got.iter().zip(want).fold(0.0, |m: f64, (a, b)| {
+        let r = crate::compare::Diff::of(a, b).rel();
+        if m.is_nan() || r.is_nan() {
+            f64::NAN
+        } else {
+            m.max(r)
+        }
+    })
 }
 
 /// The model's operations as `device` runs them (this crate's CUDA kernels on a GPU) against
@@ -176,11 +215,7 @@ fn kernel_checks(device: &Device, dtype: DType) -> Result<Vec<(&'static str, f64
             .map(|t| t.to_dtype(DType::F32))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let (a, b) = (run(&fast, &inputs)?, run(&portable, &wide)?);
-        Ok(a.iter().zip(&b).fold(0f64, |m, (a, b)| {
-            let scale = b.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            m.max((diff / scale) as f64)
-        }))
+        Ok(worst_of_parts(&a, &b))
     };
     // 5 queries over 8 keys: 3 cached keys before the first query.
     let mask = crate::model::llm::causal_mask(5, 8, device)?;
@@ -237,4 +272,56 @@ fn kernel_checks(device: &Device, dtype: DType) -> Result<Vec<(&'static str, f64
             )?,
         ),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compare::{worst_rel_each, Diff};
+
+    #[test]
+    fn a_row_fails_on_a_miss_and_on_any_non_finite_value() {
+        let mut t = Table::default();
+        t.row("fine", "m", 1e-6, 1e-3);
+        t.row("exact", "values that differ", 0.0, 0.0);
+        assert!(t.failed().is_empty(), "{}", t.text());
+        t.row("miss", "m", 2e-3, 1e-3);
+        t.row("nan", "m", f64::NAN, 1e-3);
+        t.row("inf", "m", f64::INFINITY, f64::INFINITY);
+        assert_eq!(t.failed(), ["miss", "nan", "inf"]);
+        assert!(
+            t.text()
+                .contains("| nan | m | NaN | 1e-3 | NO (not finite) |"),
+            "{}",
+            t.text()
+        );
+        assert_eq!(t.rows(), 5);
+    }
+
+    /// Each kind of row the parity run computes — features, kernel values and gradients, loss
+    /// curves — scores NaN, and so fails, when the device's side holds a NaN or an infinity.
+    #[test]
+    fn every_kind_of_parity_row_fails_on_nan_and_infinity() {
+        let cpu = vec![0.5f32, -1.0, 2.0, 0.25];
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut dev = cpu.clone();
+            dev[2] = bad;
+            let mut t = Table::default();
+            t.row("features", "rel", Diff::of(&dev, &cpu).rel(), 1e-3);
+            let grads = |v: &Vec<f32>| vec![cpu.clone(), v.clone()];
+            t.row(
+                "kernel",
+                "rel",
+                worst_of_parts(&grads(&dev), &grads(&cpu)),
+                1e-4,
+            );
+            t.row("curve", "rel", worst_rel_each(&dev, &cpu), 1e-3);
+            assert_eq!(t.failed().len(), 3, "{bad}: {}", t.text());
+        }
+        let all_nan = vec![f32::NAN; 4];
+        let parts = std::slice::from_ref(&all_nan);
+        assert!(worst_of_parts(parts, parts).is_nan());
+        let parts = std::slice::from_ref(&cpu);
+        assert_eq!(worst_of_parts(parts, parts), 0.0);
+    }
 }

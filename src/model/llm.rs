@@ -308,7 +308,13 @@ impl MiniMind {
     pub fn hidden(&self, h: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let t = h.dim(1)?;
         let s = t + cache.as_ref().map_or(0, |c| c.len()); // keys: cached + new
-                                                           // One mask for every layer (a single query sees every key: none needed).
+        if s > self.cfg.max_seq_len {
+            candle_core::bail!(
+                "a sequence of {s} tokens is longer than the model's max_seq_len {} (RoPE has no positions beyond it)",
+                self.cfg.max_seq_len
+            );
+        }
+        // One mask for every layer (a single query sees every key: none needed).
         let mask = (t > 1).then(|| causal_mask(t, s, h.device())).transpose()?;
         let mut h = h.clone();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -353,8 +359,9 @@ mod tests {
         };
         let (a, b) = (run(true), run(false));
         for (name, (x, y)) in ["out", "dq", "dk", "dv"].iter().zip(a.iter().zip(&b)) {
-            let diff = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-            assert!(diff < 1e-5, "{name}: grouped and repeated differ by {diff}");
+            crate::compare::Diff::of(x, y)
+                .check_abs(1e-5, &format!("{name}: grouped vs repeated"))
+                .unwrap();
         }
     }
 }
