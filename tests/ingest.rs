@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::Device;
+use minimind_v::compare;
 use minimind_v::ingest::chat::{ChatTokenizer, Stage, Turn};
 use minimind_v::ingest::clip::ClipTower;
 use minimind_v::ingest::preprocess::load_resized;
@@ -46,6 +47,46 @@ fn ingest(pipeline: &Path, extra: &[&str]) -> std::process::Output {
         .unwrap();
     common::assert_ok(&out);
     out
+}
+
+/// Stored (f16) features against a direct f32 computation: within 2e-3 of each value's magnitude
+/// (at least 1), f16's rounding. NaN or infinity on either side fails.
+fn check_stored_features(got: &[f32], want: &[f32]) -> Result<(), String> {
+    let worst = compare::worst(got, want, |g, w| (g - w).abs() / w.abs().max(1.0));
+    if compare::within(worst, 2e-3) {
+        Ok(())
+    } else {
+        Err(format!("features differ by {worst} (f16 storage: 2e-3)"))
+    }
+}
+
+/// An f16 ingest's features against an f32 ingest's: different, and within 1e-2 of their largest
+/// magnitude. NaN or infinity on either side fails.
+fn check_f16_ingest(f16: &[f32], f32: &[f32]) -> Result<(), String> {
+    let d = compare::Diff::of(f16, f32);
+    if d.abs() == 0.0 {
+        return Err("f16 features equal the f32 ones: the tower did not run in f16".into());
+    }
+    d.check_rel(1e-2, "f16 vs f32 ingest")
+}
+
+#[test]
+fn the_feature_checks_fail_on_non_finite_values() {
+    let want = vec![0.5f32, -3.0, 2.0, 0.0];
+    let close: Vec<f32> = want.iter().map(|v| v + 1e-3).collect();
+    assert!(check_stored_features(&want, &want).is_ok());
+    assert!(check_f16_ingest(&close, &want).is_ok());
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut got = close.clone();
+        got[1] = bad;
+        assert!(check_stored_features(&got, &want).is_err(), "{bad}");
+        assert!(check_stored_features(&want, &got).is_err(), "{bad}");
+        assert!(check_f16_ingest(&got, &want).is_err(), "{bad}");
+        assert!(
+            check_stored_features(&[bad; 4], &want).is_err(),
+            "all {bad}"
+        );
+    }
 }
 
 fn reasons(m: &Manifest) -> Vec<(String, usize)> {
@@ -163,16 +204,7 @@ fn three_upstream_formats_with_faults() {
             .to_vec1::<f32>()
             .unwrap();
         let got = f16_bytes_to_f32(&row.features[0]);
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
-            .fold(0.0, f32::max);
-        assert!(
-            worst < 2e-3,
-            "{}: feature differs by {worst} (f16 storage)",
-            row.image_key
-        );
+        check_stored_features(&got, &want).unwrap_or_else(|e| panic!("{}: {e}", row.image_key));
     }
 
     // Polars reads the shards: scan_parquet(...).explode("samples").
@@ -237,6 +269,7 @@ fn three_upstream_formats_with_faults() {
     let m = read_manifest(&tmp.path().join("cache/multi")).unwrap();
     let bad = n_residue(n_multi, 83, 11);
     assert_eq!(m.records_read, n_multi);
+    assert_eq!(m.samples_written + m.samples_rejected, m.records_read);
     assert_eq!(reasons(&m), vec![("image_tag_mismatch".into(), bad)]);
     assert_eq!(
         (m.rows, m.unique_images),
@@ -290,8 +323,21 @@ fn small_dataset(tmp: &Path) -> (PathBuf, PathBuf) {
     )
 }
 
+/// A shard's Parquet file being written (its temporary name), if any.
+fn shard_being_written(out: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(out).ok()?.find_map(|e| {
+        let p = e.ok()?.path();
+        let name = p.file_name()?.to_str()?;
+        (name.starts_with("shard-") && name.contains(".parquet.tmp-")).then_some(p)
+    })
+}
+
+/// SIGKILL once a shard is committed, then while a shard is being written (seen: its temporary
+/// file is still there after the kill), then resume: the shards are those of an uninterrupted run,
+/// byte for byte, and the resume redid only what was missing.
 #[test]
-fn sigkill_at_any_point_then_resume_gives_identical_shards() {
+fn sigkill_mid_run_and_mid_write_then_resume_gives_identical_shards() {
+    use std::time::{Duration, Instant};
     let tmp = tempfile::tempdir().unwrap();
     let (json, zip) = small_dataset(tmp.path());
     let whole = pipeline(tmp.path(), "whole", "pretrain", &json, &zip, "", 48);
@@ -301,31 +347,68 @@ fn sigkill_at_any_point_then_resume_gives_identical_shards() {
 
     let p = pipeline(tmp.path(), "killed", "pretrain", &json, &zip, "", 48);
     let out = tmp.path().join("cache/killed");
-    // Kill after the first shard is committed, then at arbitrary moments (mid-shard, mid-write).
-    for wait_ms in [0u64, 700, 1100, 1900] {
-        let mut child = Command::new(common::bin())
+    let start = || {
+        Command::new(common::bin())
             .args(["ingest", p.to_str().unwrap(), "--device", "cpu"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
-            .unwrap();
-        if wait_ms == 0 {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-            while !out.join("progress/shard-00000.json").exists() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "first shard never committed"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        } else {
-            std::thread::sleep(std::time::Duration::from_millis(wait_ms));
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    // 1. After the first shard is committed.
+    let mut child = start();
+    while !out.join("progress/shard-00000.json").exists() {
+        assert!(Instant::now() < deadline, "first shard never committed");
+        std::thread::sleep(Duration::from_millis(2));
     }
-    assert!(!out.join("manifest.json").exists() || shard_hashes(&out) == expected);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // 2. While a shard is being written: rerun and kill as soon as a temporary shard file
+    // appears, until one is still there after the kill (a rename can beat the signal).
+    let mut mid_write = false;
+    for _ in 0..30 {
+        let mut child = start();
+        let seen = loop {
+            if let Some(tmp_file) = shard_being_written(&out) {
+                break Some(tmp_file);
+            }
+            if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                break None;
+            }
+        };
+        child.kill().unwrap();
+        child.wait().unwrap();
+        match seen {
+            Some(f) if f.exists() => {
+                mid_write = true;
+                break;
+            }
+            Some(_) => continue,
+            None => break, // the run finished: no kill left to try
+        }
+    }
+    assert!(mid_write, "no kill landed while a shard was being written");
+    assert!(
+        !out.join("manifest.json").exists(),
+        "the interrupted run must not have finished"
+    );
+
     let resumed = ingest(&p, &[]);
+    let stdout = String::from_utf8_lossy(&resumed.stdout);
+    let counts: Vec<usize> = stdout
+        .lines()
+        .find(|l| l.starts_with("shards: "))
+        .unwrap_or_else(|| panic!("{stdout}"))
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let (written, done, total) = (counts[0], counts[1], counts[2]);
+    assert!(
+        done > 0 && written > 0 && written + done == total,
+        "the resume should redo only the missing shards: {stdout}"
+    );
     assert_eq!(shard_hashes(&out), expected, "same rows, same bytes");
-    assert!(String::from_utf8_lossy(&resumed.stdout).contains("already done"));
     assert_eq!(
         std::fs::read_to_string(out.join("rejects.jsonl")).unwrap(),
         std::fs::read_to_string(tmp.path().join("cache/whole/rejects.jsonl")).unwrap()
@@ -411,22 +494,13 @@ fn an_f16_ingest_is_recorded_and_cannot_be_mixed_with_f32() {
         (ClipPrecision::F32, ClipPrecision::F16)
     );
     assert_eq!(r32.len(), r16.len());
-    let (mut diff, mut scale) = (0f32, 0f32);
+    let (mut a32, mut a16) = (Vec::new(), Vec::new());
     for (a, b) in r32.iter().zip(&r16) {
         assert_eq!(a.samples, b.samples);
-        let (a, b) = (
-            f16_bytes_to_f32(&a.features[0]),
-            f16_bytes_to_f32(&b.features[0]),
-        );
-        for (x, y) in a.iter().zip(&b) {
-            diff = diff.max((x - y).abs());
-            scale = scale.max(x.abs());
-        }
+        a32.extend(f16_bytes_to_f32(&a.features[0]));
+        a16.extend(f16_bytes_to_f32(&b.features[0]));
     }
-    assert!(
-        diff > 0.0 && diff / scale < 1e-2,
-        "f16 vs f32: {diff} of {scale}"
-    );
+    check_f16_ingest(&a16, &a32).unwrap();
 
     let out = Command::new(common::bin())
         .args(["ingest", f32p.to_str().unwrap(), "--device", "cpu"])

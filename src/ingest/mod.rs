@@ -283,6 +283,11 @@ fn finalize(cfg: &IngestConfig, plan: &Plan, n_shards: usize) -> Result<Option<M
         meta,
         config: serde_json::to_value(cfg)?,
     };
+    manifest.check_balance(&format!(
+        "ingest {} into {}",
+        cfg.stage.as_str(),
+        cfg.out.display()
+    ))?;
     let mut lines = String::new();
     for r in &rejects {
         lines.push_str(&serde_json::to_string(r)?);
@@ -294,4 +299,79 @@ fn finalize(cfg: &IngestConfig, plan: &Plan, n_shards: usize) -> Result<Option<M
         &serde_json::to_vec_pretty(&manifest)?,
     )?;
     Ok(Some(manifest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shards::{Sample, ShardRow};
+
+    /// A finished plan whose shards hold fewer samples than its records minus its rejects: ingest
+    /// refuses to write the manifest, naming the stage and the counts.
+    #[test]
+    fn an_unbalanced_ingest_refuses_to_finish() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("cache");
+        let cfg = IngestConfig::new(
+            chat::Stage::SftMulti,
+            "x.json".into(),
+            "x.zip".into(),
+            out.clone(),
+        );
+        let row = ShardRow {
+            image_key: "a.jpg, b.jpg".into(),
+            images: vec!["a.jpg".into(), "b.jpg".into()],
+            features: vec![vec![0u8; 8], vec![0u8; 8]],
+            samples: vec![Sample {
+                id: "0".into(),
+                input_ids: vec![1, 2],
+                loss_mask: vec![0, 1],
+            }],
+        };
+        let meta = ShardMeta {
+            schema_version: sh::SCHEMA_VERSION.into(),
+            stage: "sft_multi".into(),
+            clip_source: "random:0".into(),
+            clip_weights: "random:0".into(),
+            clip_random: true,
+            tokenizer_sha256: String::new(),
+            image_size: 224,
+            feature_dtype: "f16".into(),
+            feature_shape: [2, 2],
+            placeholder_ids: chat::placeholder_ids(),
+            max_seq_len: 512,
+            clip_precision: ClipPrecision::F32,
+        };
+        let file = sh::shard_name(0);
+        let (bytes, sha256) = sh::writer::write_shard(&out.join(&file), &[row], &meta).unwrap();
+        let done = |samples| manifest::ShardDone {
+            index: 0,
+            file: file.clone(),
+            plan_id: "p".into(),
+            rows: 1,
+            samples,
+            images: 2,
+            bytes,
+            sha256: sha256.clone(),
+            rejects: Vec::new(),
+        };
+        let plan = |records_read| Plan {
+            records_read,
+            groups: Vec::new(),
+            record_rejects: Vec::new(),
+            placeholders_repaired: 0,
+            plan_id: "p".into(),
+        };
+        manifest::write_done(&out, &done(1)).unwrap();
+        assert!(finalize(&cfg, &plan(1), 1).unwrap().is_some());
+        std::fs::remove_file(out.join("manifest.json")).unwrap();
+
+        let err = finalize(&cfg, &plan(3), 1).unwrap_err().to_string();
+        assert!(
+            err.contains("ingest sft_multi")
+                && err.contains("records read 3 ≠ samples written 1 + samples rejected 0"),
+            "{err}"
+        );
+        assert!(!out.join("manifest.json").exists());
+    }
 }

@@ -57,6 +57,23 @@ pub struct Manifest {
     pub config: serde_json::Value,
 }
 
+impl Manifest {
+    /// Every record read must be a sample written or a sample rejected; anything else is data
+    /// lost without a word. `stage` names the ingest in the message.
+    pub fn check_balance(&self, stage: &str) -> Result<()> {
+        if self.records_read == self.samples_written + self.samples_rejected {
+            return Ok(());
+        }
+        Err(crate::Error::Data(format!(
+            "{stage}: records read {} ≠ samples written {} + samples rejected {} ({} unaccounted for); refusing to write manifest.json\nHINT: this is a bug in ingest; keep the directory and report it",
+            self.records_read,
+            self.samples_written,
+            self.samples_rejected,
+            self.records_read as i64 - (self.samples_written + self.samples_rejected) as i64
+        )))
+    }
+}
+
 pub fn progress_dir(out: &Path) -> PathBuf {
     out.join("progress")
 }
