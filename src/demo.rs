@@ -39,11 +39,15 @@ pub struct DemoConfig {
     pub layers: Option<usize>,
 }
 
+/// Images of the validation split (the training stages' held-out loss).
+const VAL_IMAGES: usize = 128;
+
 /// What the demo writes under its `out`; a run starts by removing these (and nothing else), so
 /// that a run with other settings or from another version never meets stale shards.
-const DEMO_OUTPUTS: [&str; 9] = [
+const DEMO_OUTPUTS: [&str; 10] = [
     "dataset",
     "eval",
+    "val",
     "cache",
     "pretrain",
     "pretrain.toml",
@@ -54,6 +58,7 @@ const DEMO_OUTPUTS: [&str; 9] = [
 ];
 
 pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::demo_eval::Accuracy)> {
+    let started = std::time::Instant::now();
     for name in DEMO_OUTPUTS {
         let p = cfg.out.join(name);
         if p.is_dir() {
@@ -124,6 +129,21 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
     let inspect = crate::inspect::report(&cfg.out.join("cache/pretrain"))?;
     let _ = writeln!(report, "## inspect cache/pretrain\n\n```\n{inspect}```\n");
 
+    // Validation during training (the loss curves of `val.jsonl`) uses a split of its own, from a
+    // third seed: the held-out evaluation set below is never looked at before the final score.
+    let val_ds = cfg.out.join("val");
+    synth::generate(&SynthConfig {
+        out: val_ds.clone(),
+        seed: cfg.seed + 2_000_003,
+        pretrain: 0,
+        sft: VAL_IMAGES,
+        sft_records: 1,
+        multi: 0,
+        faults: false,
+    })?;
+    ingest_stage(&val_ds, Stage::Sft, "cache/val", VAL_IMAGES)?;
+    let val_cache = cfg.out.join("cache/val");
+
     // Held-out images and pairs: another seed, never seen in training.
     let eval_ds = cfg.out.join("eval");
     synth::generate(&SynthConfig {
@@ -167,7 +187,7 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         lr: 2e-3,
         adam_beta2: 0.999,
     };
-    train_stage(stage, &eval_cache, &model, &opts.device, cfg.ranks)?;
+    train_stage(stage, &val_cache, &model, &opts.device, cfg.ranks)?;
     let init = Some(pre_out.join("checkpoint/model.safetensors"));
     // Instructions: the single-image and the two-image sets together (like upstream's optional
     // two-image SFT, but mixed in, so the single-image answers are not forgotten).
@@ -184,7 +204,7 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         lr: cfg.sft_lr,
         adam_beta2: cfg.sft_adam_beta2,
     };
-    train_stage(stage, &eval_cache, &model, &opts.device, cfg.ranks)?;
+    train_stage(stage, &val_cache, &model, &opts.device, cfg.ranks)?;
 
     eprintln!(
         "[5/5] evaluate on {} held-out images and {} pairs",
@@ -209,7 +229,12 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         &mut acc,
         &opts.device,
     )?;
-    let summary = acc.report();
+    let summary = format!(
+        "{}demo wall time: {:.0} s on {}\n",
+        acc.report(),
+        started.elapsed().as_secs_f64(),
+        crate::device::cpu_description()
+    );
     let shown = extract_examples(&acc, &synth::stage_files(&eval_ds, Stage::Sft).1, &cfg.out)?;
     let table = acc.examples_markdown(&|name: &str| {
         if shown.iter().any(|s| s == name) {

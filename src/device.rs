@@ -53,6 +53,23 @@ pub fn default_clip_streams(device: &Device) -> usize {
     }
 }
 
+/// The host's CPU model and the cores this process may use, e.g. "AMD EPYC, 2 cores" (Linux's
+/// `/proc/cpuinfo`; "unknown CPU" elsewhere). Floating-point results and speed differ between CPU
+/// models, so measurements name it.
+pub fn cpu_description() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{model}, {cores} cores")
+}
+
 fn bad(s: &str) -> crate::Error {
     crate::Error::Config(format!("device {s:?}: expected cpu, cuda, cuda:N or auto"))
 }

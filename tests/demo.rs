@@ -35,6 +35,24 @@ fn demo_runs_twice_with_other_settings_in_one_directory() {
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("RANDOM-INITIALISED"), "{report}");
     assert!(report.contains("held-out evaluation"), "{report}");
+    // The no-image baseline and where and how long the run took are in the report.
+    assert!(
+        report.contains("with the image features zeroed: colour "),
+        "{report}"
+    );
+    assert!(
+        report.contains("demo wall time: ") && report.contains(" cores"),
+        "{report}"
+    );
+    // Validation during training reads its own split, never the evaluation set.
+    let stage: toml::Table = std::fs::read_to_string(out.join("sft.toml"))
+        .map(|t| t.parse().unwrap())
+        .unwrap_or_default();
+    if let Some(train) = stage.get("train") {
+        assert!(train["val_shards"].as_str().unwrap().ends_with("cache/val"));
+    }
+    assert!(out.join("cache/val/manifest.json").exists());
+    assert!(out.join("sft/val.jsonl").exists());
 
     let second = demo(&out, "30");
     common::assert_ok(&second);
