@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use minimind_v::demo_eval::evaluate_demo_dir;
-use minimind_v::ingest::chat::ChatTokenizer;
+use minimind_v::text::ChatTokenizer;
 
 fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();

@@ -12,7 +12,7 @@ use candle_core::Device;
 use minimind_v::demo_eval::{
     demo_model, evaluate_demo_dir, stage_config, StageRun, SFT_ADAM_BETA2,
 };
-use minimind_v::ingest::chat::ChatTokenizer;
+use minimind_v::text::ChatTokenizer;
 use minimind_v::train::{self, RunOptions};
 
 fn main() {

@@ -11,9 +11,9 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use minimind_v::ingest::clip::{ClipTower, TowerShape};
-use minimind_v::ingest::preprocess::load_resized;
 use minimind_v::synth::draw::{render, Scene, SHAPES};
+use minimind_v::vision::clip::{ClipTower, TowerShape};
+use minimind_v::vision::preprocess::load_resized;
 use rand::SeedableRng;
 
 fn jpeg(img: &image::RgbImage) -> Vec<u8> {

@@ -1,7 +1,9 @@
-//! `minimind-v demo`: the whole available pipeline offline, on data it makes itself —
-//! synthesise an upstream-format dataset (with planted faults), ingest all three stages into
-//! shards, and inspect them. Uses the real CLIP under `model/clip_model/` if present, otherwise a
-//! seeded random-initialised tower, announced as such. Writes `out/demo/report.md`.
+//! `minimind-v demo`: the whole pipeline offline, on data it makes itself — synthesise an
+//! upstream-format dataset (with planted faults), ingest all three stages into shards, inspect
+//! them, train a small model (captions, then instructions; validated on a split of its own) and
+//! score it on a held-out set (`demo_eval`). Uses the real CLIP under `model/clip_model/` if
+//! present, otherwise a seeded random-initialised tower, announced as such. Writes everything
+//! under `--out` (default `out/demo/`), ending with `report.md`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -9,9 +11,10 @@ use std::path::{Path, PathBuf};
 use crate::config::IngestConfig;
 use crate::demo_eval::{train_stage, StageRun};
 use crate::error::{IoContext, Result};
-use crate::ingest::{self, chat::Stage, IngestOptions};
+use crate::ingest::{self, IngestOptions};
 use crate::model::ModelConfig;
 use crate::synth::{self, SynthConfig};
+use crate::text::Stage;
 
 pub struct DemoConfig {
     pub out: PathBuf,
@@ -210,7 +213,7 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         "[5/5] evaluate on {} held-out images and {} pairs",
         cfg.eval_images, cfg.eval_pairs
     );
-    let tok = crate::ingest::chat::ChatTokenizer::load(&cfg.tokenizer)?;
+    let tok = crate::text::ChatTokenizer::load(&cfg.tokenizer)?;
     let ckpt = cfg.out.join("sft/checkpoint");
     let labels = eval_ds.join("labels.json");
     let mut acc = crate::demo_eval::evaluate(

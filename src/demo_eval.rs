@@ -7,14 +7,16 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
+use crate::config::{ModelChoice, TrainConfig, Trainable};
 use crate::error::{bad_file, IoContext, Result};
-use crate::generate::{chat_prompt, generate, Sampling};
-use crate::ingest::chat::ChatTokenizer;
+use crate::generate::{generate, Sampling};
 use crate::model::vlm::{Images, Vlm};
 use crate::model::ModelConfig;
 use crate::shards::f16_bytes_to_f32;
 use crate::shards::reader::{list_shards, ShardReader};
-use crate::train::{self, ModelChoice, RunOptions, TrainConfig, Trainable};
+use crate::text::chat_prompt;
+use crate::text::ChatTokenizer;
+use crate::train::{self, RunOptions};
 
 /// The small model the demo trains on CPU.
 pub fn demo_model(vision_dim: usize) -> ModelConfig {

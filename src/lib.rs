@@ -1,8 +1,13 @@
 //! minimind-v: train MiniMind-V (a tiny vision-language model) fast by doing the frozen work once.
 //!
 //! Stages, each a module reading the previous stage's files:
-//! `ingest` (JSON + zip → CLIP features + tokens → Parquet shards) → `shards` (schema, reader) →
-//! `inspect` (Polars view of shards). `synth` makes an upstream-format dataset for tests and demos.
+//! `ingest` (JSON + zip → CLIP features + tokens → Parquet shards, `shards` being their schema,
+//! writer and reader) → `train` (shards → checkpoint) → `generate` and `serve` (checkpoint →
+//! answers, in a terminal or over HTTP); `inspect` shows what shards hold (Polars).
+//! Beside them: `model` (MiniMind-V in candle), `config` (pipeline files), `synth` (an
+//! upstream-format dataset for tests and the demo), `demo` and `demo_eval` (the offline demo and
+//! its held-out scoring), `bench` (throughput, parity with the CPU, where a step's time goes),
+//! `compare` (the NaN-strict comparison every check uses), `device`, `error`, `util`.
 
 pub mod bench;
 pub mod compare;
@@ -18,7 +23,9 @@ pub mod model;
 pub mod serve;
 pub mod shards;
 pub mod synth;
+pub mod text;
 pub mod train;
 pub mod util;
+pub mod vision;
 
 pub use error::{Error, Result};

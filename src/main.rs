@@ -67,7 +67,7 @@ enum Command {
         /// Two-image pairs for the "what differs" instructions.
         #[arg(long, default_value_t = 200)]
         multi: usize,
-        #[arg(long, default_value = "model/clip_model/clip-vit-base-patch32")]
+        #[arg(long, default_value = minimind_v::config::DEFAULT_CLIP)]
         clip: PathBuf,
         #[arg(long, default_value_t = 400)]
         pretrain_steps: usize,
@@ -320,7 +320,7 @@ fn main() -> std::process::ExitCode {
 /// `--sft-adam-beta2`: a number the trainer accepts as `adam_beta2`, refused at parse time.
 fn parse_adam_beta2(s: &str) -> Result<f64, String> {
     let beta2: f64 = s.parse().map_err(|e| format!("{e}"))?;
-    minimind_v::train::check_adam_beta2(beta2).map_err(|e| e.to_string())
+    minimind_v::config::check_adam_beta2(beta2).map_err(|e| e.to_string())
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -395,7 +395,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 sft_records,
                 multi,
                 clip_dir: clip,
-                tokenizer: "assets/tokenizer".into(),
+                tokenizer: config::DEFAULT_TOKENIZER.into(),
                 pretrain_steps,
                 sft_steps,
                 sft_lr,
@@ -511,7 +511,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 &ckpt,
                 preset(model)?.as_ref(),
                 &generate::clip_for(&ckpt, clip),
-                std::path::Path::new("assets/tokenizer"),
+                std::path::Path::new(config::DEFAULT_TOKENIZER),
                 &device::select(&device)?,
             )?;
             let limits = minimind_v::serve::Limits {
@@ -602,7 +602,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 },
         } => {
             let p = bench::ParityCheck {
-                model: train::ModelChoice::Preset(model).resolve()?,
+                model: config::ModelChoice::Preset(model).resolve()?,
                 clip: clip.parse()?,
                 images,
                 steps,
@@ -629,7 +629,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             what: BenchWhat::Breakdown { batch_size, step },
         } => {
             let b = bench::breakdown::Breakdown {
-                model: train::ModelChoice::Preset(step.model).resolve()?,
+                model: config::ModelChoice::Preset(step.model).resolve()?,
                 batch_size,
                 steps: step.steps,
                 mean_len: step.mean_len,
@@ -649,7 +649,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 },
         } => {
             let b = bench::TrainBench {
-                model: train::ModelChoice::Preset(step.model).resolve()?,
+                model: config::ModelChoice::Preset(step.model).resolve()?,
                 batch_size,
                 steps: step.steps,
                 mean_len: step.mean_len,
@@ -666,7 +666,7 @@ fn run(command: Command) -> anyhow::Result<()> {
 /// The model config named by `--model` (for a bare weights file).
 fn preset(model: Option<String>) -> minimind_v::Result<Option<minimind_v::model::ModelConfig>> {
     model
-        .map(|m| train::ModelChoice::Preset(m).resolve())
+        .map(|m| config::ModelChoice::Preset(m).resolve())
         .transpose()
 }
 
@@ -699,7 +699,7 @@ fn chat(
         &ckpt,
         preset(model)?.as_ref(),
         &clip,
-        std::path::Path::new("assets/tokenizer"),
+        std::path::Path::new(config::DEFAULT_TOKENIZER),
         &device,
     )?;
     let (vlm, tok) = (&engine.vlm, &engine.tokenizer);
@@ -708,7 +708,7 @@ fn chat(
         None => None,
     };
     let answer = |question: &str| -> anyhow::Result<()> {
-        let ids = tok.encode_text(&generate::chat_prompt(question, images.len()));
+        let ids = tok.encode_text(&minimind_v::text::chat_prompt(question, images.len()));
         anyhow::ensure!(
             ids.len() < vlm.cfg.max_seq_len,
             "the prompt is {} tokens; the model's max_seq_len is {}",

@@ -5,10 +5,11 @@
 mod common;
 
 use candle_core::{DType, Device, IndexOp};
-use minimind_v::generate::{chat_prompt, generate, sample, Sampling, TextStream};
-use minimind_v::ingest::chat::{placeholder_text, ChatTokenizer};
+use minimind_v::generate::{generate, sample, Sampling, TextStream};
 use minimind_v::model::vlm::Images;
 use minimind_v::model::{weights, ModelConfig};
+use minimind_v::text::chat_prompt;
+use minimind_v::text::{placeholder_text, ChatTokenizer};
 use rand::SeedableRng;
 
 fn model(file: &str) -> minimind_v::model::vlm::Vlm {

@@ -9,14 +9,14 @@ use std::process::Command;
 
 use candle_core::Device;
 use minimind_v::compare;
-use minimind_v::ingest::chat::{ChatTokenizer, Stage, Turn};
-use minimind_v::ingest::clip::ClipTower;
-use minimind_v::ingest::preprocess::load_resized;
 use minimind_v::ingest::source::ImageSource;
 use minimind_v::shards::manifest::{read_manifest, read_rejects, Manifest};
 use minimind_v::shards::reader::{list_shards, read_shard};
 use minimind_v::shards::{f16_bytes_to_f32, ClipPrecision};
 use minimind_v::synth::{self, SynthConfig};
+use minimind_v::text::{ChatTokenizer, Stage, Turn};
+use minimind_v::vision::clip::ClipTower;
+use minimind_v::vision::preprocess::load_resized;
 
 const CLIP: &str = "random-small:3";
 
@@ -280,7 +280,7 @@ fn three_upstream_formats_with_faults() {
     assert_eq!(rows[0].features.len(), 2);
     assert_ne!(rows[0].features[0], rows[0].features[1]);
     assert_eq!(
-        minimind_v::ingest::chat::placeholder_starts(
+        minimind_v::text::placeholder_starts(
             &rows[0].samples[0]
                 .input_ids
                 .iter()

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use minimind_v::compare::Diff;
-use minimind_v::ingest::clip::{ClipSource, ClipTower};
-use minimind_v::ingest::preprocess::{decode_rgb, pixel_values, resize_rgb, Normalization};
+use minimind_v::vision::clip::{ClipSource, ClipTower};
+use minimind_v::vision::preprocess::{decode_rgb, pixel_values, resize_rgb, Normalization};
 
 fn expected() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(

@@ -3,8 +3,8 @@
 
 mod common;
 
-use minimind_v::ingest::chat::{self, ChatTokenizer, Stage, Turn};
-use minimind_v::ingest::reject::Reason;
+use minimind_v::shards::reject::Reason;
+use minimind_v::text::{self as chat, ChatTokenizer, Stage, Turn};
 use serde_json::Value;
 
 fn cases() -> Value {

@@ -287,7 +287,7 @@ fn multi_turn_uses_upstream_template_and_text_only_works() {
     let r = http::post_json(addr, "/v1/chat/completions", &req);
     assert_eq!(r.status, 200, "{}", r.text());
     // upstream's template: "You are helpful.<s>user\nhello</s>\n<s>assistant\nhi</s>\n<s>user\nhow are you?</s>\n<s>assistant\n"
-    let tok = minimind_v::ingest::chat::ChatTokenizer::load(&common::tokenizer_dir()).unwrap();
+    let tok = minimind_v::text::ChatTokenizer::load(&common::tokenizer_dir()).unwrap();
     let expect = tok.encode_text(
         "You are helpful.<s>user\nhello</s>\n<s>assistant\nhi</s>\n<s>user\nhow are you?</s>\n<s>assistant\n",
     );

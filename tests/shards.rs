@@ -22,7 +22,7 @@ fn meta() -> ShardMeta {
         image_size: 224,
         feature_dtype: "f16".into(),
         feature_shape: [2, 3],
-        placeholder_ids: minimind_v::ingest::chat::placeholder_ids(),
+        placeholder_ids: minimind_v::text::placeholder_ids(),
         max_seq_len: 512,
         clip_precision: ClipPrecision::Tf32,
     }

@@ -52,7 +52,7 @@ fn pipeline(tmp: &Path, name: &str, shards: &Path, steps: usize, vision_dim: usi
         format!(
             "[train]\nshards = {shards:?}\nout = {:?}\nsteps = {steps}\nbatch_size = 4\ngrad_accum = 2\nlr = 1e-3\nwarmup_steps = 2\nshuffle_buffer = 64\nbucket_batches = 4\ncheckpoint_every = 4\nseed = 9\nval_shards = {shards:?}\nval_every = 6\nval_batches = 3\n\n[train.model]\ndim = 64\nn_layers = 2\nn_heads = 4\nn_kv_heads = 2\nvocab_size = 6400\nmultiple_of = 64\nnorm_eps = 1e-5\nmax_seq_len = 512\nrope_theta = 10000.0\nvision_dim = {vision_dim}\nimage_ids = {:?}\n",
             tmp.join(name),
-            minimind_v::ingest::chat::placeholder_ids()
+            minimind_v::text::placeholder_ids()
         ),
     )
     .unwrap();
@@ -359,8 +359,9 @@ fn bf16_mixed_precision_tracks_f32_and_trains_every_parameter() {
 /// which they would not without the gradient averaging.
 #[test]
 fn two_data_parallel_ranks_average_gradients_and_only_rank_zero_writes() {
+    use minimind_v::config::TrainConfig;
     use minimind_v::train::dist::ThreadGroup;
-    use minimind_v::train::{run, run_dist, RunOptions, TrainConfig};
+    use minimind_v::train::{run, run_dist, RunOptions};
 
     let tmp = tempfile::tempdir().unwrap();
     let cache = shards(tmp.path());
@@ -448,8 +449,9 @@ fn two_data_parallel_ranks_average_gradients_and_only_rank_zero_writes() {
 /// step. A rank that fails stops the run with its rank named.
 #[test]
 fn ranks_as_processes_match_ranks_as_threads() {
+    use minimind_v::config::TrainConfig;
     use minimind_v::train::dist::ThreadGroup;
-    use minimind_v::train::{run_dist, RunOptions, TrainConfig};
+    use minimind_v::train::{run_dist, RunOptions};
 
     let tmp = tempfile::tempdir().unwrap();
     let cache = shards(tmp.path());
@@ -515,7 +517,8 @@ fn ranks_as_processes_match_ranks_as_threads() {
 /// are not. A β₂ of 1 or more is refused, naming the setting.
 #[test]
 fn adam_beta2_defaults_to_upstreams_and_changes_the_updates() {
-    use minimind_v::train::{run, RunOptions, TrainConfig};
+    use minimind_v::config::TrainConfig;
+    use minimind_v::train::{run, RunOptions};
 
     let tmp = tempfile::tempdir().unwrap();
     let cache = shards(tmp.path());

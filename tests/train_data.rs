@@ -22,7 +22,7 @@ fn meta() -> ShardMeta {
         image_size: 224,
         feature_dtype: "f16".into(),
         feature_shape: [50, 4],
-        placeholder_ids: minimind_v::ingest::chat::placeholder_ids(),
+        placeholder_ids: minimind_v::text::placeholder_ids(),
         max_seq_len: 512,
         clip_precision: ClipPrecision::F32,
     }
@@ -31,7 +31,7 @@ fn meta() -> ShardMeta {
 /// 3 shards × 40 rows × 2 samples with lengths 60..=160.
 fn shard_dir() -> (tempfile::TempDir, usize) {
     let tmp = tempfile::tempdir().unwrap();
-    let ph: Vec<u16> = minimind_v::ingest::chat::placeholder_ids()
+    let ph: Vec<u16> = minimind_v::text::placeholder_ids()
         .iter()
         .map(|&t| t as u16)
         .collect();
@@ -147,7 +147,7 @@ fn collate_shifts_like_upstream_and_splices_images() {
     let (tmp, _) = shard_dir();
     let mut s = Stream::new(files(tmp.path()), cfg(1)).unwrap();
     let items = s.next_items().unwrap();
-    let ph = minimind_v::ingest::chat::placeholder_ids();
+    let ph = minimind_v::text::placeholder_ids();
     let b = collate(&items, &meta(), None, false, &ph, &Device::Cpu).unwrap();
     let t = items.iter().map(|i| i.ids.len() - 1).max().unwrap();
     assert_eq!(b.x.dims(), &[items.len(), t]);

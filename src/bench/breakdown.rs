@@ -9,10 +9,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::synthetic_batches;
+use crate::config::Precision;
 use crate::error::Result;
+use crate::train::compute_model;
 use crate::train::data::collate;
 use crate::train::optim::clip_global_norm;
-use crate::train::{compute_model, Precision};
 
 pub struct Breakdown {
     pub model: crate::model::ModelConfig,
@@ -53,7 +54,7 @@ fn fwd_bwd(
 
 pub fn run(b: &Breakdown, device: &Device) -> Result<String> {
     let cfg = &b.model;
-    b.precision.apply_matmul_mode();
+    crate::train::apply_matmul_mode(b.precision);
     let mut out = format!(
         "batch {}, mean len {}, {:?}, dim {} × {} layers, {:?}\n\n| phase (synchronised) | ms per step |\n|---|---|\n",
         b.batch_size, b.mean_len, b.precision, cfg.dim, cfg.n_layers, device.location()

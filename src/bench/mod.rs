@@ -1,5 +1,8 @@
-//! `minimind-v bench ingest`: throughput of each ingest stage on this machine — JPEG decode +
-//! resize (one core and all cores), CLIP forward, and Parquet shard writing. Results go to
+//! `minimind-v bench`: measurements on this machine. `ingest`: throughput of each ingest stage
+//! (JPEG decode + resize on one core and all cores, CLIP forward, Parquet shard writing); `train`:
+//! training-step throughput (dynamic padding vs upstream's pad-to-512); `stream`: the trainer's
+//! loader; `parity` (parity.rs): a device's numbers against the CPU's; `breakdown`
+//! (breakdown.rs): where a step's time goes. A failed measurement fails the command. Results go to
 //! `docs/BENCHMARKS.md` by hand, with the command that produced them.
 
 pub mod breakdown;
@@ -14,11 +17,11 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::ingest::clip::{ClipSource, ClipTower};
-use crate::ingest::preprocess::load_resized;
 use crate::shards::{
     shard_name as sh_name, writer::write_shard, Sample, ShardMeta, ShardRow, SCHEMA_VERSION,
 };
+use crate::vision::clip::{ClipSource, ClipTower};
+use crate::vision::preprocess::load_resized;
 
 pub struct IngestBench {
     pub images: usize,
@@ -150,7 +153,7 @@ pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
         ));
     }
     let px =
-        crate::ingest::preprocess::pixel_values(&batch, tower.image_size, &tower.norm, device)?
+        crate::vision::preprocess::pixel_values(&batch, tower.image_size, &tower.norm, device)?
             .to_dtype(tower.dtype)?;
     device.synchronize()?;
     let t = Instant::now();
@@ -189,7 +192,7 @@ pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
         "pretrain",
         b.clip.to_string(),
         [tower.tokens, tower.hidden],
-        crate::ingest::chat::placeholder_ids(),
+        crate::text::placeholder_ids(),
         512,
     );
     let dir = std::env::temp_dir().join(format!("minimind-v-bench-{}", std::process::id()));
@@ -227,7 +230,7 @@ pub struct TrainBench {
     pub steps: usize,
     /// Mean sample length in tokens (upstream pretrain ~94, SFT ~114).
     pub mean_len: usize,
-    pub precision: crate::train::Precision,
+    pub precision: crate::config::Precision,
     pub padding: Padding,
 }
 
@@ -329,12 +332,12 @@ fn train_steps(
     cfg: &crate::model::ModelConfig,
     batches: &[Vec<crate::train::data::Item>],
     pad_to: Option<usize>,
-    precision: crate::train::Precision,
+    precision: crate::config::Precision,
     device: &Device,
 ) -> Result<(Vec<f32>, usize, f64)> {
     use crate::train::data::collate;
     use crate::train::optim::clip_global_norm;
-    precision.apply_matmul_mode();
+    crate::train::apply_matmul_mode(precision);
     let Fresh {
         model,
         varmap,
@@ -449,7 +452,7 @@ pub fn stream(
         "sft",
         "bench".into(),
         [50, 768],
-        crate::ingest::chat::placeholder_ids(),
+        crate::text::placeholder_ids(),
         512,
     );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
@@ -467,11 +470,7 @@ pub fn stream(
                     .map(|k| {
                         let len = rng.random_range(80..150);
                         let mut ids = vec![1u16, 320, 275, 201];
-                        ids.extend(
-                            crate::ingest::chat::placeholder_ids()
-                                .iter()
-                                .map(|&v| v as u16),
-                        );
+                        ids.extend(crate::text::placeholder_ids().iter().map(|&v| v as u16));
                         ids.extend((ids.len()..len).map(|_| rng.random_range(100..6000) as u16));
                         Sample {
                             id: format!("{r}-{k}"),

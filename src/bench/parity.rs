@@ -7,8 +7,8 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::{synth_jpegs, synthetic_batches, train_steps};
 use crate::error::Result;
-use crate::ingest::clip::{ClipSource, ClipTower};
-use crate::ingest::preprocess::load_resized;
+use crate::vision::clip::{ClipSource, ClipTower};
+use crate::vision::preprocess::load_resized;
 
 /// `bench parity`: does `device` compute what the CPU computes? CLIP features of the same
 /// images, and the loss curve of the same training steps (f32); then bf16 against f32 on
@@ -71,7 +71,7 @@ impl Table {
 /// which missed.
 pub fn parity(p: &ParityCheck, device: &Device) -> Result<Table> {
     use crate::compare::{worst_rel_each, Diff};
-    use crate::train::Precision;
+    use crate::config::Precision;
     let mut t = Table::default();
 
     let jpegs = synth_jpegs(p.images);

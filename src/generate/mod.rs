@@ -1,16 +1,15 @@
 //! Generation: upstream's sampling (temperature, top-k, repetition penalty; plus top-p) with or
 //! without a KV cache, stopping at `</s>`, and UTF-8-safe streaming of the decoded text.
-//! Images go through the same preprocessing and frozen CLIP as ingest (`ingest::preprocess`,
-//! `ingest::clip`), never a copy.
+//! Images go through the same preprocessing and frozen CLIP as ingest (`vision`), never a copy.
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::Result;
-use crate::ingest::chat::{placeholder_text, ChatTokenizer, EOS_ID, IMAGE_TAG};
 use crate::model::llm::KvCache;
 use crate::model::vlm::{Images, Vlm};
+use crate::text::{ChatTokenizer, EOS_ID};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampling {
@@ -47,23 +46,6 @@ impl Sampling {
             seed: 0,
         }
     }
-}
-
-/// The chat prompt upstream's model was trained on, with images placed by `<image>` tags or, if
-/// the question has none, one placeholder per image prepended.
-pub fn chat_prompt(question: &str, n_images: usize) -> String {
-    let tagged = question.matches(IMAGE_TAG).count();
-    let q = if tagged == 0 && n_images > 0 {
-        format!("{}{question}", format!("{IMAGE_TAG}\n").repeat(n_images))
-    } else {
-        question.to_string()
-    };
-    render_placeholders(&format!("<s>user\n{q}</s>\n<s>assistant\n"))
-}
-
-/// Replace each `<image>` tag with the 50-token placeholder text the features are spliced into.
-pub fn render_placeholders(text: &str) -> String {
-    text.replace(IMAGE_TAG, &placeholder_text())
 }
 
 /// Pick the next token from (V,) logits.
@@ -223,14 +205,14 @@ pub fn trained_on(ckpt: &std::path::Path) -> Option<crate::shards::ShardMeta> {
 pub fn clip_for(ckpt: &std::path::Path, asked: Option<String>) -> String {
     asked
         .or_else(|| trained_on(ckpt).map(|m| m.clip_source))
-        .unwrap_or_else(crate::config::default_clip)
+        .unwrap_or_else(|| crate::config::DEFAULT_CLIP.to_string())
 }
 
 /// A model ready to answer: the VLM, the frozen tower (when it takes images) and the tokenizer.
 /// What `chat` and `serve` load.
 pub struct Engine {
     pub vlm: Vlm,
-    pub tower: Option<crate::ingest::clip::ClipTower>,
+    pub tower: Option<crate::vision::clip::ClipTower>,
     pub tokenizer: std::sync::Arc<ChatTokenizer>,
     /// Name reported by `serve` (`/v1/models`, completions).
     pub model_id: String,
@@ -255,7 +237,7 @@ impl Engine {
             let precision = trained
                 .as_ref()
                 .map_or(ClipPrecision::F32, |m| m.clip_precision);
-            let tower = crate::ingest::clip::ClipTower::load_as(
+            let tower = crate::vision::clip::ClipTower::load_as(
                 &clip.parse()?,
                 device,
                 precision.tower_dtype(),
@@ -296,7 +278,7 @@ impl Engine {
 /// Features of image files through the ingest path: decode, PIL-bicubic resize, frozen CLIP.
 /// (n, tokens, hidden).
 pub fn image_features(
-    tower: &crate::ingest::clip::ClipTower,
+    tower: &crate::vision::clip::ClipTower,
     paths: &[std::path::PathBuf],
 ) -> Result<Option<Tensor>> {
     if paths.is_empty() {
@@ -305,7 +287,7 @@ pub fn image_features(
     let mut pixels = Vec::with_capacity(paths.len());
     for p in paths {
         let bytes = std::fs::read(p).map_err(|e| crate::error::bad_file(p, e.to_string()))?;
-        let img = crate::ingest::preprocess::load_resized(&bytes, tower.image_size as u32)
+        let img = crate::vision::preprocess::load_resized(&bytes, tower.image_size as u32)
             .map_err(|(_, d)| crate::error::bad_file(p, format!("not a readable image: {d}")))?;
         pixels.push(img);
     }

@@ -5,13 +5,9 @@
 //! `rejects.jsonl`. Plans the run (records → samples → rows of unique image sets → shards), skips
 //! the shards already done, and runs `pipeline` over the rest.
 
-pub mod chat;
-pub mod clip;
 mod pipeline;
 pub mod plan;
-pub mod preprocess;
 pub mod records;
-pub mod reject;
 pub mod source;
 
 use std::collections::BTreeMap;
@@ -21,12 +17,12 @@ use candle_core::Device;
 use crate::config::IngestConfig;
 use crate::error::{bad_file, Error, Result};
 use crate::shards::manifest::{self, Manifest, ShardEntry};
+use crate::shards::reject::Reject;
 use crate::shards::{self as sh, ClipPrecision, ShardMeta};
-use chat::ChatTokenizer;
-use clip::{ClipSource, ClipTower};
+use crate::text::ChatTokenizer;
+use crate::vision::clip::{ClipSource, ClipTower};
 pub use pipeline::{Timing, WRITERS};
 use plan::Plan;
-use reject::Reject;
 
 /// How this process takes part in an ingest.
 #[derive(Debug, Clone)]
@@ -218,7 +214,7 @@ fn shard_meta(
         image_size: tower.image_size,
         feature_dtype: "f16".into(),
         feature_shape: [tower.tokens, tower.hidden],
-        placeholder_ids: chat::placeholder_ids(),
+        placeholder_ids: crate::text::placeholder_ids(),
         max_seq_len: cfg.max_seq_len,
         clip_precision: precision,
     }
@@ -313,7 +309,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("cache");
         let cfg = IngestConfig::new(
-            chat::Stage::SftMulti,
+            crate::text::Stage::SftMulti,
             "x.json".into(),
             "x.zip".into(),
             out.clone(),
@@ -338,7 +334,7 @@ mod tests {
             image_size: 224,
             feature_dtype: "f16".into(),
             feature_shape: [2, 2],
-            placeholder_ids: chat::placeholder_ids(),
+            placeholder_ids: crate::text::placeholder_ids(),
             max_seq_len: 512,
             clip_precision: ClipPrecision::F32,
         };

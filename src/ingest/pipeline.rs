@@ -12,15 +12,15 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
-use super::clip::ClipTower;
 use super::plan::{Group, Plan};
-use super::preprocess;
-use super::reject::{Reason, Reject};
 use super::source::ImageSource;
 use crate::config::IngestConfig;
 use crate::error::Result;
 use crate::shards::manifest::{self, ShardDone};
+use crate::shards::reject::{Reason, Reject};
 use crate::shards::{self as sh, ShardMeta, ShardRow};
+use crate::vision::clip::ClipTower;
+use crate::vision::preprocess;
 
 /// Shards written at once: one Parquet writer is one core's work (docs/BENCHMARKS.md).
 pub const WRITERS: usize = 2;

@@ -8,10 +8,10 @@ use rayon::prelude::*;
 
 use crate::config::IngestConfig;
 use crate::error::{IoContext, Result};
-use crate::ingest::chat::ChatTokenizer;
 use crate::ingest::records::{parse_records, ImageNaming};
-use crate::ingest::reject::Reject;
+use crate::shards::reject::Reject;
 use crate::shards::Sample;
+use crate::text::ChatTokenizer;
 
 /// One future shard row: a unique image set and every sample that uses it.
 #[derive(Debug, Clone)]

@@ -7,8 +7,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::{bad_file, Result};
-use crate::ingest::chat::Turn;
-use crate::ingest::reject::{Reason, Reject};
+use crate::shards::reject::{Reason, Reject};
+use crate::text::Turn;
 
 #[derive(Debug, Clone)]
 pub struct Record {

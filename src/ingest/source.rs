@@ -7,7 +7,7 @@ use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use crate::error::{bad_file, IoContext, Result};
-use crate::ingest::reject::Reason;
+use crate::shards::reject::Reason;
 
 pub enum ImageSource {
     Zip {

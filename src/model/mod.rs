@@ -11,7 +11,7 @@ pub mod weights;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ingest::chat::placeholder_ids;
+use crate::text::placeholder_ids;
 
 /// Model shape, in upstream's `LMConfig` names; `config.json` beside `model.safetensors`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -27,7 +27,7 @@ pub fn pair_windows(
 ) -> Vec<(usize, usize, usize)> {
     let mut pairs = Vec::new();
     for (r, (ids, &n)) in rows.iter().zip(counts).enumerate() {
-        let starts = crate::ingest::chat::find_windows(ids, image_ids);
+        let starts = crate::text::find_windows(ids, image_ids);
         pairs.extend(
             starts
                 .into_iter()

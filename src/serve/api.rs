@@ -4,7 +4,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::generate::{Sampling, MAX_IMAGES};
-use crate::ingest::chat::IMAGE_TAG;
+use crate::text::IMAGE_TAG;
 
 /// `POST /v1/chat/completions` body. Unknown fields are ignored, as OpenAI clients send many.
 #[derive(Debug, Deserialize)]

@@ -24,8 +24,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
 use crate::generate::{generate, Engine, Sampling, TextStream};
-use crate::ingest::chat::{placeholder_starts, ChatTokenizer};
 use crate::model::vlm::Images;
+use crate::text::{placeholder_starts, ChatTokenizer};
 use api::{ApiError, ChatRequest, Usage};
 
 #[derive(Debug, Clone)]
@@ -220,7 +220,7 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
             ));
         };
         for (i, bytes) in parsed.images.iter().enumerate() {
-            let img = crate::ingest::preprocess::load_resized(bytes, size).map_err(|(_, d)| {
+            let img = crate::vision::preprocess::load_resized(bytes, size).map_err(|(_, d)| {
                 ApiError::bad(
                     "not_an_image",
                     format!("image {}: not a readable image: {d}", i + 1),
@@ -231,7 +231,7 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     }
     let ids = st
         .tokenizer
-        .encode_text(&crate::generate::render_placeholders(&parsed.text));
+        .encode_text(&crate::text::render_placeholders(&parsed.text));
     let windows = placeholder_starts(&ids).len();
     if windows != images.len() {
         return Err(ApiError::bad(

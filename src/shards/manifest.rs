@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{bad_file, IoContext, Result};
-use crate::ingest::reject::Reject;
+use crate::shards::reject::Reject;
 use crate::shards::ShardMeta;
 
 /// Written after its shard's Parquet file is in place; a shard counts as done only with it.

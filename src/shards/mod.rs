@@ -8,9 +8,13 @@
 //! | images      | List<Utf8> — image names                                      |
 //! | features    | List<Binary> — per image, tokens×hidden little-endian f16     |
 //! | samples     | List<Struct{id Utf8, input_ids List<UInt16>, loss_mask List<UInt8>}> |
+//!
+//! Beside the shards an ingest writes `manifest.json` (`manifest`) and `rejects.jsonl`: every
+//! record, image or sample that did not become a row, with its reason (`reject`).
 
 pub mod manifest;
 pub mod reader;
+pub mod reject;
 pub mod writer;
 
 use std::collections::HashMap;

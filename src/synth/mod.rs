@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::error::{IoContext, Result};
-use crate::ingest::chat::Stage;
+use crate::text::Stage;
 use draw::{Scene, BACKGROUNDS, COLOURS};
 
 pub const IMAGE_SIZE: u32 = 128;

@@ -1,63 +1,17 @@
-//! Conversation → token ids + loss mask, exactly as upstream MiniMind-V v1 builds them, with
-//! upstream's failure modes turned into corrections or typed rejects.
-//!
-//! Upstream: `<image>` becomes `'<'*25 + '>'*25`; the template is
-//! `<s>user\n{q}</s>\n<s>assistant\n{a}</s>\n` per kept pair; the loss mask is 1 from just after
-//! the last `<s>assistant` through the last token. Pretrain keeps every pair with an answer, SFT
-//! keeps the first pair only.
+//! The MiniMind tokenizer with upstream's sample-building rules: conversation → token ids + loss
+//! mask, exactly as upstream builds them, with upstream's failure modes turned into corrections or
+//! typed rejects.
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use super::template::{render, select_pairs};
+use super::{
+    placeholder_ids, placeholder_starts, placeholder_text, Stage, Turn, ASSISTANT_IDS, IMAGE_TAG,
+};
 use crate::error::{bad_file, Result};
-use crate::ingest::reject::Reason;
-
-pub const IMAGE_TAG: &str = "<image>";
-/// Tokens one image occupies in the text: 25 × `<` (id 30) then 25 × `>` (id 32).
-pub const PLACEHOLDER_LEN: usize = 50;
-pub const PLACEHOLDER_OPEN_ID: u32 = 30;
-pub const PLACEHOLDER_CLOSE_ID: u32 = 32;
-pub const BOS_ID: u32 = 1;
-pub const EOS_ID: u32 = 2;
-/// `<s>assistant` tokenized in context.
-pub const ASSISTANT_IDS: [u32; 4] = [1, 1078, 538, 501];
-
-pub fn placeholder_text() -> String {
-    format!("{}{}", "<".repeat(25), ">".repeat(25))
-}
-
-pub fn placeholder_ids() -> Vec<u32> {
-    let mut ids = vec![PLACEHOLDER_OPEN_ID; 25];
-    ids.extend([PLACEHOLDER_CLOSE_ID; 25]);
-    ids
-}
-
-/// Which of upstream's three data sets a record comes from; decides which Q/A pairs are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Stage {
-    Pretrain,
-    Sft,
-    SftMulti,
-}
-
-impl Stage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Pretrain => "pretrain",
-            Stage::Sft => "sft",
-            Stage::SftMulti => "sft_multi",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Turn {
-    pub from: String,
-    pub value: String,
-}
+use crate::shards::reject::Reason;
 
 /// One tokenized training sample: unpadded ids and the unshifted per-token loss mask.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,96 +25,6 @@ pub struct Encoded {
 
 /// A typed reason plus detail, before it is attached to a record.
 pub type Rejected = (Reason, String);
-
-/// The Q/A pairs upstream keeps for `stage`.
-pub fn select_pairs(
-    stage: Stage,
-    turns: &[Turn],
-) -> std::result::Result<Vec<(&str, &str)>, Rejected> {
-    if turns.is_empty() {
-        return Err((Reason::NoConversations, "conversations is empty".into()));
-    }
-    if !turns.len().is_multiple_of(2) {
-        return Err((
-            Reason::MalformedConversation,
-            format!("{} turns: expected human/gpt pairs", turns.len()),
-        ));
-    }
-    let mut pairs = Vec::new();
-    for (i, pair) in turns.chunks(2).enumerate() {
-        if pair[0].from != "human" || pair[1].from != "gpt" {
-            return Err((
-                Reason::MalformedConversation,
-                format!(
-                    "pair {i} is from {:?}/{:?}, expected \"human\"/\"gpt\"",
-                    pair[0].from, pair[1].from
-                ),
-            ));
-        }
-        pairs.push((pair[0].value.as_str(), pair[1].value.as_str()));
-    }
-    let kept: Vec<_> = match stage {
-        // Upstream drops pretrain pairs whose answer is empty.
-        Stage::Pretrain => pairs.into_iter().filter(|(_, a)| !a.is_empty()).collect(),
-        // Upstream crashes on an empty first answer; we reject it.
-        Stage::Sft | Stage::SftMulti => pairs
-            .into_iter()
-            .take(1)
-            .filter(|(_, a)| !a.is_empty())
-            .collect(),
-    };
-    if kept.is_empty() {
-        return Err((
-            Reason::EmptyAnswer,
-            "no pair with a non-empty answer".into(),
-        ));
-    }
-    Ok(kept)
-}
-
-/// The chat-template text of the kept pairs, with `<image>` already replaced.
-pub fn render(pairs: &[(&str, &str)]) -> String {
-    let ph = placeholder_text();
-    let mut text = String::new();
-    for (q, a) in pairs {
-        let q = q.replace(IMAGE_TAG, &ph);
-        text.push_str(&format!("<s>user\n{q}</s>\n<s>assistant\n{a}</s>\n"));
-    }
-    text
-}
-
-/// Start positions of complete placeholder windows in `ids`.
-pub fn placeholder_starts(ids: &[u32]) -> Vec<usize> {
-    find_windows(ids, &placeholder_ids())
-}
-
-/// Start positions of complete, non-overlapping occurrences of `window` in `ids`, left to right.
-pub fn find_windows(ids: &[u32], window: &[u32]) -> Vec<usize> {
-    let n = window.len();
-    let mut starts = Vec::new();
-    let mut i = 0;
-    while n > 0 && i + n <= ids.len() {
-        if &ids[i..i + n] == window {
-            starts.push(i);
-            i += n;
-        } else {
-            i += 1;
-        }
-    }
-    starts
-}
-
-/// Where the trained answer starts: just after the last `<s>assistant` (upstream's rule).
-pub fn answer_start(ids: &[u32]) -> Option<usize> {
-    ids.windows(ASSISTANT_IDS.len())
-        .rposition(|w| w == ASSISTANT_IDS)
-        .map(|p| p + ASSISTANT_IDS.len())
-}
-
-/// 1 from `start` through the last token, 0 before.
-pub fn loss_mask(len: usize, start: usize) -> Vec<u8> {
-    (0..len).map(|i| u8::from(i >= start)).collect()
-}
 
 /// The MiniMind tokenizer plus the rules above.
 pub struct ChatTokenizer {

@@ -7,7 +7,7 @@ use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeO
 use serde::Deserialize;
 
 use crate::error::Result;
-use crate::ingest::reject::Reason;
+use crate::shards::reject::Reason;
 
 /// CLIP's normalisation, as in `preprocessor_config.json`.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]

@@ -1,22 +1,12 @@
-//! Pipeline files (`pipelines/*.toml`): plain data, parsed and validated once into serde structs.
-//! `--set section.key=value` overrides are applied to the TOML before it is deserialised, so an
-//! override is checked exactly like the file.
+//! `[ingest]`: upstream's JSON + images → shards.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{bad_file, Error, IoContext, Result};
-use crate::ingest::chat::Stage;
+use crate::error::{Error, Result};
 use crate::shards::ClipPrecision;
-
-/// One pipeline file. Each stage reads its own section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Pipeline {
-    pub ingest: Option<IngestConfig>,
-    pub train: Option<crate::train::TrainConfig>,
-}
+use crate::text::Stage;
 
 /// `[ingest]`: upstream's JSON + images → shards.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,11 +48,10 @@ pub struct IngestConfig {
 }
 
 fn default_tokenizer() -> PathBuf {
-    PathBuf::from("assets/tokenizer")
+    PathBuf::from(super::DEFAULT_TOKENIZER)
 }
-/// HF's ViT-B/32 where upstream keeps it.
-pub fn default_clip() -> String {
-    "model/clip_model/clip-vit-base-patch32".into()
+fn default_clip() -> String {
+    super::DEFAULT_CLIP.into()
 }
 fn default_max_seq_len() -> usize {
     512
@@ -95,48 +84,6 @@ impl IngestConfig {
         }
         Ok(())
     }
-}
-
-/// Apply one `a.b.c=value` override; the value is parsed as TOML, else taken as a string.
-pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
-    let (key, raw) = assignment
-        .split_once('=')
-        .ok_or_else(|| Error::Config(format!("--set {assignment:?}: expected key=value")))?;
-    let value = format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let parts: Vec<&str> = key.trim().split('.').collect();
-    let (last, parents) = parts.split_last().expect("split yields at least one part");
-    let mut cur = table;
-    for p in parents {
-        cur = cur
-            .entry(p.to_string())
-            .or_insert_with(|| toml::Value::Table(Default::default()))
-            .as_table_mut()
-            .ok_or_else(|| Error::Config(format!("--set {key}: {p} is not a table")))?;
-    }
-    cur.insert(last.to_string(), value);
-    Ok(())
-}
-
-/// Read a pipeline file and apply overrides.
-pub fn load_pipeline(path: &Path, overrides: &[String]) -> Result<Pipeline> {
-    let text = std::fs::read_to_string(path).at(path)?;
-    let mut table: toml::Table = text.parse().map_err(|e| bad_file(path, format!("{e}")))?;
-    for o in overrides {
-        apply_override(&mut table, o)?;
-    }
-    let pipeline: Pipeline = toml::Value::Table(table)
-        .try_into()
-        .map_err(|e| bad_file(path, format!("{e}")))?;
-    if let Some(ingest) = &pipeline.ingest {
-        ingest
-            .validate()
-            .map_err(|e| bad_file(path, e.to_string()))?;
-    }
-    Ok(pipeline)
 }
 
 /// Convenience for building configs in code (tests, demo).

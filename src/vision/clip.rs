@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
 use crate::error::{bad_file, Error, IoContext, Result};
-use crate::ingest::preprocess::{pixel_values, Normalization};
+use crate::vision::preprocess::{pixel_values, Normalization};
 
 /// Where the tower's weights come from.
 #[derive(Debug, Clone, PartialEq)]
