@@ -30,7 +30,8 @@ fn main() {
     }
     let out = root.join(format!("curve-lr{lr}-d{}-l{}", model.dim, model.n_layers));
     let _ = std::fs::remove_dir_all(&out);
-    let pretrained = root.join("pretrain/checkpoint/model.safetensors");
+    let pretrained =
+        minimind_v::checkpoint::weights_file(&minimind_v::checkpoint::dir(&root.join("pretrain")));
     let stage = StageRun {
         shards: &root.join("cache/sft"),
         out: &out,

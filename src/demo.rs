@@ -191,7 +191,9 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         adam_beta2: 0.999,
     };
     train_stage(stage, &val_cache, &model, &opts.device, cfg.ranks)?;
-    let init = Some(pre_out.join("checkpoint/model.safetensors"));
+    let init = Some(crate::checkpoint::weights_file(&crate::checkpoint::dir(
+        &pre_out,
+    )));
     // Instructions: the single-image and the two-image sets together (like upstream's optional
     // two-image SFT, but mixed in, so the single-image answers are not forgotten).
     let sft_shards = mix_shards(

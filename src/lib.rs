@@ -10,6 +10,7 @@
 //! `compare` (the NaN-strict comparison every check uses), `device`, `error`, `util`.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod demo;

@@ -259,18 +259,10 @@ fn save_then_load_round_trips() {
     let ids = c["input_ids"].to_dtype(DType::U32).unwrap();
     let (a, vm) = model("model.pth");
     let tmp = tempfile::tempdir().unwrap();
-    weights::save(&vm, &config(), tmp.path()).unwrap();
-    let saved: ModelConfig =
-        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json")).unwrap())
-            .unwrap();
-    assert_eq!(saved, config());
-    let (b, _, _) = weights::load(
-        &tmp.path().join("model.safetensors"),
-        &saved,
-        false,
-        &Device::Cpu,
-    )
-    .unwrap();
+    minimind_v::checkpoint::save_model(tmp.path(), &vm, &config()).unwrap();
+    let ckpt = minimind_v::checkpoint::Checkpoint::open(tmp.path()).unwrap();
+    assert_eq!(ckpt.model_config().unwrap(), config());
+    let (b, _) = ckpt.load_model(&Device::Cpu).unwrap();
     assert_eq!(
         max_diff(
             &a.forward(&ids, None).unwrap(),
@@ -278,7 +270,7 @@ fn save_then_load_round_trips() {
         ),
         0.0
     );
-    let st = weights::read_state(&tmp.path().join("model.safetensors")).unwrap();
+    let st = weights::read_state(&minimind_v::checkpoint::weights_file(tmp.path())).unwrap();
     assert_eq!(
         max_diff(&st["output.weight"], &st["tok_embeddings.weight"]),
         0.0,

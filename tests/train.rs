@@ -126,7 +126,7 @@ fn a_checkpoint_remembers_its_clip_and_chat_uses_it() {
     common::assert_ok(&train(&p, &[]));
     let ckpt = tmp.path().join("run/checkpoint");
     let want = read_meta(&cache.join("shard-00000.parquet")).unwrap();
-    assert_eq!(minimind_v::generate::trained_on(&ckpt), Some(want));
+    assert_eq!(minimind_v::checkpoint::trained_on(&ckpt), Some(want));
 
     let bear = common::repo().join("../shared/assets/eval_images/a-bear.png");
     let chat = |extra: &[&str]| {

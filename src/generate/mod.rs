@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::checkpoint::{trained_on, Checkpoint};
 use crate::error::Result;
 use crate::model::llm::KvCache;
 use crate::model::vlm::{Images, Vlm};
@@ -165,39 +166,23 @@ fn row(ids: &[u32], device: &Device) -> Result<Tensor> {
 /// Most images a prompt may carry (upstream trains with at most two).
 pub const MAX_IMAGES: usize = 2;
 
-/// A checkpoint for chatting: a directory with `model.safetensors` + `config.json`, or a weights
-/// file (`.safetensors` / upstream `.pth`) with a preset or config given by the caller.
+/// A checkpoint for chatting: a checkpoint directory (`checkpoint`), or a weights file
+/// (`.safetensors` / upstream `.pth`) with a preset or config given by the caller.
 pub fn load_model(
     ckpt: &std::path::Path,
     preset: Option<&crate::model::ModelConfig>,
     device: &Device,
 ) -> Result<Vlm> {
-    let (weights_path, cfg) = if ckpt.is_dir() {
-        let cfg_path = ckpt.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| crate::error::bad_file(&cfg_path, e.to_string()))?;
-        let cfg = serde_json::from_str(&text)
-            .map_err(|e| crate::error::bad_file(&cfg_path, e.to_string()))?;
-        (ckpt.join("model.safetensors"), cfg)
-    } else {
-        let cfg = preset.cloned().ok_or_else(|| {
-            crate::error::bad_file(
-                ckpt,
-                "a bare weights file needs --model (minimind_512, minimind_768, tiny)",
-            )
-        })?;
-        (ckpt.to_path_buf(), cfg)
-    };
-    Ok(crate::model::weights::load(&weights_path, &cfg, false, device)?.0)
-}
-
-/// In a checkpoint directory: the metadata of the shards it was trained on (written by `train`).
-pub const SHARDS_META: &str = "shards.json";
-
-/// The metadata of the shards a checkpoint directory was trained on, if it says.
-pub fn trained_on(ckpt: &std::path::Path) -> Option<crate::shards::ShardMeta> {
-    let text = std::fs::read_to_string(ckpt.join(SHARDS_META)).ok()?;
-    serde_json::from_str(&text).ok()
+    if ckpt.is_dir() {
+        return Ok(Checkpoint::open(ckpt)?.load_model(device)?.0);
+    }
+    let cfg = preset.cloned().ok_or_else(|| {
+        crate::error::bad_file(
+            ckpt,
+            "a bare weights file needs --model (minimind_512, minimind_768, tiny)",
+        )
+    })?;
+    Ok(crate::model::weights::load(ckpt, &cfg, false, device)?.0)
 }
 
 /// The CLIP to chat with: the one asked for, else the one the checkpoint was trained with, else

@@ -1,6 +1,6 @@
-//! Weights under upstream's names: read from `model.safetensors` or upstream's pickled `*.pth`
+//! Weights under upstream's names: read from a safetensors file or upstream's pickled `*.pth`
 //! (`_orig_mod.` prefixes stripped, attention `mask` buffers ignored), checked strictly against
-//! the config, and written back as `model.safetensors` + `config.json`.
+//! the config, and written back as safetensors (a checkpoint directory is `checkpoint`'s).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -230,9 +230,9 @@ pub fn load(
     build(path, state, cfg, allow_fresh_projector, device)
 }
 
-/// Write `model.safetensors` (upstream names, `output.weight` included as upstream's state dict
-/// has it) and `config.json` into `dir`, atomically.
-pub fn save(varmap: &VarMap, cfg: &ModelConfig, dir: &Path) -> Result<()> {
+/// Write the weights to `path` (safetensors, upstream's names, `output.weight` included as
+/// upstream's state dict has it), atomically.
+pub fn save_safetensors(varmap: &VarMap, path: &Path) -> Result<()> {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, var) in varmap.data().lock().expect("lock").iter() {
         tensors.insert(name.clone(), var.as_tensor().to_device(&Device::Cpu)?);
@@ -240,10 +240,7 @@ pub fn save(varmap: &VarMap, cfg: &ModelConfig, dir: &Path) -> Result<()> {
     if let Some(emb) = tensors.get("tok_embeddings.weight").cloned() {
         tensors.insert("output.weight".into(), emb);
     }
-    let path = dir.join("model.safetensors");
-    let tmp = crate::util::tmp_path(&path);
-    std::fs::create_dir_all(dir).map_err(|e| bad_file(dir, e.to_string()))?;
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, &path).map_err(|e| bad_file(&path, e.to_string()))?;
-    crate::util::write_bytes_atomic(&dir.join("config.json"), &serde_json::to_vec_pretty(cfg)?)
+    let tmp = crate::util::tmp_path(path);
+    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| bad_file(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| bad_file(path, e.to_string()))
 }

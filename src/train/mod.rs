@@ -1,7 +1,7 @@
 //! The trainer: shards → checkpoint. Reads `[train]` of a pipeline file; streams batches
 //! (`data`), trains the projector (+ LLM) with AdamW (`optim`), logs one JSONL line per step to
-//! `out/metrics.jsonl`, and checkpoints atomically to `out/checkpoint/` (weights, config,
-//! optimizer moments, step and data position) so `--resume` continues bit for bit.
+//! `out/metrics.jsonl`, and checkpoints to `out/checkpoint/` through `checkpoint` (weights,
+//! config, optimizer moments, step and data position) so `--resume` continues bit for bit.
 
 pub mod data;
 pub mod dist;
@@ -17,6 +17,7 @@ use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::config::{check_adam_beta2, Precision, TrainConfig, Trainable};
 use crate::error::{bad_file, Error, IoContext, Result};
 use crate::model::{vlm::Vlm, weights, ModelConfig};
@@ -101,15 +102,6 @@ pub fn evaluate(
     Ok((sum / n.max(1) as f64) as f32)
 }
 
-/// Saved beside the weights; enough to continue exactly.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainState {
-    pub step: usize,
-    pub data_position: u64,
-    pub adam_t: u64,
-    pub config: TrainConfig,
-}
-
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepLog {
@@ -171,20 +163,15 @@ pub struct RunOptions {
     pub device: Device,
 }
 
-fn checkpoint_dir(out: &Path) -> PathBuf {
-    out.join("checkpoint")
-}
-
 /// Build the model: from `init`, a checkpoint to resume, or random.
 fn build_model(
     cfg: &TrainConfig,
     mcfg: &ModelConfig,
-    resume_from: Option<&Path>,
+    resume_from: Option<&Checkpoint>,
     device: &Device,
 ) -> Result<(Vlm, VarMap)> {
-    if let Some(dir) = resume_from {
-        let (m, vm, _) = weights::load(&dir.join("model.safetensors"), mcfg, false, device)?;
-        return Ok((m, vm));
+    if let Some(ckpt) = resume_from {
+        return ckpt.load_model(device);
     }
     if let Some(init) = &cfg.init {
         let (m, vm, report) = weights::load(init, mcfg, true, device)?;
@@ -199,35 +186,6 @@ fn build_model(
     let state = weights::random_state(mcfg, cfg.seed)?;
     let (m, vm, _) = weights::build(Path::new("random init"), state, mcfg, false, device)?;
     Ok((m, vm))
-}
-
-fn save_checkpoint(
-    out: &Path,
-    vm: &VarMap,
-    mcfg: &ModelConfig,
-    opt: &AdamW,
-    state: &TrainState,
-    shards: &crate::shards::ShardMeta,
-) -> Result<()> {
-    let dir = checkpoint_dir(out);
-    let tmp = crate::util::tmp_path(&dir);
-    let _ = std::fs::remove_dir_all(&tmp);
-    weights::save(vm, mcfg, &tmp)?;
-    opt.save(&tmp.join("optimizer.safetensors"))?;
-    crate::util::write_bytes_atomic(&tmp.join("state.json"), &serde_json::to_vec_pretty(state)?)?;
-    // What the features came from: chat and serve take the same CLIP (`generate::trained_on`).
-    crate::util::write_bytes_atomic(
-        &tmp.join(crate::generate::SHARDS_META),
-        &serde_json::to_vec_pretty(shards)?,
-    )?;
-    let old = out.join("checkpoint.old");
-    let _ = std::fs::remove_dir_all(&old);
-    if dir.exists() {
-        std::fs::rename(&dir, &old).at(&dir)?;
-    }
-    std::fs::rename(&tmp, &dir).at(&dir)?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
 }
 
 /// Keep the metrics lines of steps ≤ `step` (a resumed run rewrites the rest).
@@ -303,39 +261,27 @@ pub fn run_dist(
         None => None,
     };
 
-    let ckpt = checkpoint_dir(&cfg.out);
+    let ckpt_dir = checkpoint::dir(&cfg.out);
     if main {
-        // Half-written checkpoints of killed runs (`checkpoint.tmp-PID`).
-        crate::util::remove_stale_tmp(&cfg.out)?;
-        // A kill between the two renames of `save_checkpoint` leaves only the previous one.
-        let previous = cfg.out.join("checkpoint.old");
-        if !ckpt.exists() && previous.exists() {
-            std::fs::rename(&previous, &ckpt).at(&ckpt)?;
-        }
+        checkpoint::tidy(&cfg.out)?;
     }
     // The other ranks read the checkpoint only once rank 0 has tidied it.
     dist.barrier(&opts.device)?;
-    if opts.resume && main && !ckpt.join("state.json").exists() {
+    let resume_from = match opts.resume && ckpt_dir.exists() {
+        true => Some(Checkpoint::open(&ckpt_dir)?).filter(|c| matches!(c.state(), Ok(Some(_)))),
+        false => None,
+    };
+    if opts.resume && main && resume_from.is_none() {
         eprintln!(
             "--resume: no checkpoint in {}; starting at step 0",
             cfg.out.display()
         );
     }
-    let state: Option<TrainState> = if opts.resume && ckpt.join("state.json").exists() {
-        let p = ckpt.join("state.json");
-        Some(
-            serde_json::from_slice(&std::fs::read(&p).at(&p)?)
-                .map_err(|e| bad_file(&p, e.to_string()))?,
-        )
-    } else {
-        None
+    let state: Option<TrainState> = match &resume_from {
+        Some(c) => c.state()?,
+        None => None,
     };
-    let (model, varmap) = build_model(
-        cfg,
-        &mcfg,
-        state.as_ref().map(|_| ckpt.as_path()),
-        &opts.device,
-    )?;
+    let (model, varmap) = build_model(cfg, &mcfg, resume_from.as_ref(), &opts.device)?;
     let mut params: Vec<(String, candle_core::Var)> = varmap
         .data()
         .lock()
@@ -365,8 +311,8 @@ pub fn run_dist(
         },
     )?;
     let mut step = 0;
-    if let Some(s) = &state {
-        opt.load(&ckpt.join("optimizer.safetensors"), s.adam_t)?;
+    if let (Some(s), Some(c)) = (&state, &resume_from) {
+        opt.load_state(&c.optimizer(&opts.device)?, s.adam_t, c.dir())?;
         stream.skip_to(s.data_position)?;
         step = s.step;
         if main {
@@ -507,7 +453,7 @@ pub fn run_dist(
             let since = if p.step == step { started } else { last_done };
             let secs = since.elapsed().as_secs_f64();
             last_done = Instant::now();
-            let log = p.read(dist, secs, &ckpt)?;
+            let log = p.read(dist, secs, &ckpt_dir)?;
             if let Some(m) = metrics.as_mut() {
                 writeln!(m, "{}", serde_json::to_string(&log)?).at(&metrics_path)?;
             }
@@ -522,7 +468,12 @@ pub fn run_dist(
                 adam_t: opt.t,
                 config: cfg.clone(),
             };
-            save_checkpoint(&cfg.out, &varmap, &mcfg, &opt, &state, &meta)?;
+            let training = checkpoint::Training {
+                optimizer: opt.state_tensors(),
+                state: &state,
+                shards: &meta,
+            };
+            checkpoint::save(&cfg.out, &varmap, &mcfg, training)?;
         }
         if let Some(val) = val.as_ref().filter(|_| val_step && main) {
             let loss = evaluate(

@@ -134,34 +134,30 @@ impl AdamW {
         Ok(())
     }
 
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// The moments by name (`m.<param>`, `v.<param>`): what a checkpoint keeps.
+    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut t = HashMap::new();
         for (i, (name, _)) in self.params.iter().enumerate() {
-            t.insert(
-                format!("m.{name}"),
-                self.m[i].to_device(&candle_core::Device::Cpu)?,
-            );
-            t.insert(
-                format!("v.{name}"),
-                self.v[i].to_device(&candle_core::Device::Cpu)?,
-            );
+            t.insert(format!("m.{name}"), self.m[i].clone());
+            t.insert(format!("v.{name}"), self.v[i].clone());
         }
-        candle_core::safetensors::save(&t, path)?;
-        Ok(())
+        t
     }
 
-    pub fn load(&mut self, path: &Path, t: u64) -> Result<()> {
-        let device = self
-            .params
-            .first()
-            .map(|(_, p)| p.device().clone())
-            .unwrap_or(candle_core::Device::Cpu);
-        let state = candle_core::safetensors::load(path, &device)?;
-        for (i, (name, _)) in self.params.iter().enumerate() {
+    /// Continue from `state` (as [`AdamW::state_tensors`] gave it) after `t` steps. `from` names
+    /// where the state came from in errors.
+    pub fn load_state(
+        &mut self,
+        state: &HashMap<String, Tensor>,
+        t: u64,
+        from: &Path,
+    ) -> Result<()> {
+        for (i, (name, p)) in self.params.iter().enumerate() {
             let get = |k: String| {
-                state.get(&k).cloned().ok_or_else(|| {
-                    crate::error::bad_file(path, format!("optimizer state lacks {k}"))
-                })
+                let t = state.get(&k).ok_or_else(|| {
+                    crate::error::bad_file(from, format!("optimizer state lacks {k}"))
+                })?;
+                Ok::<_, crate::Error>(t.to_device(p.device())?)
             };
             self.m[i] = get(format!("m.{name}"))?;
             self.v[i] = get(format!("v.{name}"))?;
