@@ -11,9 +11,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use super::synthetic_batches;
 use crate::config::Precision;
 use crate::error::Result;
-use crate::train::compute_model;
 use crate::train::data::collate;
-use crate::train::optim::clip_global_norm;
+use crate::train::Phase;
 
 pub struct Breakdown {
     pub model: crate::model::ModelConfig,
@@ -59,55 +58,35 @@ pub fn run(b: &Breakdown, device: &Device) -> Result<String> {
         "batch {}, mean len {}, {:?}, dim {} × {} layers, {:?}\n\n| phase (synchronised) | ms per step |\n|---|---|\n",
         b.batch_size, b.mean_len, b.precision, cfg.dim, cfg.n_layers, device.location()
     );
-    let super::Fresh {
-        model,
-        varmap,
-        mut opt,
-        meta,
-    } = super::fresh(cfg, device)?;
+    let (mut trainer, meta) = super::fresh(cfg, b.precision, device)?;
+    let solo = crate::train::dist::Dist::solo();
     let batches = synthetic_batches(cfg, b.batch_size, b.mean_len, b.steps + 1, 3);
-    let names = [
-        "collate + upload",
-        "bf16 weight casts",
-        "forward (loss)",
-        "backward",
-        "gradients + clip",
-        "AdamW step",
-    ];
-    let mut ms = [0f64; 6];
+    // The trainer's own step, told to synchronise and take the time at the end of each phase.
+    let mut ms = [0f64; Phase::ALL.len()];
     let mut tokens = 0;
     for (i, items) in batches.iter().enumerate() {
-        let mut lap = {
-            let mut t = Instant::now();
-            move |device: &Device| -> Result<f64> {
-                device.synchronize()?;
-                let e = t.elapsed().as_secs_f64() * 1e3;
-                t = Instant::now();
-                Ok(e)
-            }
-        };
-        let mut tick = [0f64; 6];
-        lap(device)?;
-        let batch = collate(items, &meta, None, false, &cfg.image_ids, device)?;
-        tick[0] = lap(device)?;
-        let shadow = compute_model(&model, &varmap, b.precision, device)?;
-        tick[1] = lap(device)?;
-        let loss = batch.loss(shadow.as_ref().unwrap_or(&model))?;
-        tick[2] = lap(device)?;
-        let store = loss.backward()?;
-        tick[3] = lap(device)?;
-        let mut grads = opt.grads(&store)?;
-        clip_global_norm(&mut grads, 1.0)?;
-        tick[4] = lap(device)?;
-        opt.step(&grads, 1e-4)?;
-        tick[5] = lap(device)?;
+        let mut tick = [0f64; Phase::ALL.len()];
+        device.synchronize()?;
+        let mut lap = Instant::now();
+        let next = || collate(items, &meta, None, false, &cfg.image_ids, device);
+        let out = trainer.step(1, next, 1e-4, &solo, |phase| {
+            device.synchronize()?;
+            let k = Phase::ALL
+                .iter()
+                .position(|p| *p == phase)
+                .expect("a phase");
+            tick[k] += lap.elapsed().as_secs_f64() * 1e3;
+            lap = Instant::now();
+            Ok(())
+        })?;
         if i > 0 {
-            tokens += batch.tokens;
+            tokens += out.tokens;
             for (m, t) in ms.iter_mut().zip(tick) {
                 *m += t / b.steps as f64;
             }
         }
     }
+    let names = Phase::ALL.map(Phase::name);
     for (name, m) in names.iter().zip(ms) {
         out.push_str(&format!("| {name} | {m:.2} |\n"));
     }

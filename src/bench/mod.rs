@@ -284,17 +284,14 @@ fn synthetic_batches(
         .collect()
 }
 
-/// A model of `cfg` from seed 0, its AdamW, and the shard metadata synthetic batches need.
-struct Fresh {
-    model: crate::model::vlm::Vlm,
-    varmap: candle_nn::VarMap,
-    opt: crate::train::optim::AdamW,
-    meta: ShardMeta,
-}
-
-fn fresh(cfg: &crate::model::ModelConfig, device: &Device) -> Result<Fresh> {
+/// A trainer of a fresh model of `cfg` (seed 0, every parameter learning, Adam's defaults, clip
+/// 1.0), and the shard metadata synthetic batches need.
+fn fresh(
+    cfg: &crate::model::ModelConfig,
+    precision: crate::config::Precision,
+    device: &Device,
+) -> Result<(crate::train::Trainer, ShardMeta)> {
     use crate::model::weights;
-    use crate::train::optim::{AdamW, AdamWConfig};
     let (model, varmap, _) = weights::build(
         std::path::Path::new("random init"),
         weights::random_state(cfg, 0)?,
@@ -302,15 +299,14 @@ fn fresh(cfg: &crate::model::ModelConfig, device: &Device) -> Result<Fresh> {
         false,
         device,
     )?;
-    let mut params: Vec<_> = varmap
-        .data()
-        .lock()
-        .expect("lock")
-        .iter()
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    params.sort_by(|a, b| a.0.cmp(&b.0));
-    let opt = AdamW::new(params, AdamWConfig::default())?;
+    let trainer = crate::train::Trainer::new(
+        model,
+        varmap,
+        crate::config::Trainable::All,
+        crate::train::optim::AdamWConfig::default(),
+        precision,
+        1.0,
+    )?;
     let meta = bench_meta(
         "pretrain",
         "bench".into(),
@@ -318,16 +314,12 @@ fn fresh(cfg: &crate::model::ModelConfig, device: &Device) -> Result<Fresh> {
         cfg.image_ids.clone(),
         cfg.max_seq_len,
     );
-    Ok(Fresh {
-        model,
-        varmap,
-        opt,
-        meta,
-    })
+    Ok((trainer, meta))
 }
 
-/// Optimizer steps of a fresh model (seed 0) on `batches`: the loss of each step, the real
-/// tokens seen, and the seconds taken after the first (warm-up) step.
+/// Optimizer steps (the trainer's own, `train::Trainer::step`) of a fresh model on `batches`,
+/// learning rate 1e-4: the loss of each step, the real tokens seen, and the seconds taken after
+/// the first (warm-up) step.
 fn train_steps(
     cfg: &crate::model::ModelConfig,
     batches: &[Vec<crate::train::data::Item>],
@@ -336,30 +328,20 @@ fn train_steps(
     device: &Device,
 ) -> Result<(Vec<f32>, usize, f64)> {
     use crate::train::data::collate;
-    use crate::train::optim::clip_global_norm;
     crate::train::apply_matmul_mode(precision);
-    let Fresh {
-        model,
-        varmap,
-        mut opt,
-        meta,
-    } = fresh(cfg, device)?;
+    let (mut trainer, meta) = fresh(cfg, precision, device)?;
+    let solo = crate::train::dist::Dist::solo();
     let (mut losses, mut tokens) = (Vec::new(), 0);
     let mut t = Instant::now();
     for (i, items) in batches.iter().enumerate() {
-        let batch = collate(items, &meta, pad_to, false, &cfg.image_ids, device)?;
-        let shadow = crate::train::compute_model(&model, &varmap, precision, device)?;
-        let loss = batch.loss(shadow.as_ref().unwrap_or(&model))?;
-        let store = loss.backward()?;
-        let mut grads: Vec<_> = opt.grads(&store)?;
-        clip_global_norm(&mut grads, 1.0)?;
-        opt.step(&grads, 1e-4)?;
-        losses.push(loss.detach());
+        let next = || collate(items, &meta, pad_to, false, &cfg.image_ids, device);
+        let out = trainer.step(1, next, 1e-4, &solo, |_| Ok(()))?;
+        losses.push(out.stats.get(0)?);
         if i == 0 {
             device.synchronize()?;
             t = Instant::now();
         } else {
-            tokens += batch.tokens;
+            tokens += out.tokens;
         }
     }
     device.synchronize()?;
@@ -367,7 +349,7 @@ fn train_steps(
     // Read back at the end: a per-step host sync would hide the device's real speed.
     let losses = losses
         .iter()
-        .map(|l| l.to_scalar::<f32>())
+        .map(|l| l.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>())
         .collect::<candle_core::Result<_>>()?;
     Ok((losses, tokens, secs))
 }
