@@ -30,6 +30,10 @@ pub enum Error {
     /// Input data that is wrong or inconsistent (a dataset, shards, an ingest's own counts).
     #[error("data: {0}")]
     Data(String),
+    /// Talking to another process failed: a port that cannot be bound, a rank that cannot be
+    /// reached or that failed.
+    #[error("network: {0}")]
+    Network(String),
     /// Numbers that went wrong: a non-finite loss, a benchmark or check that missed.
     #[error("numerics: {0}")]
     Numerics(String),
@@ -63,5 +67,28 @@ pub fn bad_file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Error {
     Error::BadFile {
         path: path.into(),
         msg: msg.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each kind of failure says which kind it is first, so a user (and a script) can tell a
+    /// bad setting from bad data, a numerical failure or a network one.
+    #[test]
+    fn errors_name_their_kind() {
+        let cases = [
+            (Error::Config("x".into()), "config: x"),
+            (Error::Data("x".into()), "data: x"),
+            (Error::Numerics("x".into()), "numerics: x"),
+            (Error::Network("x".into()), "network: x"),
+            (bad_file("/a/b.json", "x"), "/a/b.json: x"),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.to_string(), want);
+        }
+        let io: Result<()> = Err(std::io::Error::other("disk full")).at("/out/x");
+        assert_eq!(io.unwrap_err().to_string(), "/out/x: disk full");
     }
 }

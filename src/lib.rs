@@ -1,13 +1,19 @@
 //! minimind-v: train MiniMind-V (a tiny vision-language model) fast by doing the frozen work once.
 //!
 //! Stages, each a module reading the previous stage's files:
-//! `ingest` (JSON + zip → CLIP features + tokens → Parquet shards, `shards` being their schema,
-//! writer and reader) → `train` (shards → checkpoint) → `generate` and `serve` (checkpoint →
-//! answers, in a terminal or over HTTP); `inspect` shows what shards hold (Polars).
-//! Beside them: `model` (MiniMind-V in candle), `config` (pipeline files), `synth` (an
-//! upstream-format dataset for tests and the demo), `demo` and `demo_eval` (the offline demo and
-//! its held-out scoring), `bench` (throughput, parity with the CPU, where a step's time goes),
-//! `compare` (the NaN-strict comparison every check uses), `device`, `error`, `util`.
+//! `ingest` (JSON + zip → CLIP features + tokens → Parquet shards) → `train` (shards → checkpoint)
+//! → `generate` and `serve` (checkpoint → answers, in a terminal or over HTTP); `inspect` shows
+//! what shards hold (Polars).
+//!
+//! Shared pieces on the floor below the stages: `text` (chat template, tokenizer, placeholder
+//! windows), `vision` (decode, resize, normalise, the frozen CLIP tower), `shards` (the shard
+//! format, its manifest and rejects), `checkpoint` (the checkpoint directory), `model`
+//! (MiniMind-V in candle), `config` (pipeline files), and under them `compare` (the NaN-strict
+//! comparison every check uses), `device`, `error`, `util`.
+//!
+//! Beside them: `synth` (an upstream-format dataset for tests and the demo), `demo` and
+//! `demo_eval` (the offline demo and its held-out scoring), `bench` (throughput, parity with the
+//! CPU, where a step's time goes).
 
 pub mod bench;
 pub mod checkpoint;

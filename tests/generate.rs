@@ -216,3 +216,59 @@ fn chat_cli_answers_and_refuses_bad_input_clearly() {
             && String::from_utf8_lossy(&too_long.stderr).contains("max_seq_len")
     );
 }
+
+/// An interactive session reports what it cannot answer and goes on: `<image>` tags that do not
+/// match the images, a line far longer than the model reads (refused before it is tokenized), a
+/// prompt over `max_seq_len`; an answer cut short by the context length says so.
+#[test]
+fn an_interactive_chat_reports_bad_questions_and_goes_on() {
+    use std::io::Write;
+    let pth = common::reference().join("tiny_llm/model.pth");
+    let bear = common::repo().join("../shared/assets/eval_images/a-bear.png");
+    let mut child = std::process::Command::new(common::bin())
+        .current_dir(common::repo())
+        .args(["chat", "--ckpt", pth.to_str().unwrap(), "--model", "tiny"])
+        .args([
+            "--clip",
+            "random:1",
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+        ])
+        .args(["--image", bear.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = [
+        "Compare <image> and <image>.".to_string(),
+        "x".repeat(1 << 20),
+        "很长".repeat(60),
+        "What is it?".to_string(),
+    ];
+    let mut stdin = child.stdin.take().unwrap();
+    for l in &lines {
+        writeln!(stdin, "{l}").unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    common::assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("2 <image> tag(s) for 1 image(s)"),
+        "tag mismatch not reported: {err}"
+    );
+    assert!(
+        err.contains("1048576 bytes, more than the model's max_seq_len of 128 tokens"),
+        "{err}"
+    );
+    assert!(err.contains("the model's max_seq_len is 128"), "{err}");
+    // The last question is answered: the tiny random model runs to the context limit.
+    assert!(
+        err.contains("cut at the model's max_seq_len of 128 tokens"),
+        "{err}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+}

@@ -486,3 +486,24 @@ fn web_page_in_headless_chromium() {
     assert!(!text.trim().is_empty());
     assert_eq!(text.trim(), expected.trim());
 }
+
+/// A port that is taken is a network error that says so, with the fix — not "config: …".
+#[test]
+fn a_port_in_use_is_a_network_error_with_a_hint() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = std::process::Command::new(common::bin())
+        .current_dir(common::repo())
+        .args(["serve", "--ckpt"])
+        .arg(common::reference().join("tiny_llm/model.pth"))
+        .args(["--model", "tiny", "--clip", "none", "--device", "cpu"])
+        .args(["--addr", &addr])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("network: cannot listen on {addr}")) && err.contains("HINT: "),
+        "{err}"
+    );
+}

@@ -51,6 +51,22 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     Ok(())
 }
 
+/// One section of a pipeline file, overrides applied: `pick` takes it from the pipeline
+/// (`|p| p.train`), `name` names it in the error when the file has none.
+pub fn load_section<T>(
+    path: &Path,
+    overrides: &[String],
+    name: &str,
+    pick: impl FnOnce(Pipeline) -> Option<T>,
+) -> Result<T> {
+    pick(load_pipeline(path, overrides)?).ok_or_else(|| {
+        bad_file(
+            path,
+            format!("no [{name}] section\nHINT: see pipelines/*.toml for the [{name}] settings"),
+        )
+    })
+}
+
 /// Read a pipeline file and apply overrides.
 pub fn load_pipeline(path: &Path, overrides: &[String]) -> Result<Pipeline> {
     let text = std::fs::read_to_string(path).at(path)?;

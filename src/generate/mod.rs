@@ -2,6 +2,8 @@
 //! without a KV cache, stopping at `</s>`, and UTF-8-safe streaming of the decoded text.
 //! Images go through the same preprocessing and frozen CLIP as ingest (`vision`), never a copy.
 
+pub mod chat;
+
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -237,7 +239,7 @@ impl Engine {
                 eprintln!("note: the model was trained on TF32 CLIP features; these are f32 (~1e-3 apart)");
             }
             if tower.hidden != vlm.cfg.vision_dim {
-                return Err(crate::error::Error::Config(format!(
+                return Err(crate::error::Error::Data(format!(
                     "CLIP {clip} gives {}-wide features but the model's projector takes {}",
                     tower.hidden, vlm.cfg.vision_dim
                 )));

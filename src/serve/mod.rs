@@ -384,10 +384,14 @@ async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
 pub async fn run(engine: Engine, limits: Limits, addr: &str) -> crate::error::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| crate::error::Error::Config(format!("cannot listen on {addr}: {e}")))?;
+        .map_err(|e| {
+            crate::error::Error::Network(format!(
+                "cannot listen on {addr}: {e}\nHINT: another process may hold the port; choose another with --addr host:port"
+            ))
+        })?;
     let local = listener
         .local_addr()
-        .map_err(|e| crate::error::Error::Config(format!("{addr}: {e}")))?;
+        .map_err(|e| crate::error::Error::Network(format!("{addr}: {e}")))?;
     eprintln!(
         "serving {} on http://{local}/ (OpenAI API at /v1/chat/completions); Ctrl-C stops",
         engine.model_id
@@ -397,6 +401,6 @@ pub async fn run(engine: Engine, limits: Limits, addr: &str) -> crate::error::Re
             let _ = tokio::signal::ctrl_c().await;
         })
         .await
-        .map_err(|e| crate::error::Error::Config(format!("server on {local}: {e}")))?;
+        .map_err(|e| crate::error::Error::Network(format!("server on {local}: {e}")))?;
     Ok(())
 }

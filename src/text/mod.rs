@@ -25,6 +25,10 @@ pub const PLACEHOLDER_OPEN_ID: u32 = 30;
 pub const PLACEHOLDER_CLOSE_ID: u32 = 32;
 pub const BOS_ID: u32 = 1;
 pub const EOS_ID: u32 = 2;
+/// Bytes of the longest token in the MiniMind vocabulary (`Ġrecommendations`): a text of more
+/// than `n * MAX_TOKEN_BYTES` bytes is more than `n` tokens, so it can be refused before it is
+/// tokenized.
+pub const MAX_TOKEN_BYTES: usize = 16;
 /// `<s>assistant` tokenized in context.
 pub const ASSISTANT_IDS: [u32; 4] = [1, 1078, 538, 501];
 

@@ -55,7 +55,9 @@ pub struct Stream {
 impl Stream {
     pub fn new(files: Vec<PathBuf>, cfg: DataConfig) -> Result<Self> {
         if files.is_empty() {
-            return Err(crate::Error::Config("no shard files to train on".into()));
+            return Err(crate::Error::Data(
+                "no shard files to train on\nHINT: point `shards` at a directory written by `minimind-v ingest`".into(),
+            ));
         }
         let mut s = Self {
             files,
@@ -157,7 +159,9 @@ impl Stream {
                 self.start_epoch(self.epoch + 1);
             }
         }
-        Err(crate::Error::Config("the shards hold no samples".into()))
+        Err(crate::Error::Data(
+            "the shards hold no samples\nHINT: see the ingest's rejects.jsonl for why every record was rejected".into(),
+        ))
     }
 
     /// Advance to `position` without building tensors (resume).
@@ -312,7 +316,10 @@ pub fn check_shards(files: &[PathBuf], vision_dim: usize) -> Result<ShardMeta> {
             None => first = Some((f.clone(), meta)),
         }
     }
-    first
-        .map(|(_, m)| m)
-        .ok_or_else(|| crate::Error::Config("no shard files".into()))
+    first.map(|(_, m)| m).ok_or_else(|| {
+        crate::Error::Data(
+            "no shard files\nHINT: point `shards` at a directory written by `minimind-v ingest`"
+                .into(),
+        )
+    })
 }

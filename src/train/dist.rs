@@ -207,7 +207,9 @@ pub struct TcpGroup {
 }
 
 fn io_err(what: &str, e: std::io::Error) -> Error {
-    Error::Config(format!("data-parallel rendezvous: {what}: {e}"))
+    Error::Network(format!(
+        "data-parallel rendezvous: {what}: {e}\nHINT: every rank needs rank 0's MMV_MASTER_ADDR reachable, and all ranks the same model and settings"
+    ))
 }
 
 impl TcpGroup {
@@ -223,8 +225,8 @@ impl TcpGroup {
                 s.read_exact(&mut b).map_err(|e| io_err("hello", e))?;
                 let peer = u64::from_le_bytes(b) as usize;
                 if peer == 0 || peer >= world || conns[peer].is_some() {
-                    return Err(Error::Config(format!(
-                        "data-parallel rendezvous: a peer claims rank {peer} in a world of {world} (twice, or out of range)"
+                    return Err(Error::Network(format!(
+                        "data-parallel rendezvous: a peer claims rank {peer} in a world of {world} (twice, or out of range)\nHINT: give each process its own MMV_RANK below MMV_WORLD_SIZE"
                     )));
                 }
                 s.set_nodelay(true).map_err(|e| io_err("nodelay", e))?;
@@ -403,8 +405,8 @@ pub fn launch(ranks: usize, device: &str, child_args: &[String]) -> Result<()> {
             let _ = child.kill();
             let _ = child.wait();
         }
-        return Err(Error::Config(format!(
-            "{msg}; the other ranks were stopped (their output is above)"
+        return Err(Error::Network(format!(
+            "data-parallel run: {msg}; the other ranks were stopped (their output is above)"
         )));
     }
     Ok(())

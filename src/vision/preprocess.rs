@@ -94,7 +94,7 @@ pub fn pixel_values(
     use rayon::prelude::*;
     let plane = size * size;
     if let Some(bad) = images.iter().find(|img| img.len() != plane * 3) {
-        return Err(crate::Error::Config(format!(
+        return Err(crate::Error::Data(format!(
             "pixel_values: an image has {} bytes, expected {size}×{size}×3",
             bad.len()
         )));

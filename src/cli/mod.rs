@@ -1,0 +1,59 @@
+//! The command line: each subcommand's arguments (clap) beside the library call it makes —
+//! `data` (ingest, inspect, synth, demo), `train`, `answer` (chat, serve), `bench`. No logic of
+//! the stages lives here; a subcommand turns its arguments into the library's settings.
+
+mod answer;
+mod bench;
+mod data;
+mod train;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Upstream dataset (JSON + zip of images) → deduplicated CLIP-feature Parquet shards.
+    Ingest(data::IngestArgs),
+    /// Offline demo, no downloads: synthetic dataset → ingest (all three stages) → inspect →
+    /// train (captions, then instructions) → score held-out answers; writes <out>/report.md.
+    Demo(data::DemoArgs),
+    /// Train the projector (+ LLM) on shards: pipeline file with a [train] section.
+    Train(train::TrainArgs),
+    /// Ask the model about one or two images (interactive without --prompt).
+    Chat(answer::ChatArgs),
+    /// Serve a web page and an OpenAI-compatible API (/v1/chat/completions) for a checkpoint.
+    Serve(answer::ServeArgs),
+    /// Show what a shard directory holds (Polars).
+    Inspect { path: std::path::PathBuf },
+    /// Write a synthetic dataset in upstream's three formats.
+    Synth(data::SynthArgs),
+    /// Measure throughput.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchWhat,
+    },
+}
+
+impl Command {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            Command::Ingest(a) => a.run(),
+            Command::Demo(a) => a.run(),
+            Command::Train(a) => a.run(),
+            Command::Chat(a) => a.run(),
+            Command::Serve(a) => a.run(),
+            Command::Inspect { path } => {
+                print!("{}", minimind_v::inspect::report(&path)?);
+                Ok(())
+            }
+            Command::Synth(a) => a.run(),
+            Command::Bench { what } => what.run(),
+        }
+    }
+}
+
+/// The model config a `--model` preset names (for a bare weights file).
+fn preset(model: Option<String>) -> minimind_v::Result<Option<minimind_v::model::ModelConfig>> {
+    model
+        .map(|m| minimind_v::config::ModelChoice::Preset(m).resolve())
+        .transpose()
+}

@@ -1,0 +1,65 @@
+//! `train`: shards → checkpoint, in this process or as data-parallel ranks.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use minimind_v::{checkpoint, config, device, train};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    pipeline: PathBuf,
+    /// Override a setting: --set train.steps=100 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Continue from out/checkpoint exactly where it stopped.
+    #[arg(long)]
+    resume: bool,
+    /// Stop (with a checkpoint) after this many steps of this run.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Data parallel: start this many processes (rank r on cuda:r, or all on cpu), each on
+    /// its share of the shards, gradients averaged every step.
+    #[arg(long, alias = "gpus", default_value_t = 1)]
+    ranks: usize,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+impl TrainArgs {
+    pub fn run(self) -> anyhow::Result<()> {
+        if self.ranks > 1 {
+            // This program again, once per rank, with the same arguments.
+            let mut args = vec!["train".to_string(), self.pipeline.display().to_string()];
+            for o in &self.overrides {
+                args.extend(["--set".to_string(), o.clone()]);
+            }
+            if self.resume {
+                args.push("--resume".into());
+            }
+            if let Some(n) = self.stop_after {
+                args.extend(["--stop-after".to_string(), n.to_string()]);
+            }
+            train::dist::launch(self.ranks, &self.device, &args)?;
+            return Ok(());
+        }
+        let cfg = config::load_section(&self.pipeline, &self.overrides, "train", |p| p.train)?;
+        let opts = train::RunOptions {
+            resume: self.resume,
+            stop_after: self.stop_after,
+            progress: true,
+            device: device::select(&self.device)?,
+        };
+        let dist = train::dist::from_env(&opts.device)?;
+        let (logs, _) = train::run_dist(&cfg, &opts, &dist)?;
+        if let Some(last) = logs.last().filter(|_| dist.is_main()) {
+            println!(
+                "step {} loss {:.4} ({:.0} tokens/s); checkpoint: {}",
+                last.step,
+                last.loss,
+                last.tokens_per_s,
+                checkpoint::dir(&cfg.out).display()
+            );
+        }
+        Ok(())
+    }
+}
