@@ -179,7 +179,7 @@ fn three_upstream_formats_with_faults() {
     )
     .unwrap();
     let tower = ClipTower::load(&CLIP.parse().unwrap(), &Device::Cpu).unwrap();
-    let mut zip = ImageSource::open(&ds.join("pretrain_images.zip")).unwrap();
+    let mut zip = ImageSource::open(&ds.join("pretrain_images.zip"), 1 << 26).unwrap();
     let (_, rows) = read_shard(&tmp.path().join("cache/pretrain/shard-00000.parquet")).unwrap();
     for row in rows.iter().step_by(97).take(6) {
         let rec = records
@@ -195,7 +195,8 @@ fn three_upstream_formats_with_faults() {
             enc.input_ids.iter().map(|&t| t as u16).collect::<Vec<_>>()
         );
         assert_eq!(row.samples[0].loss_mask, enc.loss_mask);
-        let px = load_resized(&zip.read(&row.images[0]).unwrap(), 224).unwrap();
+        let px =
+            load_resized(&zip.read(&row.images[0]).unwrap(), 224, &Default::default()).unwrap();
         let want = tower
             .features_u8(&[&px])
             .unwrap()

@@ -70,7 +70,7 @@ fn decode_matches_pil() {
     for (i, name) in IMAGES.iter().enumerate() {
         let bytes =
             std::fs::read(common::reference().join("clip_small/images").join(name)).unwrap();
-        let img = decode_rgb(&bytes).unwrap();
+        let img = decode_rgb(&bytes, &Default::default()).unwrap();
         let want = &exp[&format!("decoded_u8.{i}")];
         let (h, w, _) = want.dims3().unwrap();
         assert_eq!(
@@ -201,7 +201,7 @@ fn random_tower_is_seeded_and_labelled() {
 fn any_colour_type_decodes_to_rgb() {
     // CMYK JPEG written by PIL: left-top block (10,200,90), rest (200,40,60) after convert('RGB').
     let cmyk = std::fs::read(common::repo().join("tests/fixtures/cmyk.jpg")).unwrap();
-    let img = decode_rgb(&cmyk).unwrap();
+    let img = decode_rgb(&cmyk, &Default::default()).unwrap();
     let close =
         |p: &image::Rgb<u8>, q: [u8; 3]| p.0.iter().zip(q).all(|(a, b)| a.abs_diff(b) <= 12);
     assert!(
@@ -227,10 +227,16 @@ fn any_colour_type_decodes_to_rgb() {
         let mut png = std::io::Cursor::new(Vec::new());
         img.write_to(&mut png, image::ImageFormat::Png).unwrap();
         // PIL's convert('RGB') drops alpha without compositing; so do we.
-        assert_eq!(decode_rgb(png.get_ref()).unwrap().get_pixel(1, 1).0, want);
+        assert_eq!(
+            decode_rgb(png.get_ref(), &Default::default())
+                .unwrap()
+                .get_pixel(1, 1)
+                .0,
+            want
+        );
     }
-    assert!(decode_rgb(&[]).is_err());
-    assert!(decode_rgb(b"not an image").is_err());
+    assert!(decode_rgb(&[], &Default::default()).is_err());
+    assert!(decode_rgb(b"not an image", &Default::default()).is_err());
 }
 
 #[test]

@@ -25,6 +25,9 @@ pub fn server() -> SocketAddr {
         let limits = minimind_v::serve::Limits {
             max_body: 1 << 20,
             max_queue: 8,
+            header_timeout: std::time::Duration::from_secs(1),
+            body_timeout: std::time::Duration::from_secs(1),
+            ..Default::default()
         };
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -32,9 +35,9 @@ pub fn server() -> SocketAddr {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
-                axum::serve(listener, minimind_v::serve::app(engine, limits))
-                    .await
-                    .unwrap();
+                let timeout = limits.header_timeout;
+                let app = minimind_v::serve::app(engine, limits);
+                minimind_v::serve::serve_on(listener, app, timeout, std::future::pending()).await;
             });
         });
         rx.recv().unwrap()
@@ -506,4 +509,92 @@ fn a_port_in_use_is_a_network_error_with_a_hint() {
         err.contains(&format!("network: cannot listen on {addr}")) && err.contains("HINT: "),
         "{err}"
     );
+}
+
+/// Peak resident memory of this process so far (`VmHWM`), bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Hostile clients get a JSON error and the server keeps serving, with bounded memory: an image
+/// whose header declares 10,000 × 10,000 pixels (decoded, with the f32 copies of the resize, it
+/// cost 2.7 GB) is refused from the header; megabytes of text are refused by their byte length
+/// before tokenising; a wrong method is a JSON 405; a body that never arrives is a 408 after the
+/// body timeout; a connection that sends nothing is closed after the header timeout.
+#[test]
+fn hostile_requests_are_refused_with_bounded_memory_and_time() {
+    use std::io::{Read, Write};
+    let addr = server();
+    let bomb = {
+        let mut png = std::io::Cursor::new(Vec::new());
+        image::GrayImage::new(10_000, 10_000)
+            .write_to(&mut png, image::ImageFormat::Png)
+            .unwrap();
+        png.into_inner()
+    };
+    assert!(bomb.len() < 600_000, "{} bytes", bomb.len());
+    let url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&bomb)
+    );
+    let r = http::post_json(addr, "/v1/chat/completions", &ask(&[url], "x", json!({})));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("10000×10000 pixels, over the limit"),
+        "{}",
+        r.text()
+    );
+
+    let text = "x".repeat(600_000);
+    let r = http::post_json(addr, "/v1/chat/completions", &ask(&[], &text, json!({})));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "prompt_too_long");
+    assert!(
+        r.text()
+            .contains("bytes, more than the model's max_seq_len"),
+        "{}",
+        r.text()
+    );
+
+    let r = http::get(addr, "/v1/chat/completions");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.json()["error"]["code"], "method_not_allowed");
+
+    // A declared length under the limit, two bytes sent: 408 once the body timeout (1 s) passes.
+    let started = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{}}"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("body_timeout"), "{reply}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(8));
+
+    // Silent: closed after the header timeout (1 s), not kept forever.
+    let mut idle = std::net::TcpStream::connect(addr).unwrap();
+    idle.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = idle
+        .read(&mut buf)
+        .expect("the server closes the connection");
+    assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
+
+    // Still serving.
+    assert_eq!(http::get(addr, "/health").status, 200);
+    let rss = peak_rss();
+    assert!(rss < 1 << 30, "peak RSS {} MiB", rss >> 20);
 }

@@ -80,7 +80,7 @@ pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
 
     let t = Instant::now();
     for j in &jpegs {
-        std::hint::black_box(load_resized(j, 224).ok());
+        std::hint::black_box(load_resized(j, 224, &Default::default()).ok());
     }
     let one = b.images as f64 / t.elapsed().as_secs_f64();
     out.push_str(&format!(
@@ -89,7 +89,7 @@ pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
 
     let t = Instant::now();
     jpegs.par_iter().for_each(|j| {
-        std::hint::black_box(load_resized(j, 224).ok());
+        std::hint::black_box(load_resized(j, 224, &Default::default()).ok());
     });
     let all = b.images as f64 / t.elapsed().as_secs_f64();
     out.push_str(&format!(
@@ -106,7 +106,8 @@ pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
     } else {
         ""
     };
-    let img = load_resized(&jpegs[0], tower.image_size as u32).unwrap_or_default();
+    let img =
+        load_resized(&jpegs[0], tower.image_size as u32, &Default::default()).unwrap_or_default();
     let batch: Vec<&[u8]> = (0..b.clip_batch).map(|_| img.as_slice()).collect();
     tower.features_f16_bytes(&batch)?; // warm-up
     let t = Instant::now();

@@ -78,7 +78,10 @@ pub fn parity(p: &ParityCheck, device: &Device) -> Result<Table> {
     let features = |tower: &ClipTower| -> Result<Vec<f32>> {
         let px: Vec<Vec<u8>> = jpegs
             .iter()
-            .map(|b| load_resized(b, tower.image_size as u32).expect("synthetic JPEG"))
+            .map(|b| {
+                load_resized(b, tower.image_size as u32, &Default::default())
+                    .expect("synthetic JPEG")
+            })
             .collect();
         let refs: Vec<&[u8]> = px.iter().map(|v| v.as_slice()).collect();
         Ok(tower.features_u8(&refs)?.flatten_all()?.to_vec1::<f32>()?)

@@ -117,6 +117,7 @@ impl ServeArgs {
         let limits = minimind_v::serve::Limits {
             max_body: self.max_body_mb << 20,
             max_queue: self.max_queue,
+            ..Default::default()
         };
         tokio::runtime::Runtime::new()?
             .block_on(minimind_v::serve::run(engine, limits, &self.addr))?;

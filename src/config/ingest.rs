@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::shards::ClipPrecision;
 use crate::text::Stage;
+use crate::vision::preprocess::ImageLimits;
 
 /// `[ingest]`: upstream's JSON + images → shards.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +46,11 @@ pub struct IngestConfig {
     /// part of the plan, so a resumed run cannot mix precisions.
     #[serde(default)]
     pub clip_precision: ClipPrecision,
+    /// How large an image may be before it is decoded (bytes, width and height, pixels); larger
+    /// ones are `image_too_large` rejects. `[ingest.image_limits]`: `max_side` (8192),
+    /// `max_pixels` (40,000,000), `max_bytes` (64 MiB).
+    #[serde(default)]
+    pub image_limits: ImageLimits,
 }
 
 fn default_tokenizer() -> PathBuf {
@@ -102,6 +108,7 @@ impl IngestConfig {
             rows_per_shard: default_rows_per_shard(),
             clip_batch: default_clip_batch(),
             clip_precision: ClipPrecision::F32,
+            image_limits: ImageLimits::default(),
         }
     }
 }

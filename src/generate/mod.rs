@@ -274,7 +274,8 @@ pub fn image_features(
     let mut pixels = Vec::with_capacity(paths.len());
     for p in paths {
         let bytes = std::fs::read(p).map_err(|e| crate::error::bad_file(p, e.to_string()))?;
-        let img = crate::vision::preprocess::load_resized(&bytes, tower.image_size as u32)
+        let limits = crate::vision::preprocess::ImageLimits::default();
+        let img = crate::vision::preprocess::load_resized(&bytes, tower.image_size as u32, &limits)
             .map_err(|(_, d)| crate::error::bad_file(p, format!("not a readable image: {d}")))?;
         pixels.push(img);
     }

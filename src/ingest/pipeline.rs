@@ -20,7 +20,7 @@ use crate::shards::manifest::{self, ShardDone};
 use crate::shards::reject::{Reason, Reject};
 use crate::shards::{self as sh, ShardMeta, ShardRow};
 use crate::vision::clip::ClipTower;
-use crate::vision::preprocess;
+use crate::vision::preprocess::{self, ImageLimits};
 
 /// Shards written at once: one Parquet writer is one core's work (docs/BENCHMARKS.md).
 pub const WRITERS: usize = 2;
@@ -197,7 +197,7 @@ fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
 fn read_stage(ctx: &Ctx, pending: &[usize], size: u32, tx: Sender<Result<Prepared>>) {
     let (cfg, rows) = (ctx.cfg, ctx.cfg.rows_per_shard);
     let result = (|| -> Result<()> {
-        let mut source = ImageSource::open(&cfg.images)?;
+        let mut source = ImageSource::open(&cfg.images, cfg.image_limits.max_bytes)?;
         let mut seq = 0;
         for &shard in pending {
             let groups = ctx.plan.shard(shard, rows);
@@ -210,7 +210,7 @@ fn read_stage(ctx: &Ctx, pending: &[usize], size: u32, tx: Sender<Result<Prepare
                     seq,
                     shard,
                     groups: base + range.start..base + range.end,
-                    images: prepare(&mut source, &groups[range], size),
+                    images: prepare(&mut source, &groups[range], size, &cfg.image_limits),
                     last: c + 1 == n_chunks,
                 };
                 seq += 1;
@@ -227,7 +227,12 @@ fn read_stage(ctx: &Ctx, pending: &[usize], size: u32, tx: Sender<Result<Prepare
 }
 
 /// Read every image of `groups`, then decode and resize them in parallel.
-fn prepare(source: &mut ImageSource, groups: &[Group], size: u32) -> Vec<RowImages> {
+fn prepare(
+    source: &mut ImageSource,
+    groups: &[Group],
+    size: u32,
+    limits: &ImageLimits,
+) -> Vec<RowImages> {
     let bytes: Vec<_> = groups
         .iter()
         .map(|g| {
@@ -245,7 +250,7 @@ fn prepare(source: &mut ImageSource, groups: &[Group], size: u32) -> Vec<RowImag
             b.iter()
                 .zip(&g.images)
                 .map(|(bytes, name)| {
-                    preprocess::load_resized(bytes, size)
+                    preprocess::load_resized(bytes, size, limits)
                         .map_err(|(r, d)| (r, format!("{name}: {d}")))
                 })
                 .collect()

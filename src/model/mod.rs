@@ -6,6 +6,7 @@
 pub mod cuda;
 pub mod fused;
 pub mod llm;
+pub mod pth;
 pub mod vlm;
 pub mod weights;
 
@@ -71,6 +72,18 @@ impl ModelConfig {
         }
     }
 
+    /// Parameters of a model of this shape (the tied output head counted once).
+    pub fn parameter_count(&self) -> u64 {
+        let (d, h, v) = (
+            self.dim as u64,
+            self.ffn_hidden() as u64,
+            self.vocab_size as u64,
+        );
+        let kv = (self.n_kv_heads * self.head_dim()) as u64;
+        let layer = 2 * d * d + 2 * d * kv + 3 * d * h + 2 * d;
+        v * d + self.n_layers as u64 * layer + d + self.vision_dim as u64 * d + d
+    }
+
     pub fn head_dim(&self) -> usize {
         self.dim / self.n_heads
     }
@@ -82,8 +95,44 @@ impl ModelConfig {
         })
     }
 
+    /// Refuse shapes that cannot be built, before anything is allocated: a `config.json` from
+    /// elsewhere can ask for 10⁹ layers or a zero-width head.
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |m: String| Err(crate::Error::Config(format!("model: {m}")));
+        let bounds: [(&str, usize, usize); 8] = [
+            ("dim", self.dim, 1 << 14),
+            ("n_layers", self.n_layers, 1 << 10),
+            ("n_heads", self.n_heads, 1 << 10),
+            ("n_kv_heads", self.n_kv_heads, 1 << 10),
+            ("vocab_size", self.vocab_size, 1 << 20),
+            ("multiple_of", self.multiple_of, 1 << 16),
+            ("max_seq_len", self.max_seq_len, 1 << 16),
+            ("vision_dim", self.vision_dim, 1 << 14),
+        ];
+        for (name, v, max) in bounds {
+            if v == 0 || v > max {
+                return bad(format!("{name} = {v}: it must lie in 1..={max}"));
+            }
+        }
+        if self.hidden_dim.is_some_and(|h| h == 0 || h > 1 << 17) {
+            return bad(format!(
+                "hidden_dim = {:?}: it must lie in 1..=131072",
+                self.hidden_dim
+            ));
+        }
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(self.norm_eps) || !positive(self.rope_theta) {
+            return bad(format!(
+                "norm_eps = {} and rope_theta = {} must be positive numbers",
+                self.norm_eps, self.rope_theta
+            ));
+        }
+        let params = self.parameter_count();
+        if params > 4_000_000_000 {
+            return bad(format!(
+                "{params} parameters (over 4 billion): not a MiniMind shape"
+            ));
+        }
         if !self.dim.is_multiple_of(self.n_heads) || !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "dim {} must split into {} heads of even size",
@@ -96,8 +145,11 @@ impl ModelConfig {
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.image_ids.is_empty() {
-            return bad("image_ids is empty".into());
+        if self.image_ids.is_empty() || self.image_ids.len() > self.max_seq_len {
+            return bad(format!(
+                "image_ids holds {} ids: an image needs 1..=max_seq_len placeholder tokens",
+                self.image_ids.len()
+            ));
         }
         Ok(())
     }

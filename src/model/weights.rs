@@ -52,15 +52,22 @@ pub fn expected_shapes(cfg: &ModelConfig) -> BTreeMap<String, Vec<usize>> {
     m
 }
 
-/// Raw tensors of a checkpoint file, names normalised to upstream's.
+/// Raw tensors of a checkpoint file, names normalised to upstream's; no tensor may hold more than
+/// 2^31 elements (use [`load`] to bound them by a model's shape).
 pub fn read_state(path: &Path) -> Result<HashMap<String, Tensor>> {
+    read_state_bounded(path, 1 << 31)
+}
+
+/// [`read_state`], refusing any tensor of more than `max_elems` elements before reading it.
+fn read_state_bounded(path: &Path, max_elems: usize) -> Result<HashMap<String, Tensor>> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let raw: Vec<(String, Tensor)> = match ext {
+        // safetensors checks each tensor's declared size against the bytes it holds.
         "safetensors" => candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| bad_file(path, e.to_string()))?
             .into_iter()
             .collect(),
-        "pth" | "pt" | "bin" => read_pth(path)?,
+        "pth" | "pt" | "bin" => read_pth(path, max_elems)?,
         _ => {
             return Err(bad_file(
                 path,
@@ -75,21 +82,23 @@ pub fn read_state(path: &Path) -> Result<HashMap<String, Tensor>> {
         .collect())
 }
 
-/// A PyTorch zip checkpoint. zip 9's archive-offset detection rejects some valid files torch
-/// writes (seen with `model_orig_mod_prefix.pth`); those are re-packed verbatim, with the offset
-/// known to be 0, into a temporary file that candle's reader accepts.
-fn read_pth(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let first = match candle_core::pickle::read_all(path) {
-        Ok(t) => return Ok(t),
-        Err(e) => e,
-    };
-    let repacked = || -> std::result::Result<Vec<(String, Tensor)>, String> {
+/// A PyTorch zip checkpoint, read through `pth` (globals allowlisted, sizes bounded). zip 9's
+/// archive-offset detection rejects some valid files torch writes (seen with
+/// `model_orig_mod_prefix.pth`); those are re-packed verbatim, with the offset known to be 0,
+/// into a temporary file that the readers accept.
+fn read_pth(path: &Path, max_elems: usize) -> Result<Vec<(String, Tensor)>> {
+    if zip::ZipArchive::new(std::fs::File::open(path).map_err(|e| bad_file(path, e.to_string()))?)
+        .is_ok()
+    {
+        return super::pth::read(path, max_elems);
+    }
+    let tmp = tempfile_path(path);
+    let repacked = || -> std::result::Result<(), String> {
         let cfg = zip::read::Config {
             archive_offset: zip::read::ArchiveOffset::Known(0),
         };
         let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
         let mut archive = zip::ZipArchive::with_config(cfg, file).map_err(|e| e.to_string())?;
-        let tmp = tempfile_path(path);
         let mut writer =
             zip::ZipWriter::new(std::fs::File::create(&tmp).map_err(|e| e.to_string())?);
         for i in 0..archive.len() {
@@ -97,16 +106,17 @@ fn read_pth(path: &Path) -> Result<Vec<(String, Tensor)>> {
             writer.raw_copy_file(entry).map_err(|e| e.to_string())?;
         }
         writer.finish().map_err(|e| e.to_string())?;
-        let tensors = candle_core::pickle::read_all(&tmp).map_err(|e| e.to_string());
-        let _ = std::fs::remove_file(&tmp);
-        tensors
+        Ok(())
     };
-    repacked().map_err(|e| {
-        bad_file(
-            path,
-            format!("not a readable PyTorch checkpoint: {first}; re-packed: {e}"),
-        )
-    })
+    let result = repacked()
+        .map_err(|e| bad_file(path, format!("not a readable PyTorch checkpoint: {e}")))
+        .and_then(|()| super::pth::read(&tmp, max_elems))
+        .map_err(|e| match e {
+            crate::Error::BadFile { msg, .. } => bad_file(path, msg),
+            other => other,
+        });
+    let _ = std::fs::remove_file(&tmp);
+    result
 }
 
 fn tempfile_path(path: &Path) -> std::path::PathBuf {
@@ -226,7 +236,14 @@ pub fn load(
     device: &Device,
 ) -> Result<(Vlm, VarMap, LoadReport)> {
     cfg.validate()?;
-    let state = read_state(path)?;
+    // No tensor of the file may be larger than the model's largest: a header's claim is checked
+    // before its bytes are read.
+    let largest = expected_shapes(cfg)
+        .values()
+        .map(|s| s.iter().product::<usize>())
+        .max()
+        .unwrap_or(0);
+    let state = read_state_bounded(path, largest)?;
     build(path, state, cfg, allow_fresh_projector, device)
 }
 

@@ -1,15 +1,19 @@
 //! `minimind-v serve`: a web page and an OpenAI-compatible chat API over one loaded model.
 //!
-//! Requests are validated on the async side (size, JSON, images decoded and resized, prompt
-//! tokenised and length-checked) and then queued to a single generation thread that owns the
-//! model; each job gets its own KV cache, so concurrent requests never share state. The answer
-//! streams back through a channel, as server-sent events when the client asks for `stream`.
+//! A request takes a place in the bounded queue first (503 when it is full), so everything it
+//! costs is bounded: its body (`max_body`, read within `body_timeout`), then its validation —
+//! JSON, images decoded and resized within the image limits, text refused by its byte length
+//! before it is tokenised — on at most as many threads as the machine has cores, then a single
+//! generation thread that owns the model. Each job gets its own KV cache, so concurrent requests
+//! never share state. The answer streams back through a channel, as server-sent events when the
+//! client asks for `stream`. Every error is JSON; headers must arrive within `header_timeout`,
+//! and a connection idle that long between requests is closed.
 
 pub mod api;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::State;
@@ -25,15 +29,25 @@ use tokio_stream::StreamExt;
 
 use crate::generate::{generate, Engine, Sampling, TextStream};
 use crate::model::vlm::Images;
-use crate::text::{placeholder_starts, ChatTokenizer};
+use crate::text::{placeholder_starts, ChatTokenizer, MAX_TOKEN_BYTES};
+use crate::vision::preprocess::ImageLimits;
 use api::{ApiError, ChatRequest, Usage};
 
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Largest request body accepted (bytes).
     pub max_body: usize,
-    /// Requests waiting for the generation thread beyond this are refused with 503.
+    /// Requests in the server (being validated or waiting for the generation thread) beyond this
+    /// are refused with 503.
     pub max_queue: usize,
+    /// How large an image may be before it is decoded.
+    pub images: ImageLimits,
+    /// A request's headers must arrive within this; a connection idle for this long between
+    /// requests is closed.
+    pub header_timeout: Duration,
+    /// A request body must arrive within this (a client that declares a length and sends less
+    /// would otherwise hold its place forever).
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -41,6 +55,9 @@ impl Default for Limits {
         Self {
             max_body: 16 << 20,
             max_queue: 16,
+            images: ImageLimits::default(),
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -52,6 +69,8 @@ struct Job {
     images: Vec<Vec<u8>>,
     sampling: Sampling,
     out: mpsc::UnboundedSender<Piece>,
+    /// Held until the job is done (given back when it drops).
+    _place: Place,
 }
 
 /// What the generation thread sends back for a job.
@@ -78,15 +97,16 @@ struct AppState {
     max_seq_len: usize,
     limits: Limits,
     next_id: AtomicU64,
+    /// Validations (decoding, tokenising) running at once.
+    validating: tokio::sync::Semaphore,
 }
 
 /// Build the router and start the generation thread that owns `engine`.
 pub fn app(engine: Engine, limits: Limits) -> Router {
     let (tx, rx) = crossbeam_channel::bounded::<Job>(limits.max_queue);
-    let queued = Arc::new(AtomicUsize::new(0));
     let state = Arc::new(AppState {
         jobs: tx,
-        queued: queued.clone(),
+        queued: Arc::new(AtomicUsize::new(0)),
         tokenizer: engine.tokenizer.clone(),
         model_id: engine.model_id.clone(),
         clip_id: engine.tower.as_ref().map(|t| t.source.to_string()),
@@ -96,13 +116,13 @@ pub fn app(engine: Engine, limits: Limits) -> Router {
         max_seq_len: engine.vlm.cfg.max_seq_len,
         limits,
         next_id: AtomicU64::new(0),
+        validating: tokio::sync::Semaphore::new(crate::train::dist::cpu_cores()),
     });
     std::thread::Builder::new()
         .name("generate".into())
         .spawn(move || {
             for job in rx {
                 run_job(&engine, job);
-                queued.fetch_sub(1, Ordering::SeqCst);
             }
         })
         .expect("spawning the generation thread");
@@ -112,6 +132,7 @@ pub fn app(engine: Engine, limits: Limits) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(completions))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -169,6 +190,14 @@ async fn not_found() -> Response {
     })
 }
 
+async fn method_not_allowed() -> Response {
+    error(ApiError {
+        status: 405,
+        code: "method_not_allowed",
+        message: "this endpoint takes another method; see GET /, /health, /v1/models, POST /v1/chat/completions".into(),
+    })
+}
+
 async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
 }
@@ -220,14 +249,27 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
             ));
         };
         for (i, bytes) in parsed.images.iter().enumerate() {
-            let img = crate::vision::preprocess::load_resized(bytes, size).map_err(|(_, d)| {
-                ApiError::bad(
-                    "not_an_image",
-                    format!("image {}: not a readable image: {d}", i + 1),
-                )
-            })?;
+            let img = crate::vision::preprocess::load_resized(bytes, size, &st.limits.images)
+                .map_err(|(_, d)| {
+                    ApiError::bad(
+                        "not_an_image",
+                        format!("image {}: not a readable image: {d}", i + 1),
+                    )
+                })?;
             images.push(img);
         }
+    }
+    // Refused by its byte length before it is tokenised: more bytes than max_seq_len tokens can
+    // hold cannot fit, and tokenising megabytes costs time and memory.
+    if parsed.text.len() > st.max_seq_len * MAX_TOKEN_BYTES {
+        return Err(ApiError::bad(
+            "prompt_too_long",
+            format!(
+                "the prompt is {} bytes, more than the model's max_seq_len of {} tokens can hold",
+                parsed.text.len(),
+                st.max_seq_len
+            ),
+        ));
     }
     let ids = st
         .tokenizer
@@ -265,10 +307,37 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     })
 }
 
+/// A place in the server: taken before the request costs anything, given back when its job
+/// leaves the generation thread (or when the request fails before that).
+struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn queue_full(st: &AppState) -> Response {
+    error(ApiError {
+        status: 503,
+        code: "queue_full",
+        message: format!(
+            "{} requests are already in the server; try again shortly",
+            st.limits.max_queue
+        ),
+    })
+}
+
 async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
-    let bytes = match axum::body::to_bytes(body, st.limits.max_body).await {
-        Ok(b) => b,
-        Err(_) => {
+    if st.queued.fetch_add(1, Ordering::SeqCst) >= st.limits.max_queue {
+        st.queued.fetch_sub(1, Ordering::SeqCst);
+        return queue_full(&st);
+    }
+    let place = Place(st.queued.clone());
+    let read = axum::body::to_bytes(body, st.limits.max_body);
+    let bytes = match tokio::time::timeout(st.limits.body_timeout, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
             return error(ApiError {
                 status: 413,
                 code: "body_too_large",
@@ -278,9 +347,24 @@ async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
                 ),
             })
         }
+        Err(_) => {
+            return error(ApiError {
+                status: 408,
+                code: "body_timeout",
+                message: format!(
+                    "the request body did not arrive within {} s",
+                    st.limits.body_timeout.as_secs_f64()
+                ),
+            })
+        }
+    };
+    let Ok(permit) = st.validating.acquire().await else {
+        return queue_full(&st);
     };
     let st2 = st.clone();
-    let prepared = match tokio::task::spawn_blocking(move || prepare(&st2, &bytes)).await {
+    let prepared = tokio::task::spawn_blocking(move || prepare(&st2, &bytes)).await;
+    drop(permit);
+    let prepared = match prepared {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => return error(e),
         Err(e) => {
@@ -298,18 +382,11 @@ async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
         images: prepared.images,
         sampling: prepared.sampling,
         out: tx,
+        _place: place,
     };
-    st.queued.fetch_add(1, Ordering::SeqCst);
+    // The place taken above guarantees room in the channel (both hold max_queue).
     if st.jobs.try_send(job).is_err() {
-        st.queued.fetch_sub(1, Ordering::SeqCst);
-        return error(ApiError {
-            status: 503,
-            code: "queue_full",
-            message: format!(
-                "{} requests are already waiting; try again shortly",
-                st.limits.max_queue
-            ),
-        });
+        return queue_full(&st);
     }
     let id = format!("chatcmpl-{}", st.next_id.fetch_add(1, Ordering::SeqCst));
     let created = now();
@@ -382,13 +459,11 @@ async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
 
 /// Bind and serve until Ctrl-C.
 pub async fn run(engine: Engine, limits: Limits, addr: &str) -> crate::error::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| {
-            crate::error::Error::Network(format!(
-                "cannot listen on {addr}: {e}\nHINT: another process may hold the port; choose another with --addr host:port"
-            ))
-        })?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        crate::error::Error::Network(format!(
+            "cannot listen on {addr}: {e}\nHINT: another process may hold the port; choose another with --addr host:port"
+        ))
+    })?;
     let local = listener
         .local_addr()
         .map_err(|e| crate::error::Error::Network(format!("{addr}: {e}")))?;
@@ -396,11 +471,42 @@ pub async fn run(engine: Engine, limits: Limits, addr: &str) -> crate::error::Re
         "serving {} on http://{local}/ (OpenAI API at /v1/chat/completions); Ctrl-C stops",
         engine.model_id
     );
-    axum::serve(listener, app(engine, limits))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .map_err(|e| crate::error::Error::Network(format!("server on {local}: {e}")))?;
+    let header_timeout = limits.header_timeout;
+    serve_on(listener, app(engine, limits), header_timeout, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await;
     Ok(())
+}
+
+/// Serve `app` on `listener` until `shutdown` completes: each connection HTTP/1.1, its headers
+/// due within `header_timeout` (which also closes a connection idle that long between requests).
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors and the like: wait, then accept again.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }

@@ -25,6 +25,13 @@ pub enum Reason {
     EmptyImage,
     /// Not decodable as JPEG/PNG.
     CorruptImage,
+    /// An image name that leaves the images root (`..`, an absolute path, a symlink out) or
+    /// names something other than a regular file.
+    UnsafePath,
+    /// Over the image limits: its bytes, its width or height, or its pixel count.
+    ImageTooLarge,
+    /// More text than the model could ever read, refused before it is tokenized.
+    TextTooLong,
 }
 
 impl Reason {
@@ -42,6 +49,9 @@ impl Reason {
             Reason::MissingImage => "missing_image",
             Reason::EmptyImage => "empty_image",
             Reason::CorruptImage => "corrupt_image",
+            Reason::UnsafePath => "unsafe_path",
+            Reason::ImageTooLarge => "image_too_large",
+            Reason::TextTooLong => "text_too_long",
         }
     }
 }

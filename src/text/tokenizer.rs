@@ -9,6 +9,7 @@ use tokenizers::Tokenizer;
 use super::template::{render, select_pairs};
 use super::{
     placeholder_ids, placeholder_starts, placeholder_text, Stage, Turn, ASSISTANT_IDS, IMAGE_TAG,
+    MAX_TOKEN_BYTES,
 };
 use crate::error::{bad_file, Result};
 use crate::shards::reject::Reason;
@@ -25,6 +26,13 @@ pub struct Encoded {
 
 /// A typed reason plus detail, before it is attached to a record.
 pub type Rejected = (Reason, String);
+
+/// The most text bytes a sample may hold before it is tokenised: four times what `max_seq_len`
+/// tokens can hold. Records this long are far beyond upstream's data (its longest are a few KB);
+/// they are `text_too_long` rejects.
+pub fn max_text_bytes(max_seq_len: usize) -> usize {
+    4 * max_seq_len * MAX_TOKEN_BYTES
+}
 
 /// The MiniMind tokenizer plus the rules above.
 pub struct ChatTokenizer {
@@ -93,6 +101,17 @@ impl ChatTokenizer {
         max_seq_len: usize,
     ) -> std::result::Result<Encoded, Rejected> {
         let pairs = select_pairs(stage, turns)?;
+        // Tokenising megabytes costs memory and time (and a parallel planner multiplies it), and
+        // anything past max_seq_len tokens is cut anyway: a text this much longer than the
+        // model can read is refused by its byte length, before it is tokenised.
+        let bytes: usize = pairs.iter().map(|(q, a)| q.len() + a.len()).sum();
+        let cap = max_text_bytes(max_seq_len);
+        if bytes > cap {
+            return Err((
+                Reason::TextTooLong,
+                format!("{bytes} bytes of text, over {cap} (4 × max_seq_len tokens of at most {MAX_TOKEN_BYTES} bytes)"),
+            ));
+        }
         let tags: usize = pairs
             .iter()
             .map(|(q, _)| q.matches(IMAGE_TAG).count())
