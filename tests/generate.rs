@@ -272,3 +272,32 @@ fn an_interactive_chat_reports_bad_questions_and_goes_on() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 }
+
+/// `chat` and `serve` check sampling settings with one validation: NaN, a top-p over 1 and a
+/// repetition penalty of 0 are refused, naming the option.
+#[test]
+fn chat_refuses_sampling_settings_that_serve_refuses() {
+    let pth = common::reference().join("tiny_llm/model.pth");
+    for (flag, value, want) in [
+        ("--temperature", "nan", "--temperature: temperature NaN"),
+        ("--top-p", "5", "--top-p: top_p 5 must be in (0, 1]"),
+        ("--rp", "0", "--rp: repetition_penalty 0"),
+        ("--max-new-tokens", "0", "--max-new-tokens"),
+    ] {
+        let out = std::process::Command::new(common::bin())
+            .current_dir(common::repo())
+            .args(["chat", "--ckpt", pth.to_str().unwrap(), "--model", "tiny"])
+            .args(["--device", "cpu", "--prompt", "x", flag, value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{flag} {value}: {err}"
+        );
+    }
+    let mut s = minimind_v::generate::Sampling::upstream_chat();
+    assert!(s.validate().is_ok());
+    s.repetition_penalty = f64::NAN;
+    assert_eq!(s.validate().unwrap_err().0, "repetition_penalty");
+}

@@ -34,6 +34,15 @@ pub struct Session<'a> {
 
 impl<'a> Session<'a> {
     pub fn new(engine: &'a Engine, images: &[PathBuf], sampling: Sampling) -> Result<Self> {
+        sampling.validate().map_err(|(setting, msg)| {
+            let flag = match setting {
+                "top_p" => "--top-p",
+                "repetition_penalty" => "--rp",
+                "max_tokens" => "--max-new-tokens",
+                _ => "--temperature",
+            };
+            Error::Config(format!("{flag}: {msg}"))
+        })?;
         if images.len() > MAX_IMAGES {
             return Err(Error::Config(format!(
                 "{} images given; the model was trained with at most {MAX_IMAGES}",

@@ -39,6 +39,34 @@ impl Sampling {
         }
     }
 
+    /// The one check of sampling settings, for `chat` and `serve` alike: each is a number in its
+    /// range (NaN is in none). On a miss: the setting's name and what it must be.
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return Err((
+                "temperature",
+                format!(
+                    "temperature {} must be in [0, 2] (0: greedy)",
+                    self.temperature
+                ),
+            ));
+        }
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            return Err(("top_p", format!("top_p {p} must be in (0, 1]")));
+        }
+        let rp = self.repetition_penalty;
+        if !(rp.is_finite() && rp > 0.0) {
+            return Err((
+                "repetition_penalty",
+                format!("repetition_penalty {rp} must be a number > 0 (1: off)"),
+            ));
+        }
+        if self.max_new_tokens == 0 {
+            return Err(("max_tokens", "max_new_tokens must be ≥ 1".into()));
+        }
+        Ok(())
+    }
+
     pub fn greedy(max_new_tokens: usize) -> Self {
         Self {
             temperature: 0.0,

@@ -144,36 +144,22 @@ pub fn parse(req: ChatRequest) -> Result<Parsed, ApiError> {
         ));
     }
     let mut sampling = crate::generate::Sampling::upstream_chat();
-    if let Some(t) = req.temperature {
-        if !(0.0..=2.0).contains(&t) {
-            return Err(ApiError::bad(
-                "bad_temperature",
-                "temperature must be in [0, 2]",
-            ));
-        }
-        sampling.temperature = t;
-    }
-    if let Some(p) = req.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::bad("bad_top_p", "top_p must be in (0, 1]"));
-        }
-        sampling.top_p = Some(p);
-    }
-    if let Some(k) = req.top_k {
-        sampling.top_k = Some(k);
-    }
-    if let Some(rp) = req.repetition_penalty {
-        if rp <= 0.0 {
-            return Err(ApiError::bad(
-                "bad_repetition_penalty",
-                "repetition_penalty must be > 0",
-            ));
-        }
-        sampling.repetition_penalty = rp;
-    }
-    if let Some(seed) = req.seed {
-        sampling.seed = seed;
-    }
+    sampling.temperature = req.temperature.unwrap_or(sampling.temperature);
+    sampling.top_p = req.top_p.or(sampling.top_p);
+    sampling.top_k = req.top_k.or(sampling.top_k);
+    sampling.repetition_penalty = req
+        .repetition_penalty
+        .unwrap_or(sampling.repetition_penalty);
+    sampling.seed = req.seed.unwrap_or(sampling.seed);
+    sampling.validate().map_err(|(setting, message)| {
+        let code = match setting {
+            "temperature" => "bad_temperature",
+            "top_p" => "bad_top_p",
+            "repetition_penalty" => "bad_repetition_penalty",
+            _ => "bad_max_tokens",
+        };
+        ApiError::bad(code, message)
+    })?;
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
     if max_tokens == Some(0) {
         return Err(ApiError::bad("bad_max_tokens", "max_tokens must be ≥ 1"));
