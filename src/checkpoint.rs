@@ -84,28 +84,35 @@ pub struct Training<'a> {
     pub shards: &'a ShardMeta,
 }
 
-/// Write `out`'s training checkpoint whole, then swap it into place.
+/// Write `out`'s training checkpoint whole, then swap it into place. On a failure (a full disk,
+/// say) the half-written directory is removed and the error names the step and the place.
 pub fn save(out: &Path, varmap: &VarMap, cfg: &ModelConfig, training: Training) -> Result<()> {
     let dir = dir(out);
     let tmp = crate::util::tmp_path(&dir);
     let _ = std::fs::remove_dir_all(&tmp);
-    save_model(&tmp, varmap, cfg)?;
-    let optimizer = tmp.join(OPTIMIZER);
-    let on_cpu = training
-        .optimizer
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
-        .collect::<Result<HashMap<_, _>>>()?;
-    candle_core::safetensors::save(&on_cpu, &optimizer)
-        .map_err(|e| bad_file(&optimizer, e.to_string()))?;
-    crate::util::write_bytes_atomic(
-        &tmp.join(STATE),
-        &serde_json::to_vec_pretty(training.state)?,
-    )?;
-    crate::util::write_bytes_atomic(
-        &tmp.join(SHARDS),
-        &serde_json::to_vec_pretty(training.shards)?,
-    )?;
+    let step = training.state.step;
+    let written = (|| {
+        save_model(&tmp, varmap, cfg)?;
+        let optimizer = tmp.join(OPTIMIZER);
+        let on_cpu = training
+            .optimizer
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        candle_core::safetensors::save(&on_cpu, &optimizer)
+            .map_err(|e| bad_file(&optimizer, e.to_string()))?;
+        let state = serde_json::to_vec_pretty(training.state)?;
+        crate::util::write_bytes_atomic(&tmp.join(STATE), &state)?;
+        let shards = serde_json::to_vec_pretty(training.shards)?;
+        crate::util::write_bytes_atomic(&tmp.join(SHARDS), &shards)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(bad_file(
+            &dir,
+            format!("writing the checkpoint of step {step} failed (the previous checkpoint is kept): {e}"),
+        ));
+    }
     let old = out.join("checkpoint.old");
     let _ = std::fs::remove_dir_all(&old);
     if dir.exists() {

@@ -71,6 +71,7 @@ pub fn stage_config(stage: &StageRun, val: Option<&Path>, model: &ModelConfig) -
         val_shards: val.map(Path::to_path_buf),
         val_every: (steps / 4).max(1),
         val_batches: 8,
+        verify_shards: true,
         precision: Default::default(),
     }
 }

@@ -379,3 +379,75 @@ fn checkpoints_and_configs_from_strangers_are_checked_before_use() {
     assert!(err.contains("n_layers = 1000000000"), "{err}");
     assert_bounded_memory("checkpoints");
 }
+
+/// 400 flipped bytes in a shard: `inspect --verify` and `train` name the damaged shard (it
+/// trained without a word before), and a rerun of the ingest redoes it, byte for byte.
+#[test]
+fn a_damaged_shard_is_named_and_a_rerun_ingest_redoes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tmp.path().join("ds");
+    minimind_v::synth::generate(&minimind_v::synth::SynthConfig {
+        out: ds.clone(),
+        seed: 4,
+        pretrain: 60,
+        sft: 0,
+        sft_records: 1,
+        multi: 0,
+        faults: false,
+    })
+    .unwrap();
+    let pipeline = tmp.path().join("p.toml");
+    let cache = tmp.path().join("cache");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[ingest]\nstage = \"pretrain\"\njson = {:?}\nimages = {:?}\nout = {cache:?}\ntokenizer = {:?}\nclip = \"random-small:0\"\n\n[train]\nshards = {cache:?}\nout = {:?}\nsteps = 2\nbatch_size = 2\n\n[train.model]\n{}",
+            ds.join("LLaVA-Pretrain/chat-translated.json"),
+            ds.join("pretrain_images.zip"),
+            common::tokenizer_dir(),
+            tmp.path().join("run"),
+            toml::to_string(&minimind_v::model::ModelConfig {
+                vision_dim: 192,
+                ..minimind_v::model::ModelConfig::tiny()
+            })
+            .unwrap()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(common::bin())
+            .args(args)
+            .args([pipeline.to_str().unwrap(), "--device", "cpu"])
+            .output()
+            .unwrap()
+    };
+    common::assert_ok(&run(&["ingest"]));
+    let shard = cache.join("shard-00000.parquet");
+    let good = std::fs::read(&shard).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid..mid + 400].iter_mut().for_each(|b| *b ^= 0x5a);
+    std::fs::write(&shard, &bad).unwrap();
+
+    let out = std::process::Command::new(common::bin())
+        .args(["inspect", cache.to_str().unwrap(), "--verify"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("shard-00000.parquet: DAMAGED"),
+        "{err}"
+    );
+
+    let out = run(&["train"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("shard-00000.parquet: damaged"),
+        "{err}"
+    );
+
+    let out = run(&["ingest"]);
+    common::assert_ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("redoing it"));
+    assert_eq!(std::fs::read(&shard).unwrap(), good, "redone byte for byte");
+}

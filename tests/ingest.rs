@@ -611,3 +611,43 @@ fn sft_records_sets_the_records_per_instruction_image() {
         }
     }
 }
+
+/// Two ingests into the same `out`: the second is refused while the first runs, naming the
+/// process that holds it (both did all the work before).
+#[test]
+fn a_second_ingest_into_the_same_out_is_refused_while_the_first_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (json, zip) = small_dataset(tmp.path());
+    let p = pipeline(tmp.path(), "both", "pretrain", &json, &zip, "", 48);
+    let lock = tmp.path().join("cache/both/.ingest-0-of-1.lock");
+    let mut first = Command::new(common::bin())
+        .args(["ingest", p.to_str().unwrap(), "--device", "cpu"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !lock.exists() {
+        assert!(std::time::Instant::now() < deadline, "no lock taken");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let second = Command::new(common::bin())
+        .args(["ingest", p.to_str().unwrap(), "--device", "cpu"])
+        .output()
+        .unwrap();
+    let running = first.try_wait().unwrap().is_none();
+    let err = String::from_utf8_lossy(&second.stderr);
+    if running {
+        assert!(
+            !second.status.success()
+                && err.contains("already running")
+                && err.contains(&format!("process {}", first.id())),
+            "{err}"
+        );
+    }
+    assert!(first.wait().unwrap().success());
+    assert!(!lock.exists(), "the lock is removed at the end");
+    // Once the first is done, a rerun goes through (and finds every shard done).
+    let again = ingest(&p, &[]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already done"));
+}

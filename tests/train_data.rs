@@ -79,6 +79,7 @@ fn cfg(bucket: usize) -> DataConfig {
         bucket_batches: bucket,
         seed: 4,
         pad_to: None,
+        verify: false,
     }
 }
 

@@ -482,6 +482,7 @@ pub fn stream(
         bucket_batches: 16,
         seed: 0,
         pad_to: None,
+        verify: false,
     };
     let mut s = Stream::new(files, cfg)?;
     let t = Instant::now();

@@ -23,7 +23,13 @@ pub enum Command {
     /// Serve a web page and an OpenAI-compatible API (/v1/chat/completions) for a checkpoint.
     Serve(answer::ServeArgs),
     /// Show what a shard directory holds (Polars).
-    Inspect { path: std::path::PathBuf },
+    Inspect {
+        path: std::path::PathBuf,
+        /// Check every shard against the sha256 its manifest records (exits non-zero on a
+        /// damaged or missing shard).
+        #[arg(long)]
+        verify: bool,
+    },
     /// Write a synthetic dataset in upstream's three formats.
     Synth(data::SynthArgs),
     /// Measure throughput.
@@ -41,8 +47,12 @@ impl Command {
             Command::Train(a) => a.run(),
             Command::Chat(a) => a.run(),
             Command::Serve(a) => a.run(),
-            Command::Inspect { path } => {
-                print!("{}", minimind_v::inspect::report(&path)?);
+            Command::Inspect { path, verify } => {
+                let report = match verify {
+                    true => minimind_v::inspect::verify(&path)?,
+                    false => minimind_v::inspect::report(&path)?,
+                };
+                print!("{report}");
                 Ok(())
             }
             Command::Synth(a) => a.run(),

@@ -92,6 +92,10 @@ pub struct TrainConfig {
     pub val_every: usize,
     #[serde(default = "default_val_batches")]
     pub val_batches: usize,
+    /// Check each shard file against the sha256 its manifest records, the first time the run
+    /// opens it (a damaged shard stops the run, named); `false` skips the check.
+    #[serde(default = "yes")]
+    pub verify_shards: bool,
     /// `f32`, or `bf16`: bf16 compute with f32 master weights and optimizer state.
     #[serde(default)]
     pub precision: Precision,
@@ -120,6 +124,9 @@ impl std::str::FromStr for Precision {
     }
 }
 
+fn yes() -> bool {
+    true
+}
 fn default_val_every() -> usize {
     500
 }

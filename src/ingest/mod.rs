@@ -121,6 +121,18 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
     }
     let tokenizer = ChatTokenizer::load(&cfg.tokenizer)?;
     std::fs::create_dir_all(&cfg.out).map_err(|e| bad_file(&cfg.out, e.to_string()))?;
+    // One process per worker slot: a second ingest into the same `out` would do all the work
+    // again beside the first.
+    let _lock = crate::util::LockFile::acquire(
+        &cfg.out
+            .join(format!(".ingest-{}-of-{}.lock", opts.worker, opts.workers)),
+        &format!(
+            "an ingest into {} (worker {} of {})",
+            cfg.out.display(),
+            opts.worker,
+            opts.workers
+        ),
+    )?;
     crate::util::remove_stale_tmp(&cfg.out)?;
     crate::util::remove_stale_tmp(&manifest::progress_dir(&cfg.out))?;
 
@@ -156,7 +168,18 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
     let mut skipped = 0;
     for i in (0..n_shards).filter(|i| i % opts.workers == opts.worker) {
         match manifest::read_done(&cfg.out, i)? {
-            Some(done) if done.plan_id == plan.plan_id => skipped += 1,
+            Some(done) if done.plan_id == plan.plan_id => {
+                // A shard whose bytes changed since it was written (damaged) is redone.
+                if manifest::intact(&cfg.out, &done)? {
+                    skipped += 1;
+                } else {
+                    eprintln!(
+                        "{}: its bytes changed since it was written (sha256 differs): redoing it",
+                        cfg.out.join(&done.file).display()
+                    );
+                    pending.push(i);
+                }
+            }
             Some(done) => {
                 return Err(bad_file(
                     &cfg.out,

@@ -218,3 +218,53 @@ pub fn report(path: &Path) -> Result<String> {
     }
     Ok(out)
 }
+
+/// `inspect --verify`: every shard of the directory `dir` against the sha256 its manifest
+/// records, and every shard the manifest lists present. Returns the report; an error (naming
+/// each damaged or missing shard) when any is.
+pub fn verify(dir: &Path) -> Result<String> {
+    let m = manifest::read_manifest(dir)?;
+    let mut report = String::new();
+    let mut bad = Vec::new();
+    for entry in &m.shards {
+        let path = dir.join(&entry.file);
+        let verdict = match crate::util::sha256_file(&path) {
+            Ok(sha) if sha == entry.sha256 => "ok".to_string(),
+            Ok(sha) => {
+                bad.push(entry.file.clone());
+                format!(
+                    "DAMAGED: sha256 {sha}, the manifest records {}",
+                    entry.sha256
+                )
+            }
+            Err(e) => {
+                bad.push(entry.file.clone());
+                format!("MISSING: {e}")
+            }
+        };
+        let _ = writeln!(report, "{}: {verdict}", entry.file);
+    }
+    let listed: std::collections::HashSet<&str> =
+        m.shards.iter().map(|s| s.file.as_str()).collect();
+    for file in list_shards(dir)? {
+        let name = file.file_name().map(|n| n.to_string_lossy().to_string());
+        if let Some(name) = name.filter(|n| !listed.contains(n.as_str())) {
+            let _ = writeln!(
+                report,
+                "{name}: not in the manifest (not part of this ingest)"
+            );
+        }
+    }
+    if bad.is_empty() {
+        let _ = writeln!(report, "all {} shards match the manifest", m.shards.len());
+        Ok(report)
+    } else {
+        Err(crate::Error::Data(format!(
+            "{report}{} of {} shards damaged or missing in {}: {}\nHINT: re-run the ingest that wrote them: a resumed ingest redoes shards whose bytes do not match",
+            bad.len(),
+            m.shards.len(),
+            dir.display(),
+            bad.join(", ")
+        )))
+    }
+}

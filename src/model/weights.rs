@@ -258,6 +258,11 @@ pub fn save_safetensors(varmap: &VarMap, path: &Path) -> Result<()> {
         tensors.insert("output.weight".into(), emb);
     }
     let tmp = crate::util::tmp_path(path);
-    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| bad_file(&tmp, e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| bad_file(path, e.to_string()))
+    let written = candle_core::safetensors::save(&tensors, &tmp)
+        .map_err(|e| bad_file(path, e.to_string()))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| bad_file(path, e.to_string())));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }

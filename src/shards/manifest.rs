@@ -1,7 +1,7 @@
 //! What an ingest run produced: per-shard completion records (the commit markers that make
 //! ingest resumable) and, once every shard exists, `manifest.json` + `rejects.jsonl`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -100,6 +100,53 @@ pub fn read_done(out: &Path, index: usize) -> Result<Option<ShardDone>> {
     match std::fs::metadata(&shard) {
         Ok(m) if m.len() == done.bytes => Ok(Some(done)),
         _ => Ok(None),
+    }
+}
+
+/// Whether a done shard's bytes still hash to what its completion record says.
+pub fn intact(out: &Path, done: &ShardDone) -> Result<bool> {
+    Ok(crate::util::sha256_file(&out.join(&done.file))? == done.sha256)
+}
+
+/// Checks shard files against the sha256 their directory's `manifest.json` records — the
+/// directory a file really lives in, so a symlinked shard is checked against its own manifest.
+#[derive(Default)]
+pub struct Verifier {
+    /// Directory → its manifest's sha256 per file name (`None`: no manifest there).
+    manifests: HashMap<PathBuf, Option<HashMap<String, String>>>,
+}
+
+impl Verifier {
+    /// `Ok(true)` when `file` hashes to what its manifest records, `Ok(false)` when no manifest
+    /// records it (nothing to check against), and an error naming the file when it differs.
+    pub fn verify(&mut self, file: &Path) -> Result<bool> {
+        let real = std::fs::canonicalize(file).at(file)?;
+        let (Some(dir), Some(name)) = (real.parent(), real.file_name()) else {
+            return Ok(false);
+        };
+        let recorded = self.manifests.entry(dir.to_path_buf()).or_insert_with(|| {
+            read_manifest(dir).ok().map(|m| {
+                m.shards
+                    .into_iter()
+                    .map(|s| (s.file, s.sha256))
+                    .collect::<HashMap<_, _>>()
+            })
+        });
+        let Some(want) = recorded
+            .as_ref()
+            .and_then(|m| m.get(name.to_string_lossy().as_ref()))
+        else {
+            return Ok(false);
+        };
+        let got = crate::util::sha256_file(&real)?;
+        if &got != want {
+            return Err(crate::Error::Data(format!(
+                "{}: damaged — its sha256 is {got}, its manifest ({}) records {want}\nHINT: re-run the ingest that wrote it: a resumed ingest redoes shards whose bytes do not match",
+                file.display(),
+                dir.join("manifest.json").display()
+            )));
+        }
+        Ok(true)
     }
 }
 

@@ -3,7 +3,7 @@
 //! of their batch (upstream pads every row to 512). The stream is a pure function of
 //! (files, seed, settings), so a position — batches drawn so far — is all a checkpoint needs.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{bad_file, Result};
 use crate::model::vlm::{Images, Vlm};
+use crate::shards::manifest::Verifier;
 use crate::shards::reader::ShardReader;
 use crate::shards::ShardMeta;
 
@@ -35,6 +36,8 @@ pub struct DataConfig {
     pub seed: u64,
     /// Pad every batch to this length instead (upstream's behaviour, for comparison).
     pub pad_to: Option<usize>,
+    /// Check each shard file against its manifest's sha256 the first time it is opened.
+    pub verify: bool,
 }
 
 /// Endless, epoch after epoch, deterministic stream of item batches.
@@ -47,6 +50,8 @@ pub struct Stream {
     rng: ChaCha8Rng,
     order: VecDeque<PathBuf>,
     reader: Option<ShardReader>,
+    /// With `cfg.verify`: the files checked so far.
+    verifier: Option<(Verifier, HashSet<PathBuf>)>,
     pending: VecDeque<Item>,
     buffer: Vec<Item>,
     ready: VecDeque<Vec<Item>>,
@@ -67,10 +72,12 @@ impl Stream {
             rng: ChaCha8Rng::seed_from_u64(0),
             order: VecDeque::new(),
             reader: None,
+            verifier: None,
             pending: VecDeque::new(),
             buffer: Vec::new(),
             ready: VecDeque::new(),
         };
+        s.verifier = s.cfg.verify.then(Default::default);
         s.start_epoch(0);
         Ok(s)
     }
@@ -107,7 +114,14 @@ impl Stream {
                 }
             }
             match self.order.pop_front() {
-                Some(path) => self.reader = Some(ShardReader::open(&path)?),
+                Some(path) => {
+                    if let Some((verifier, checked)) = self.verifier.as_mut() {
+                        if checked.insert(path.clone()) {
+                            verifier.verify(&path)?;
+                        }
+                    }
+                    self.reader = Some(ShardReader::open(&path)?)
+                }
                 None => return Ok(None),
             }
         }

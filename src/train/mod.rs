@@ -128,6 +128,12 @@ impl<'a> Run<'a> {
                 let files = crate::shards::reader::list_shards(dir)?;
                 let val_meta = data::check_shards(&files, mcfg.vision_dim)?;
                 data::check_same_clip((dir, &val_meta), (&cfg.shards, &meta))?;
+                if cfg.verify_shards {
+                    let mut verifier = crate::shards::manifest::Verifier::default();
+                    for f in &files {
+                        verifier.verify(f)?;
+                    }
+                }
                 Some(Validation {
                     files,
                     meta: val_meta,
@@ -161,6 +167,7 @@ impl<'a> Run<'a> {
                 bucket_batches: cfg.bucket_batches,
                 seed: cfg.seed,
                 pad_to: cfg.pad_to,
+                verify: cfg.verify_shards,
             },
         )?;
         let mut step = 0;

@@ -37,6 +37,8 @@ pub fn evaluate(
         bucket_batches: 1,
         seed: 0,
         pad_to: None,
+        // Checked once when the run starts (`Run::start`), not at every validation.
+        verify: false,
     };
     let mut stream = Stream::new(files.to_vec(), cfg)?;
     let (mut sum, mut n) = (0f64, 0usize);
