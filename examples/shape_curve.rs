@@ -48,6 +48,9 @@ fn main() {
     for i in 0..steps / chunk {
         let opts = RunOptions {
             resume: i > 0,
+            overwrite: false,
+            force: false,
+            interrupt: None,
             stop_after: Some(chunk),
             progress: false,
             device: Device::Cpu,

@@ -142,7 +142,7 @@ fn main() {
         for chunk in jpegs.chunks(64) {
             let px: Vec<Vec<u8>> = chunk
                 .iter()
-                .map(|b| load_resized(b, shape.image_size as u32).unwrap())
+                .map(|b| load_resized(b, shape.image_size as u32, &Default::default()).unwrap())
                 .collect();
             let refs: Vec<&[u8]> = px.iter().map(|p| p.as_slice()).collect();
             feats.push(tower.features_u8(&refs).unwrap());

@@ -52,7 +52,7 @@ pub fn stage_config(stage: &StageRun, val: Option<&Path>, model: &ModelConfig) -
     TrainConfig {
         shards: stage.shards.to_path_buf(),
         out: stage.out.to_path_buf(),
-        model: ModelChoice::Custom(model.clone()),
+        model: Some(ModelChoice::Custom(model.clone().into())),
         init: stage.init.clone(),
         trainable: Trainable::All,
         steps,
@@ -98,6 +98,9 @@ pub fn train_stage(
             &cfg,
             &RunOptions {
                 resume: false,
+                overwrite: false,
+                force: false,
+                interrupt: None,
                 stop_after: None,
                 progress: true,
                 device: device.clone(),

@@ -381,6 +381,9 @@ fn two_data_parallel_ranks_average_gradients_and_only_rank_zero_writes() {
     };
     let opts = || RunOptions {
         resume: false,
+        overwrite: false,
+        force: false,
+        interrupt: None,
         stop_after: None,
         progress: false,
         device: candle_core::Device::Cpu,
@@ -472,6 +475,9 @@ fn ranks_as_processes_match_ranks_as_threads() {
             std::thread::spawn(move || {
                 let opts = RunOptions {
                     resume: false,
+                    overwrite: false,
+                    force: false,
+                    interrupt: None,
                     stop_after: None,
                     progress: false,
                     device: candle_core::Device::Cpu,
@@ -533,6 +539,9 @@ fn adam_beta2_defaults_to_upstreams_and_changes_the_updates() {
     };
     let opts = RunOptions {
         resume: false,
+        overwrite: false,
+        force: false,
+        interrupt: None,
         stop_after: None,
         progress: false,
         device: candle_core::Device::Cpu,
@@ -553,5 +562,113 @@ fn adam_beta2_defaults_to_upstreams_and_changes_the_updates() {
         losses(&a)[3],
         losses(&b)[3],
         "β₂ never reached the optimizer"
+    );
+}
+
+/// A second `train` into the same `out` without `--resume` is refused (it replaced the run
+/// silently before); `--overwrite` starts over, a stale `loss.png` gone with the rest. A resume
+/// with a changed learning rate is refused naming it, unless `--force`; one with a changed
+/// checkpoint interval is fine; resuming a finished run says so.
+#[test]
+fn a_run_cannot_be_lost_by_running_again_or_resumed_with_other_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = shards(tmp.path());
+    let p = pipeline(tmp.path(), "run", &cache, 4, 192);
+    common::assert_ok(&train(&p, &[]));
+    let out = tmp.path().join("run");
+    assert!(out.join("loss.png").exists());
+
+    let again = train(&p, &[]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success()
+            && err.contains("holds a run (a checkpoint at step 4)")
+            && err.contains("--resume")
+            && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(read_metrics(&out).unwrap().len(), 4, "untouched");
+
+    let finished = train(&p, &["--resume"]);
+    common::assert_ok(&finished);
+    assert!(String::from_utf8_lossy(&finished.stderr).contains("already finished: step 4 of 4"));
+
+    let changed = train(
+        &p,
+        &[
+            "--resume",
+            "--set",
+            "train.steps=6",
+            "--set",
+            "train.lr=2e-3",
+        ],
+    );
+    let err = String::from_utf8_lossy(&changed.stderr);
+    assert!(
+        !changed.status.success()
+            && err.contains("lr 0.001 → 0.002")
+            && err.contains("steps 4 → 6"),
+        "{err}"
+    );
+    let harmless = train(&p, &["--resume", "--set", "train.checkpoint_every=2"]);
+    common::assert_ok(&harmless);
+    let forced = train(&p, &["--resume", "--force", "--set", "train.steps=6"]);
+    common::assert_ok(&forced);
+    assert!(String::from_utf8_lossy(&forced.stderr).contains("resuming at step 4 "));
+    assert_eq!(read_metrics(&out).unwrap().len(), 6);
+
+    std::fs::write(out.join("loss.png"), b"stale").unwrap();
+    common::assert_ok(&train(&p, &["--overwrite", "--set", "train.steps=2"]));
+    assert_eq!(read_metrics(&out).unwrap().len(), 2);
+    assert_ne!(std::fs::read(out.join("loss.png")).unwrap(), b"stale");
+}
+
+/// Ctrl-C: the run stops at the next step with a checkpoint of that step and says so (it lost up
+/// to `checkpoint_every` steps before); `--resume` then reproduces the uninterrupted run.
+#[test]
+fn ctrl_c_checkpoints_the_current_step_and_resume_continues_exactly() {
+    const STEPS: usize = 60;
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = shards(tmp.path());
+    let whole = pipeline(tmp.path(), "whole", &cache, STEPS, 192);
+    common::assert_ok(&train(&whole, &["--set", "train.checkpoint_every=1000"]));
+    let want = read_metrics(&tmp.path().join("whole")).unwrap();
+
+    let p = pipeline(tmp.path(), "sigint", &cache, STEPS, 192);
+    let metrics = tmp.path().join("sigint/metrics.jsonl");
+    let child = Command::new(common::bin())
+        .args(["train", p.to_str().unwrap(), "--device", "cpu"])
+        .args(["--set", "train.checkpoint_every=1000"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 5 {
+        assert!(std::time::Instant::now() < deadline, "no steps logged");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert!(Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("sigint/checkpoint/state.json")).unwrap(),
+    )
+    .unwrap();
+    let at = state["step"].as_u64().unwrap() as usize;
+    assert!(at >= 5 && at < STEPS, "checkpoint at step {at}");
+    assert!(
+        err.contains(&format!("interrupted: checkpoint written at step {at} ")),
+        "{err}"
+    );
+    let resumed = train(&p, &["--resume", "--set", "train.checkpoint_every=1000"]);
+    common::assert_ok(&resumed);
+    assert_eq!(
+        losses(&read_metrics(&tmp.path().join("sigint")).unwrap()),
+        losses(&want)
     );
 }

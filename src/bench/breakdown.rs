@@ -69,7 +69,7 @@ pub fn run(b: &Breakdown, device: &Device) -> Result<String> {
         device.synchronize()?;
         let mut lap = Instant::now();
         let next = || collate(items, &meta, None, false, &cfg.image_ids, device);
-        let out = trainer.step(1, next, 1e-4, &solo, |phase| {
+        let out = trainer.step(1, next, 1e-4, &solo, &[], |phase| {
             device.synchronize()?;
             let k = Phase::ALL
                 .iter()

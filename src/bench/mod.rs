@@ -336,7 +336,7 @@ fn train_steps(
     let mut t = Instant::now();
     for (i, items) in batches.iter().enumerate() {
         let next = || collate(items, &meta, pad_to, false, &cfg.image_ids, device);
-        let out = trainer.step(1, next, 1e-4, &solo, |_| Ok(()))?;
+        let out = trainer.step(1, next, 1e-4, &solo, &[], |_| Ok(()))?;
         losses.push(out.stats.get(0)?);
         if i == 0 {
             device.synchronize()?;

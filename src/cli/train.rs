@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use clap::Args;
 use minimind_v::{checkpoint, config, device, train};
 
@@ -14,6 +17,13 @@ pub struct TrainArgs {
     /// Continue from out/checkpoint exactly where it stopped.
     #[arg(long)]
     resume: bool,
+    /// Start over in an `out` that holds a run (its checkpoint and logs are replaced).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// With --resume: continue even though settings that change what the run computes (learning
+    /// rate, steps, batch, …) differ from the checkpoint's.
+    #[arg(long, requires = "resume")]
+    force: bool,
     /// Stop (with a checkpoint) after this many steps of this run.
     #[arg(long)]
     stop_after: Option<usize>,
@@ -25,6 +35,17 @@ pub struct TrainArgs {
     device: String,
 }
 
+/// The first Ctrl-C sets the returned flag (the run stops at the next step with a checkpoint);
+/// a second one exits at once.
+pub fn ctrl_c() -> anyhow::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::SIGINT;
+    let flag = Arc::new(AtomicBool::new(false));
+    // Registered first, so it runs first: exit if a Ctrl-C came before this one.
+    signal_hook::flag::register_conditional_shutdown(SIGINT, 130, flag.clone())?;
+    signal_hook::flag::register(SIGINT, flag.clone())?;
+    Ok(flag)
+}
+
 impl TrainArgs {
     pub fn run(self) -> anyhow::Result<()> {
         if self.ranks > 1 {
@@ -33,8 +54,14 @@ impl TrainArgs {
             for o in &self.overrides {
                 args.extend(["--set".to_string(), o.clone()]);
             }
-            if self.resume {
-                args.push("--resume".into());
+            for (on, flag) in [
+                (self.resume, "--resume"),
+                (self.overwrite, "--overwrite"),
+                (self.force, "--force"),
+            ] {
+                if on {
+                    args.push(flag.into());
+                }
             }
             if let Some(n) = self.stop_after {
                 args.extend(["--stop-after".to_string(), n.to_string()]);
@@ -44,7 +71,10 @@ impl TrainArgs {
         }
         let cfg = config::load_section(&self.pipeline, &self.overrides, "train", |p| p.train)?;
         let opts = train::RunOptions {
+            interrupt: Some(ctrl_c()?),
             resume: self.resume,
+            overwrite: self.overwrite,
+            force: self.force,
             stop_after: self.stop_after,
             progress: true,
             device: device::select(&self.device)?,

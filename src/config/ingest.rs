@@ -88,6 +88,10 @@ impl IngestConfig {
         if self.max_images() == 0 {
             return fail("max_images must be positive");
         }
+        let l = &self.image_limits;
+        if l.max_side == 0 || l.max_pixels == 0 || l.max_bytes == 0 {
+            return fail("image_limits: max_side, max_pixels and max_bytes must be positive");
+        }
         Ok(())
     }
 }

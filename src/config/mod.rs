@@ -41,9 +41,19 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     let (last, parents) = parts.split_last().expect("split yields at least one part");
     let mut cur = table;
     for p in parents {
-        cur = cur
+        let entry = cur
             .entry(p.to_string())
-            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        // `model = "minimind_512"` with `--set train.model.dim=96`: the preset becomes the base of
+        // a table of fields.
+        if *p == "model" {
+            if let toml::Value::String(preset) = entry {
+                let mut t = toml::Table::new();
+                t.insert("preset".into(), toml::Value::String(preset.clone()));
+                *entry = toml::Value::Table(t);
+            }
+        }
+        cur = entry
             .as_table_mut()
             .ok_or_else(|| Error::Config(format!("--set {key}: {p} is not a table")))?;
     }
@@ -79,6 +89,11 @@ pub fn load_pipeline(path: &Path, overrides: &[String]) -> Result<Pipeline> {
         .map_err(|e| bad_file(path, format!("{e}")))?;
     if let Some(ingest) = &pipeline.ingest {
         ingest
+            .validate()
+            .map_err(|e| bad_file(path, e.to_string()))?;
+    }
+    if let Some(train) = &pipeline.train {
+        train
             .validate()
             .map_err(|e| bad_file(path, e.to_string()))?;
     }

@@ -7,27 +7,158 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
 
-/// A named preset or a full model config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+/// The model to train: a preset's name (`model = "minimind_512"`), or a table of fields over a
+/// base (`[train.model]`: `preset = "minimind_512"` by default, or the model of an `init`
+/// checkpoint of ours). Upstream fixes the rest (vocabulary, placeholder ids, `multiple_of`,
+/// RoPE theta), so a table names only what differs: `dim = 96`. `--set train.model.dim=96` works
+/// on either form.
+#[derive(Debug, Clone, PartialEq)]
 pub enum ModelChoice {
     Preset(String),
-    Custom(ModelConfig),
+    Custom(ModelSpec),
+}
+
+/// Fields of a model over a base; each one given replaces the base's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// minimind_512, minimind_768 or tiny.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dim: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_layers: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_dim: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiple_of: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_eps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_seq_len: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision_dim: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_ids: Option<Vec<u32>>,
+}
+
+impl From<ModelConfig> for ModelSpec {
+    fn from(c: ModelConfig) -> Self {
+        Self {
+            preset: None,
+            dim: Some(c.dim),
+            n_layers: Some(c.n_layers),
+            n_heads: Some(c.n_heads),
+            n_kv_heads: Some(c.n_kv_heads),
+            vocab_size: Some(c.vocab_size),
+            hidden_dim: c.hidden_dim,
+            multiple_of: Some(c.multiple_of),
+            norm_eps: Some(c.norm_eps),
+            max_seq_len: Some(c.max_seq_len),
+            rope_theta: Some(c.rope_theta),
+            vision_dim: Some(c.vision_dim),
+            image_ids: Some(c.image_ids),
+        }
+    }
+}
+
+/// A preset by name.
+pub fn preset(name: &str) -> Result<ModelConfig> {
+    match name {
+        "minimind_512" => Ok(ModelConfig::minimind_512()),
+        "minimind_768" => Ok(ModelConfig::minimind_768()),
+        "tiny" => Ok(ModelConfig::tiny()),
+        other => Err(Error::Config(format!(
+            "model {other:?}: expected minimind_512, minimind_768, tiny or a [train.model] table"
+        ))),
+    }
 }
 
 impl ModelChoice {
-    pub fn resolve(&self) -> Result<ModelConfig> {
-        match self {
-            Self::Custom(c) => Ok(c.clone()),
-            Self::Preset(p) => match p.as_str() {
-                "minimind_512" => Ok(ModelConfig::minimind_512()),
-                "minimind_768" => Ok(ModelConfig::minimind_768()),
-                "tiny" => Ok(ModelConfig::tiny()),
-                other => Err(Error::Config(format!(
-                    "model {other:?}: expected minimind_512, minimind_768, tiny or a table"
-                ))),
-            },
+    /// The model config; a table's fields go over its `preset`, else over `base` (the model of
+    /// an `init` checkpoint), else over minimind_512.
+    pub fn resolve_over(&self, base: Option<&ModelConfig>) -> Result<ModelConfig> {
+        let s = match self {
+            Self::Preset(p) => return preset(p),
+            Self::Custom(s) => s,
+        };
+        let mut c = match (&s.preset, base) {
+            (Some(p), _) => preset(p)?,
+            (None, Some(b)) => b.clone(),
+            (None, None) => ModelConfig::minimind_512(),
+        };
+        let set = |v: &Option<usize>, f: &mut usize| {
+            if let Some(v) = v {
+                *f = *v;
+            }
+        };
+        set(&s.dim, &mut c.dim);
+        set(&s.n_layers, &mut c.n_layers);
+        set(&s.n_heads, &mut c.n_heads);
+        set(&s.n_kv_heads, &mut c.n_kv_heads);
+        set(&s.vocab_size, &mut c.vocab_size);
+        set(&s.multiple_of, &mut c.multiple_of);
+        set(&s.max_seq_len, &mut c.max_seq_len);
+        set(&s.vision_dim, &mut c.vision_dim);
+        c.hidden_dim = s.hidden_dim.or(c.hidden_dim);
+        c.norm_eps = s.norm_eps.unwrap_or(c.norm_eps);
+        c.rope_theta = s.rope_theta.unwrap_or(c.rope_theta);
+        if let Some(ids) = &s.image_ids {
+            c.image_ids = ids.clone();
         }
+        Ok(c)
+    }
+
+    pub fn resolve(&self) -> Result<ModelConfig> {
+        self.resolve_over(None)
+    }
+}
+
+impl Serialize for ModelChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::Preset(p) => s.serialize_str(p),
+            Self::Custom(spec) => spec.serialize(s),
+        }
+    }
+}
+
+/// A string is a preset; a table a [`ModelSpec`], whose own errors (an unknown field, a wrong
+/// type) come through as they are.
+impl<'de> Deserialize<'de> for ModelChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ModelChoice;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a preset name (minimind_512, minimind_768, tiny) or a table of model fields",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(
+                self,
+                v: &str,
+            ) -> std::result::Result<ModelChoice, E> {
+                Ok(ModelChoice::Preset(v.into()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<ModelChoice, A::Error> {
+                ModelSpec::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(ModelChoice::Custom)
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -48,10 +179,12 @@ pub struct TrainConfig {
     pub shards: PathBuf,
     /// Checkpoint, metrics and plots go here.
     pub out: PathBuf,
-    #[serde(default = "default_model")]
-    pub model: ModelChoice,
-    /// Start from this checkpoint (`.safetensors` or upstream `.pth`); none = random init.
-    #[serde(default)]
+    /// Default: the model of an `init` checkpoint of ours, else minimind_512.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelChoice>,
+    /// Start from this checkpoint (a checkpoint directory of ours, a `.safetensors` file or
+    /// upstream's `.pth`); absent or `"none"`: random initialisation.
+    #[serde(default, deserialize_with = "path_or_none")]
     pub init: Option<PathBuf>,
     #[serde(default = "default_trainable")]
     pub trainable: Trainable,
@@ -124,6 +257,52 @@ impl std::str::FromStr for Precision {
     }
 }
 
+impl TrainConfig {
+    /// Every numeric setting in its range, named when not: checked when the file is read and
+    /// again when a run starts.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(format!("[train] {m}")));
+        let counts = [
+            ("steps", self.steps),
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("shuffle_buffer", self.shuffle_buffer),
+            ("bucket_batches", self.bucket_batches),
+            ("checkpoint_every", self.checkpoint_every),
+            ("val_every", self.val_every),
+            ("val_batches", self.val_batches),
+        ];
+        for (name, v) in counts {
+            if v == 0 {
+                return bad(format!("{name} = 0: it must be at least 1"));
+            }
+        }
+        if self.pad_to == Some(0) {
+            return bad("pad_to = 0: leave it out for dynamic padding, or give a length".into());
+        }
+        if self.warmup_steps > self.steps {
+            return bad(format!(
+                "warmup_steps = {} is more than steps = {}",
+                self.warmup_steps, self.steps
+            ));
+        }
+        let positive = [("lr", self.lr), ("grad_clip", self.grad_clip)];
+        for (name, v) in positive {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("{name} = {v}: it must be a number above 0"));
+            }
+        }
+        if !(self.weight_decay.is_finite() && (0.0..1.0).contains(&self.weight_decay)) {
+            return bad(format!(
+                "weight_decay = {}: it must lie in [0, 1)",
+                self.weight_decay
+            ));
+        }
+        check_adam_beta2(self.adam_beta2)?;
+        Ok(())
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -134,8 +313,12 @@ fn default_val_batches() -> usize {
     20
 }
 
-fn default_model() -> ModelChoice {
-    ModelChoice::Preset("minimind_512".into())
+/// A path, or `"none"` (so that `--set train.init=none` turns a file's `init` off).
+fn path_or_none<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<PathBuf>, D::Error> {
+    let p: Option<PathBuf> = Option::deserialize(d)?;
+    Ok(p.filter(|p| p.as_os_str() != "none" && !p.as_os_str().is_empty()))
 }
 fn default_trainable() -> Trainable {
     Trainable::All

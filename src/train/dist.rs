@@ -384,6 +384,15 @@ pub fn launch(ranks: usize, device: &str, child_args: &[String]) -> Result<()> {
             .map_err(|e| io_err(&format!("start rank {r} ({})", exe.display()), e))?;
         children.push(Some(child));
     }
+    // Ctrl-C reaches every rank (one process group): each stops at the same step with a
+    // checkpoint. The launcher waits for them; a second Ctrl-C stops everything at once.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _ = signal_hook::flag::register_conditional_shutdown(
+        signal_hook::consts::SIGINT,
+        130,
+        interrupted.clone(),
+    );
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted);
     let mut failure = None;
     while failure.is_none() && children.iter().any(Option::is_some) {
         for (r, slot) in children.iter_mut().enumerate() {

@@ -34,9 +34,15 @@ pub(super) struct Pending {
     pub batch_ids: Vec<String>,
 }
 
+/// A step read back: its log line, and whether any rank was interrupted (Ctrl-C) by then.
+pub(super) struct Read {
+    pub log: StepLog,
+    pub interrupted: bool,
+}
+
 impl Pending {
     /// Read the step back (waits for the device to finish it); a non-finite loss stops the run.
-    pub fn read(self, dist: &Dist, secs: f64, ckpt: &Path) -> Result<StepLog> {
+    pub fn read(self, dist: &Dist, secs: f64, ckpt: &Path) -> Result<Read> {
         let v = self.stats.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let w = dist.world as f64;
         let (loss, tokens, samples, norm) = (v[0], v[1] as f64 * w, v[2] as f64 * w, v[3]);
@@ -49,7 +55,7 @@ impl Pending {
                 ckpt.display()
             )));
         }
-        Ok(StepLog {
+        let log = StepLog {
             step: self.step,
             loss,
             lr: self.lr,
@@ -58,6 +64,10 @@ impl Pending {
             samples_per_s: samples.round() / secs,
             data_wait: self.wait / secs,
             epoch: self.epoch,
+        };
+        Ok(Read {
+            log,
+            interrupted: v.get(4).is_some_and(|&i| i > 0.0),
         })
     }
 }

@@ -22,7 +22,7 @@ use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint::{self, Checkpoint, TrainState};
-use crate::config::{check_adam_beta2, TrainConfig};
+use crate::config::TrainConfig;
 use crate::error::{IoContext, Result};
 use crate::model::{vlm::Vlm, weights, ModelConfig};
 use crate::shards::ShardMeta;
@@ -36,7 +36,15 @@ use validate::Validation;
 pub use validate::{evaluate, ValLog};
 
 pub struct RunOptions {
+    /// Continue the run in `out` from its checkpoint.
     pub resume: bool,
+    /// Start over in an `out` that holds a run (its checkpoint and logs are replaced).
+    pub overwrite: bool,
+    /// Resume even with settings that change what the run computes.
+    pub force: bool,
+    /// Set (by a Ctrl-C handler) to stop at the next step with a checkpoint; every rank stops
+    /// at the same step.
+    pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Stop after this many steps of this invocation (tests; a clean "interruption").
     pub stop_after: Option<usize>,
     pub progress: bool,
@@ -56,13 +64,21 @@ pub fn run_dist(
     dist: &Dist,
 ) -> Result<(Vec<StepLog>, VarMap)> {
     let mut run = Run::start(cfg, opts, dist)?;
+    if run.step >= cfg.steps && dist.is_main() {
+        eprintln!(
+            "the run in {} already finished: step {} of {}; nothing to do\nHINT: to train further, raise steps (--set train.steps=N) and --resume --force",
+            cfg.out.display(),
+            run.step,
+            cfg.steps
+        );
+    }
     let mut logs = Vec::new();
     let mut done_here = 0;
     while run.step < cfg.steps {
         let started = Instant::now();
         let queued = run.take_step()?;
         done_here += 1;
-        let stopping = opts.stop_after.is_some_and(|n| done_here >= n);
+        let stopping = opts.stop_after.is_some_and(|n| done_here >= n) || run.interrupted;
         let checkpoint = run.step % cfg.checkpoint_every == 0 || run.step == cfg.steps || stopping;
         // Decided alike on every rank, so all read a step at the same point (rank 0 alone
         // validates, but every rank reads at once there).
@@ -76,6 +92,13 @@ pub fn run_dist(
             run.validate()?;
         }
         if stopping {
+            if run.interrupted && dist.is_main() {
+                eprintln!(
+                    "interrupted: checkpoint written at step {} in {}; --resume continues from there",
+                    run.step,
+                    checkpoint::dir(&cfg.out).display()
+                );
+            }
             break;
         }
     }
@@ -101,6 +124,9 @@ struct Run<'a> {
     last_read: Instant,
     /// Rank 0's `metrics.jsonl`.
     metrics: Option<std::fs::File>,
+    /// A rank was interrupted (Ctrl-C), as the averaged step numbers tell every rank alike:
+    /// stop after the step in progress, with a checkpoint.
+    interrupted: bool,
     pb: ProgressBar,
 }
 
@@ -108,9 +134,9 @@ impl<'a> Run<'a> {
     /// Check the settings and the shards, build or restore the model, optimizer and data
     /// position, and open the outputs.
     fn start(cfg: &'a TrainConfig, opts: &'a RunOptions, dist: &'a Dist) -> Result<Self> {
-        let mcfg = cfg.model.resolve()?;
+        cfg.validate()?;
+        let mcfg = model_config(cfg)?;
         mcfg.validate()?;
-        check_adam_beta2(cfg.adam_beta2)?;
         apply_matmul_mode(cfg.precision);
         let files = crate::shards::reader::list_shards(&cfg.shards)?;
         let meta = data::check_shards(&files, mcfg.vision_dim)?;
@@ -212,6 +238,7 @@ impl<'a> Run<'a> {
             pending: None,
             last_read: Instant::now(),
             metrics,
+            interrupted: false,
             pb,
         })
     }
@@ -231,9 +258,17 @@ impl<'a> Run<'a> {
             batch_ids.extend(batch.ids.iter().take(4).cloned());
             Ok(batch)
         };
+        let interrupted = self
+            .opts
+            .interrupt
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
+        let extras = [f32::from(u8::from(interrupted))];
         let out = self
             .trainer
-            .step(cfg.grad_accum, next_batch, lr, self.dist, |_| Ok(()))?;
+            .step(cfg.grad_accum, next_batch, lr, self.dist, &extras, |_| {
+                Ok(())
+            })?;
         self.step += 1;
         Ok(Pending {
             step: self.step,
@@ -265,7 +300,9 @@ impl<'a> Run<'a> {
             };
             let secs = since.elapsed().as_secs_f64();
             self.last_read = Instant::now();
-            let log = p.read(self.dist, secs, &checkpoint::dir(&self.cfg.out))?;
+            let read = p.read(self.dist, secs, &checkpoint::dir(&self.cfg.out))?;
+            self.interrupted |= read.interrupted;
+            let log = read.log;
             if let Some(m) = self.metrics.as_mut() {
                 let path = self.cfg.out.join("metrics.jsonl");
                 writeln!(m, "{}", serde_json::to_string(&log)?).at(&path)?;
@@ -337,6 +374,9 @@ fn resume_point(
     let dir = checkpoint::dir(&cfg.out);
     if dist.is_main() {
         checkpoint::tidy(&cfg.out)?;
+        if !opts.resume {
+            clear_or_refuse(&cfg.out, opts.overwrite)?;
+        }
     }
     dist.barrier(&opts.device)?;
     let ckpt = match opts.resume && dir.exists() {
@@ -353,7 +393,106 @@ fn resume_point(
             cfg.out.display()
         );
     }
+    if let Some(s) = &state {
+        check_resume(cfg, s, opts.force)?;
+    }
     Ok((ckpt.filter(|_| state.is_some()), state))
+}
+
+/// A fresh run must not silently replace one in `out`: refused unless `overwrite`, and then its
+/// checkpoint and logs go (a stale `loss.png` included).
+fn clear_or_refuse(out: &Path, overwrite: bool) -> Result<()> {
+    let ckpt = checkpoint::dir(out);
+    let logs = ["metrics.jsonl", "val.jsonl", "loss.png"].map(|f| out.join(f));
+    if !ckpt.exists() && !logs[0].exists() {
+        return Ok(());
+    }
+    if !overwrite {
+        let step = Checkpoint::open(&ckpt)
+            .ok()
+            .and_then(|c| c.state().ok().flatten())
+            .map_or("no checkpoint yet".into(), |s| {
+                format!("a checkpoint at step {}", s.step)
+            });
+        return Err(crate::Error::Config(format!(
+            "{} holds a run ({step})\nHINT: --resume to continue it, or --overwrite to start over (its checkpoint and logs are replaced)",
+            out.display()
+        )));
+    }
+    if ckpt.exists() {
+        std::fs::remove_dir_all(&ckpt).at(&ckpt)?;
+    }
+    for f in logs.iter().filter(|f| f.exists()) {
+        std::fs::remove_file(f).at(f)?;
+    }
+    Ok(())
+}
+
+/// Settings that may change between a run and its resume without changing what it computes.
+const RESUMABLE_CHANGES: [&str; 7] = [
+    "init",
+    "checkpoint_every",
+    "val_every",
+    "val_batches",
+    "val_shards",
+    "verify_shards",
+    "out",
+];
+
+/// A resume continues the same run: settings that change what it computes (learning rate,
+/// steps and so the schedule, batch, data order, model, …) are refused unless `force`, and named
+/// either way.
+fn check_resume(cfg: &TrainConfig, state: &TrainState, force: bool) -> Result<()> {
+    let (now, then) = (
+        serde_json::to_value(cfg)?,
+        serde_json::to_value(&state.config)?,
+    );
+    let empty = serde_json::Map::new();
+    let now = now.as_object().unwrap_or(&empty);
+    let then = then.as_object().unwrap_or(&empty);
+    let mut keys: Vec<&String> = now.keys().chain(then.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let show = |v: Option<&serde_json::Value>| v.map_or("(unset)".into(), |v| v.to_string());
+    let changed: Vec<(String, bool)> = keys
+        .into_iter()
+        .filter(|k| now.get(*k) != then.get(*k))
+        .map(|k| {
+            (
+                format!("{k} {} → {}", show(then.get(k)), show(now.get(k))),
+                RESUMABLE_CHANGES.contains(&k.as_str()),
+            )
+        })
+        .collect();
+    let breaking: Vec<&str> = changed
+        .iter()
+        .filter(|c| !c.1)
+        .map(|c| c.0.as_str())
+        .collect();
+    if !breaking.is_empty() && !force {
+        return Err(crate::Error::Config(format!(
+            "--resume with changed settings: {}; these change what the run computes, so it would not continue the same run\nHINT: --force to continue with the new settings anyway, or --overwrite (without --resume) to start over",
+            breaking.join(", ")
+        )));
+    }
+    for (c, _) in &changed {
+        eprintln!("--resume: setting changed since the checkpoint: {c}");
+    }
+    Ok(())
+}
+
+/// The model a run trains: `model` over its base, the base being the model of an `init`
+/// checkpoint of ours (a checkpoint directory, or the weights file inside one), else
+/// minimind_512; without `model`, that base itself.
+pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
+    let base = cfg.init.as_deref().and_then(|init| {
+        let dir = if init.is_dir() { init } else { init.parent()? };
+        Checkpoint::open(dir).ok()?.model_config().ok()
+    });
+    match &cfg.model {
+        Some(choice) => choice.resolve_over(base.as_ref()),
+        None => Ok(base.unwrap_or_else(ModelConfig::minimind_512)),
+    }
 }
 
 /// Build the model: from a checkpoint to resume, from `init`, or random.
@@ -367,7 +506,18 @@ fn build_model(
         return ckpt.load_model(device);
     }
     if let Some(init) = &cfg.init {
-        let (m, vm, report) = weights::load(init, mcfg, true, device)?;
+        let file = if init.is_dir() {
+            checkpoint::weights_file(init)
+        } else {
+            init.clone()
+        };
+        if !file.exists() {
+            return Err(crate::error::bad_file(
+                &file,
+                "the init checkpoint does not exist\nHINT: put upstream's LLM weights there (512_llm.pth from MiniMind's release, for pipelines/pretrain.toml), point `init` at a checkpoint of ours, or train from random weights with --set train.init=none",
+            ));
+        }
+        let (m, vm, report) = weights::load(&file, mcfg, true, device)?;
         if report.fresh_projector {
             eprintln!(
                 "{}: no projector in this checkpoint (LLM only): initialising vision_proj freshly",

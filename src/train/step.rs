@@ -94,8 +94,8 @@ impl Phase {
 
 /// What a step leaves on the device.
 pub struct StepOut {
-    /// (mean loss, tokens, samples, gradient norm before clipping), the first three averaged
-    /// over ranks.
+    /// (mean loss, tokens, samples, gradient norm before clipping, then the caller's `extras`),
+    /// all but the norm averaged over ranks.
     pub stats: Tensor,
     /// Real tokens and samples in this rank's micro-batches.
     pub tokens: usize,
@@ -133,12 +133,15 @@ impl Trainer {
 
     /// One optimizer step at learning rate `lr` over `micro` batches taken from `next_batch`,
     /// gradients averaged over `dist`'s ranks. `observe` hears of each phase as it ends.
+    /// `extras` are averaged over the ranks with the step's numbers (how ranks agree on a
+    /// decision without a reduction of its own).
     pub fn step(
         &mut self,
         micro: usize,
         mut next_batch: impl FnMut() -> Result<Batch>,
         lr: f64,
         dist: &Dist,
+        extras: &[f32],
         mut observe: impl FnMut(Phase) -> Result<()>,
     ) -> Result<StepOut> {
         let device = crate::model::vlm::device_of(&self.model);
@@ -175,11 +178,13 @@ impl Trainer {
             });
         }
         let mut grads = grads.expect("at least one micro-batch");
-        // (loss, tokens, samples) of this step, averaged over ranks with the gradients.
+        // (loss, tokens, samples, extras) of this step, averaged over ranks with the gradients.
+        let mut counts = vec![tokens as f32, samples as f32];
+        counts.extend_from_slice(extras);
         let mut totals = Tensor::cat(
             &[
                 loss_sum.expect("at least one micro-batch").reshape(1)?,
-                Tensor::new(&[tokens as f32, samples as f32], &device)?,
+                Tensor::new(counts.as_slice(), &device)?,
             ],
             0,
         )?;
@@ -193,8 +198,17 @@ impl Trainer {
         // A non-finite loss is caught when the caller reads the step back.
         self.opt.step(&grads, lr)?;
         observe(Phase::Optimizer)?;
+        let n = totals.dim(0)?;
+        let stats = Tensor::cat(
+            &[
+                totals.narrow(0, 0, 3)?,
+                grad_norm.reshape(1)?,
+                totals.narrow(0, 3, n - 3)?,
+            ],
+            0,
+        )?;
         Ok(StepOut {
-            stats: Tensor::cat(&[totals, grad_norm.reshape(1)?], 0)?,
+            stats,
             tokens,
             samples,
         })
