@@ -651,3 +651,77 @@ fn a_second_ingest_into_the_same_out_is_refused_while_the_first_runs() {
     let again = ingest(&p, &[]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("already done"));
 }
+
+/// An ingest that rejects most of its records (here: the wrong image prefix) fails, naming the top
+/// reasons, with its manifest and rejects kept to look at (it exited 0 with an empty shard).
+#[test]
+fn an_ingest_that_rejects_most_records_fails_naming_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (json, zip) = small_dataset(tmp.path());
+    let p = pipeline(
+        tmp.path(),
+        "wrong",
+        "pretrain",
+        &json,
+        &zip,
+        "COCO_train2014_",
+        100,
+    );
+    let out = Command::new(common::bin())
+        .args(["ingest", p.to_str().unwrap(), "--device", "cpu"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("over max_reject_rate 50%")
+            && err.contains("missing_image")
+            && err.contains("image_prefix"),
+        "{err}"
+    );
+    assert!(tmp.path().join("cache/wrong/manifest.json").exists());
+    assert!(tmp.path().join("cache/wrong/rejects.jsonl").exists());
+}
+
+/// Images that change in the source after their shard was written are redone on the next run
+/// (they were kept as "already done"), and only their shard.
+#[test]
+fn a_shard_whose_images_changed_is_redone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tmp.path().join("dataset");
+    synth::generate(&SynthConfig {
+        out: ds.clone(),
+        seed: 6,
+        pretrain: 0,
+        sft: 0,
+        sft_records: 1,
+        multi: 120,
+        faults: false,
+    })
+    .unwrap();
+    let dir = ds.join("sft_multi_images");
+    let p = pipeline(
+        tmp.path(),
+        "multi",
+        "sft_multi",
+        &dir.join("output.json"),
+        &dir,
+        "",
+        32,
+    );
+    ingest(&p, &[]);
+    let out = tmp.path().join("cache/multi");
+    let before = shard_hashes(&out);
+    // Replace the first pair's first image (shard 0) with another picture.
+    std::fs::copy(dir.join("5.jpg"), dir.join("0.jpg")).unwrap();
+    let rerun = ingest(&p, &[]);
+    let err = String::from_utf8_lossy(&rerun.stderr);
+    assert!(
+        err.contains("shard-00000.parquet: its images changed"),
+        "{err}"
+    );
+    assert!(!err.contains("shard-00001.parquet: its images"), "{err}");
+    let after = shard_hashes(&out);
+    assert_ne!(after[0], before[0], "shard 0 redone with the new image");
+    assert_eq!(after[1..], before[1..], "the others untouched");
+}

@@ -660,7 +660,7 @@ fn ctrl_c_checkpoints_the_current_step_and_resume_continues_exactly() {
     )
     .unwrap();
     let at = state["step"].as_u64().unwrap() as usize;
-    assert!(at >= 5 && at < STEPS, "checkpoint at step {at}");
+    assert!((5..STEPS).contains(&at), "checkpoint at step {at}");
     assert!(
         err.contains(&format!("interrupted: checkpoint written at step {at} ")),
         "{err}"
@@ -671,4 +671,52 @@ fn ctrl_c_checkpoints_the_current_step_and_resume_continues_exactly() {
         losses(&read_metrics(&tmp.path().join("sigint")).unwrap()),
         losses(&want)
     );
+}
+
+/// Samples longer than the model reads (two-image samples of 168 tokens, a model of 128) are
+/// refused when training starts, with the numbers and the fix (a RoPE `narrow` failed mid-run).
+#[test]
+fn samples_longer_than_the_model_reads_are_refused_at_the_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tmp.path().join("dataset");
+    synth::generate(&SynthConfig {
+        out: ds.clone(),
+        seed: 3,
+        pretrain: 0,
+        sft: 0,
+        sft_records: 1,
+        multi: 40,
+        faults: false,
+    })
+    .unwrap();
+    let dir = ds.join("sft_multi_images");
+    let p = tmp.path().join("ingest.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[ingest]\nstage = \"sft_multi\"\njson = {:?}\nimages = {:?}\nout = {:?}\ntokenizer = {:?}\nclip = \"random-small:1\"\n",
+            dir.join("output.json"),
+            dir,
+            tmp.path().join("cache"),
+            common::tokenizer_dir()
+        ),
+    )
+    .unwrap();
+    common::assert_ok(
+        &Command::new(common::bin())
+            .args(["ingest", p.to_str().unwrap(), "--device", "cpu"])
+            .output()
+            .unwrap(),
+    );
+    let t = pipeline(tmp.path(), "short", &tmp.path().join("cache"), 2, 192);
+    let out = train(&t, &["--set", "train.model.max_seq_len=128"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("holds samples of up to")
+            && err.contains("max_seq_len = 128")
+            && err.contains("HINT"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("short/metrics.jsonl").exists());
 }

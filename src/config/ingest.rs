@@ -51,6 +51,10 @@ pub struct IngestConfig {
     /// `max_pixels` (40,000,000), `max_bytes` (64 MiB).
     #[serde(default)]
     pub image_limits: ImageLimits,
+    /// The share of records that may be rejected before the run fails (0.5: half); the shards,
+    /// manifest and rejects are kept either way.
+    #[serde(default = "default_max_reject_rate")]
+    pub max_reject_rate: f64,
 }
 
 fn default_tokenizer() -> PathBuf {
@@ -64,6 +68,9 @@ fn default_max_seq_len() -> usize {
 }
 fn default_rows_per_shard() -> usize {
     1024
+}
+fn default_max_reject_rate() -> f64 {
+    0.5
 }
 fn default_clip_batch() -> usize {
     32
@@ -87,6 +94,9 @@ impl IngestConfig {
         }
         if self.max_images() == 0 {
             return fail("max_images must be positive");
+        }
+        if !(0.0..=1.0).contains(&self.max_reject_rate) {
+            return fail("max_reject_rate must lie in [0, 1]");
         }
         let l = &self.image_limits;
         if l.max_side == 0 || l.max_pixels == 0 || l.max_bytes == 0 {
@@ -113,6 +123,7 @@ impl IngestConfig {
             clip_batch: default_clip_batch(),
             clip_precision: ClipPrecision::F32,
             image_limits: ImageLimits::default(),
+            max_reject_rate: default_max_reject_rate(),
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::text::ChatTokenizer;
 use crate::vision::clip::{ClipSource, ClipTower};
 pub use pipeline::{Timing, WRITERS};
 use plan::Plan;
+use source::ImageSource;
 
 /// How this process takes part in an ingest.
 #[derive(Debug, Clone)]
@@ -164,20 +165,46 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
             plan.record_rejects.len()
         );
     }
+    // This worker's shards, each with a fingerprint of its images as the source holds them now.
+    let mine: Vec<usize> = (0..n_shards)
+        .filter(|i| i % opts.workers == opts.worker)
+        .collect();
+    let inputs: Vec<String> = {
+        let mut source = ImageSource::open(&cfg.images, cfg.image_limits.max_bytes)?;
+        (0..n_shards)
+            .map(|i| match mine.contains(&i) {
+                true => source.fingerprint(
+                    plan.shard(i, cfg.rows_per_shard)
+                        .iter()
+                        .flat_map(|g| g.images.iter().map(String::as_str)),
+                ),
+                false => String::new(),
+            })
+            .collect()
+    };
     let mut pending = Vec::new();
     let mut skipped = 0;
-    for i in (0..n_shards).filter(|i| i % opts.workers == opts.worker) {
+    for &i in &mine {
         match manifest::read_done(&cfg.out, i)? {
             Some(done) if done.plan_id == plan.plan_id => {
-                // A shard whose bytes changed since it was written (damaged) is redone.
-                if manifest::intact(&cfg.out, &done)? {
-                    skipped += 1;
-                } else {
+                let shard = cfg.out.join(&done.file);
+                // A shard whose bytes changed since it was written (damaged), or whose images
+                // changed in the source since, is redone.
+                if !manifest::intact(&cfg.out, &done)? {
                     eprintln!(
                         "{}: its bytes changed since it was written (sha256 differs): redoing it",
-                        cfg.out.join(&done.file).display()
+                        shard.display()
                     );
                     pending.push(i);
+                } else if !done.inputs.is_empty() && done.inputs != inputs[i] {
+                    eprintln!(
+                        "{}: its images changed in {} since it was written: redoing it",
+                        shard.display(),
+                        cfg.images.display()
+                    );
+                    pending.push(i);
+                } else {
+                    skipped += 1;
                 }
             }
             Some(done) => {
@@ -202,13 +229,24 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
         let meta = shard_meta(cfg, &tower, &tokenizer, precision);
         let more = more_streams(&tower, opts.clip_streams)?;
         let (n, t) = crate::device::with_tf32(precision == ClipPrecision::Tf32, || {
-            pipeline::process(cfg, &plan, &pending, (&tower, &more), &meta, opts.progress)
+            pipeline::process(
+                cfg,
+                &plan,
+                &pending,
+                (&tower, &more),
+                &meta,
+                &inputs,
+                opts.progress,
+            )
         })?;
         images_processed = n;
         timing = Some(t);
     }
 
     let manifest = finalize(cfg, &plan, n_shards)?;
+    if let Some(m) = &manifest {
+        check_reject_rate(cfg, m)?;
+    }
     Ok(Summary {
         records_read: plan.records_read,
         shards_total: n_shards,
@@ -258,6 +296,33 @@ fn more_streams(tower: &ClipTower, streams: usize) -> Result<Vec<ClipTower>> {
     }
 }
 
+/// A run that rejects more than `max_reject_rate` of its records is most likely pointed at the
+/// wrong images or prefix: it fails (the manifest and rejects stay, to look at), naming the top
+/// reasons.
+fn check_reject_rate(cfg: &IngestConfig, m: &Manifest) -> Result<()> {
+    let rate = m.samples_rejected as f64 / m.records_read.max(1) as f64;
+    if m.records_read == 0 || rate <= cfg.max_reject_rate {
+        return Ok(());
+    }
+    let mut reasons: Vec<(&String, &usize)> = m.rejects_by_reason.iter().collect();
+    reasons.sort_by(|a, b| b.1.cmp(a.1));
+    let top: Vec<String> = reasons
+        .iter()
+        .take(3)
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
+    Err(Error::Data(format!(
+        "{}: {} of {} records rejected ({:.0}%, over max_reject_rate {:.0}%): {}; see {}\nHINT: check `images` and `image_prefix` (missing_image), the JSON, or raise [ingest] max_reject_rate",
+        cfg.out.display(),
+        m.samples_rejected,
+        m.records_read,
+        100.0 * rate,
+        100.0 * cfg.max_reject_rate,
+        top.join(", "),
+        cfg.out.join("rejects.jsonl").display()
+    )))
+}
+
 /// Write `manifest.json` and `rejects.jsonl` if every shard of the plan is done.
 fn finalize(cfg: &IngestConfig, plan: &Plan, n_shards: usize) -> Result<Option<Manifest>> {
     let mut dones = Vec::with_capacity(n_shards);
@@ -297,6 +362,7 @@ fn finalize(cfg: &IngestConfig, plan: &Plan, n_shards: usize) -> Result<Option<M
                 samples: d.samples,
                 bytes: d.bytes,
                 sha256: d.sha256.clone(),
+                longest_sample: d.longest_sample,
             })
             .collect(),
         meta,
@@ -373,6 +439,8 @@ mod tests {
             bytes,
             sha256: sha256.clone(),
             rejects: Vec::new(),
+            longest_sample: 2,
+            inputs: String::new(),
         };
         let plan = |records_read| Plan {
             records_read,

@@ -85,6 +85,8 @@ struct Ctx<'a> {
     cfg: &'a IngestConfig,
     plan: &'a Plan,
     meta: &'a ShardMeta,
+    /// Per shard: the fingerprint of its images (`ImageSource::fingerprint`).
+    inputs: &'a [String],
     pb: ProgressBar,
     /// Set by the first stage that fails, so that the others stop too.
     failed: AtomicBool,
@@ -109,6 +111,7 @@ pub fn process(
     pending: &[usize],
     (tower, more): (&ClipTower, &[ClipTower]),
     meta: &ShardMeta,
+    inputs: &[String],
     progress: bool,
 ) -> Result<(usize, Timing)> {
     let started = Instant::now();
@@ -121,6 +124,7 @@ pub fn process(
         cfg,
         plan,
         meta,
+        inputs,
         pb: progress_bar(total as u64, progress),
         failed: AtomicBool::new(false),
     };
@@ -421,6 +425,11 @@ fn write_stage(ctx: &Ctx, rx: Receiver<ShardJob>) -> Result<()> {
 }
 
 fn write_one(ctx: &Ctx, index: usize, rows: Vec<ShardRow>, rejects: Vec<Reject>) -> Result<()> {
+    let longest_sample = rows
+        .iter()
+        .flat_map(|r| r.samples.iter().map(|s| s.input_ids.len()))
+        .max()
+        .unwrap_or(0);
     let file = sh::shard_name(index);
     let (bytes, sha256) = sh::writer::write_shard(&ctx.cfg.out.join(&file), &rows, ctx.meta)?;
     let done = ShardDone {
@@ -433,6 +442,8 @@ fn write_one(ctx: &Ctx, index: usize, rows: Vec<ShardRow>, rejects: Vec<Reject>)
         bytes,
         sha256,
         rejects,
+        longest_sample,
+        inputs: ctx.inputs[index].clone(),
     };
     manifest::write_done(&ctx.cfg.out, &done)
 }

@@ -140,6 +140,41 @@ impl ImageSource {
     }
 }
 
+impl ImageSource {
+    /// A fingerprint of the images `names` as the source holds them now, without reading their
+    /// bytes: a zip entry's CRC-32 and sizes, a file's size and modification time. Names that
+    /// cannot be found count as absent (a reject either way).
+    pub fn fingerprint<'n>(&mut self, names: impl Iterator<Item = &'n str>) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for name in names {
+            let i = self.index.get(name).copied();
+            let line = match (&mut self.kind, i) {
+                (_, None) => "absent".to_string(),
+                (Kind::Zip(archive), Some(i)) => match archive.by_index_raw(i) {
+                    Ok(e) => format!("{:08x} {} {}", e.crc32(), e.compressed_size(), e.size()),
+                    Err(_) => "unreadable".into(),
+                },
+                (Kind::Dir(entries), Some(i)) => match &entries[i] {
+                    DirEntry::File(p) => std::fs::metadata(p).map_or("unreadable".into(), |m| {
+                        let t = m
+                            .modified()
+                            .ok()
+                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                        format!("{} {}", m.len(), t.map_or(0, |t| t.as_nanos()))
+                    }),
+                    DirEntry::Unsafe(_) => "unsafe".into(),
+                },
+            };
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(line.as_bytes());
+            h.update([b'\n']);
+        }
+        hex::encode(h.finalize())
+    }
+}
+
 enum Bounded {
     TooLarge,
     Io(std::io::Error),

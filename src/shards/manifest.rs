@@ -24,6 +24,14 @@ pub struct ShardDone {
     pub sha256: String,
     /// Image sets of this shard that could not be read, with every sample they carried.
     pub rejects: Vec<Reject>,
+    /// Tokens of the longest sample (0 in records written before it was kept).
+    #[serde(default)]
+    pub longest_sample: usize,
+    /// A fingerprint of the shard's images as the source held them (zip: each entry's CRC-32
+    /// and sizes; directory: each file's size and modification time); a resumed ingest redoes
+    /// the shard when it changed. Empty in records written before it was kept.
+    #[serde(default)]
+    pub inputs: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +41,9 @@ pub struct ShardEntry {
     pub samples: usize,
     pub bytes: u64,
     pub sha256: String,
+    /// Tokens of the longest sample (0: not recorded).
+    #[serde(default)]
+    pub longest_sample: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,36 +119,63 @@ pub fn intact(out: &Path, done: &ShardDone) -> Result<bool> {
     Ok(crate::util::sha256_file(&out.join(&done.file))? == done.sha256)
 }
 
-/// Checks shard files against the sha256 their directory's `manifest.json` records — the
-/// directory a file really lives in, so a symlinked shard is checked against its own manifest.
+/// What the manifests say of shard files — each file's entry in the `manifest.json` of the
+/// directory it really lives in, so a symlinked shard finds its own manifest.
+#[derive(Default)]
+pub struct ShardIndex {
+    /// Directory → its manifest's entries by file name (`None`: no manifest there).
+    manifests: HashMap<PathBuf, Option<HashMap<String, ShardEntry>>>,
+}
+
+impl ShardIndex {
+    /// `file`'s entry and its real path, if a manifest records it.
+    pub fn entry(&mut self, file: &Path) -> Result<Option<(ShardEntry, PathBuf)>> {
+        let real = std::fs::canonicalize(file).at(file)?;
+        let (Some(dir), Some(name)) = (real.parent(), real.file_name()) else {
+            return Ok(None);
+        };
+        let recorded = self.manifests.entry(dir.to_path_buf()).or_insert_with(|| {
+            read_manifest(dir).ok().map(|m| {
+                m.shards
+                    .into_iter()
+                    .map(|s| (s.file.clone(), s))
+                    .collect::<HashMap<_, _>>()
+            })
+        });
+        let entry = recorded
+            .as_ref()
+            .and_then(|m| m.get(name.to_string_lossy().as_ref()))
+            .cloned();
+        Ok(entry.map(|e| (e, real)))
+    }
+
+    /// The longest sample of `files` as their manifests record it; `None` when any is unknown.
+    pub fn longest_sample(&mut self, files: &[PathBuf]) -> Result<Option<usize>> {
+        let mut longest = 0;
+        for f in files {
+            match self.entry(f)? {
+                Some((e, _)) if e.longest_sample > 0 => longest = longest.max(e.longest_sample),
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(longest))
+    }
+}
+
+/// Checks shard files against the sha256 their manifests record.
 #[derive(Default)]
 pub struct Verifier {
-    /// Directory → its manifest's sha256 per file name (`None`: no manifest there).
-    manifests: HashMap<PathBuf, Option<HashMap<String, String>>>,
+    index: ShardIndex,
 }
 
 impl Verifier {
     /// `Ok(true)` when `file` hashes to what its manifest records, `Ok(false)` when no manifest
     /// records it (nothing to check against), and an error naming the file when it differs.
     pub fn verify(&mut self, file: &Path) -> Result<bool> {
-        let real = std::fs::canonicalize(file).at(file)?;
-        let (Some(dir), Some(name)) = (real.parent(), real.file_name()) else {
+        let Some((entry, real)) = self.index.entry(file)? else {
             return Ok(false);
         };
-        let recorded = self.manifests.entry(dir.to_path_buf()).or_insert_with(|| {
-            read_manifest(dir).ok().map(|m| {
-                m.shards
-                    .into_iter()
-                    .map(|s| (s.file, s.sha256))
-                    .collect::<HashMap<_, _>>()
-            })
-        });
-        let Some(want) = recorded
-            .as_ref()
-            .and_then(|m| m.get(name.to_string_lossy().as_ref()))
-        else {
-            return Ok(false);
-        };
+        let (want, dir) = (&entry.sha256, real.parent().unwrap_or(Path::new(".")));
         let got = crate::util::sha256_file(&real)?;
         if &got != want {
             return Err(crate::Error::Data(format!(

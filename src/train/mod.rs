@@ -140,6 +140,17 @@ impl<'a> Run<'a> {
         apply_matmul_mode(cfg.precision);
         let files = crate::shards::reader::list_shards(&cfg.shards)?;
         let meta = data::check_shards(&files, mcfg.vision_dim)?;
+        // Samples longer than the model reads would fail mid-run: refused now, with the numbers.
+        let longest = crate::shards::manifest::ShardIndex::default().longest_sample(&files)?;
+        if let Some(longest) = longest.filter(|&l| l > mcfg.max_seq_len + 1) {
+            return Err(crate::Error::Config(format!(
+                "{} holds samples of up to {longest} tokens, but the model reads at most max_seq_len = {} (a sample of n tokens is n - 1 positions)\nHINT: --set train.model.max_seq_len={}, or ingest with [ingest] max_seq_len = {}",
+                cfg.shards.display(),
+                mcfg.max_seq_len,
+                longest - 1,
+                mcfg.max_seq_len + 1
+            )));
+        }
         let files = dist.partition(files)?;
         let main = dist.is_main();
         if meta.clip_random && main {
