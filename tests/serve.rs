@@ -46,15 +46,30 @@ pub fn server() -> SocketAddr {
 
 /// A synthetic 128×128 PNG as a data URL.
 fn png_data_url(seed: u64) -> String {
+    image_data_url(seed, image::ImageFormat::Png)
+}
+
+/// A synthetic 128×128 image in `format` as a data URL.
+fn image_data_url(seed: u64, format: image::ImageFormat) -> String {
     use rand::SeedableRng;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let scene = minimind_v::synth::draw::Scene::random(&mut rng, 128);
     let img = minimind_v::synth::draw::render(&scene, 128, &mut rng);
-    let mut png = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let mut buf = std::io::Cursor::new(Vec::new());
+    match format {
+        // Lossless, so the pixels are the PNG's.
+        image::ImageFormat::WebP => image::codecs::webp::WebPEncoder::new_lossless(&mut buf)
+            .encode(img.as_raw(), 128, 128, image::ExtendedColorType::Rgb8)
+            .unwrap(),
+        _ => image::DynamicImage::ImageRgb8(img)
+            .to_rgba8()
+            .write_to(&mut buf, format)
+            .unwrap(),
+    }
     format!(
-        "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(png.into_inner())
+        "data:{};base64,{}",
+        format.to_mime_type(),
+        base64::engine::general_purpose::STANDARD.encode(buf.into_inner())
     )
 }
 
@@ -101,7 +116,7 @@ fn health_models_and_page() {
     assert_eq!(h["clip_dtype"], "f32");
     let m = http::get(addr, "/v1/models").json();
     assert_eq!(m["object"], "list");
-    assert_eq!(m["data"][0]["id"], "model.pth");
+    assert_eq!(m["data"][0]["id"], "model");
     let page = http::get(addr, "/");
     assert_eq!(page.status, 200);
     assert!(page.text().contains("/v1/chat/completions"));
@@ -272,6 +287,130 @@ fn bad_requests_get_json_errors_and_the_server_keeps_serving() {
         &ask(&[png_data_url(7)], "hi", json!({"max_tokens": 4})),
     );
     assert_eq!(ok.status, 200, "{}", ok.text());
+}
+
+#[test]
+fn unsupported_openai_parameters_are_refused_by_name_and_harmless_ones_accepted() {
+    let addr = server();
+    let cases = [
+        (json!({"n": 2}), "unsupported_parameter", "\"n\""),
+        (
+            json!({"logprobs": true}),
+            "unsupported_parameter",
+            "logprobs",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "unsupported_parameter",
+            "response_format",
+        ),
+        (
+            json!({"tools": [{"type": "function"}]}),
+            "unsupported_parameter",
+            "tools",
+        ),
+        (
+            json!({"frobnicate": 1}),
+            "unsupported_parameter",
+            "frobnicate",
+        ),
+        (
+            json!({"stop": ["a", "b", "c", "d", "e"]}),
+            "bad_stop",
+            "stop",
+        ),
+        (json!({"stop": ""}), "bad_stop", "stop"),
+        (
+            json!({"stream_options": {"include_usage": true}}),
+            "bad_stream_options",
+            "stream",
+        ),
+    ];
+    for (extra, code, named) in cases {
+        let r = http::post_json(addr, "/v1/chat/completions", &ask(&[], "hi", extra.clone()));
+        assert_eq!(r.status, 400, "{extra}: {}", r.text());
+        let v = r.json();
+        assert_eq!(v["error"]["code"], code, "{extra}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(named),
+            "{v}"
+        );
+    }
+    let harmless = json!({"n": 1, "user": "u", "presence_penalty": 0, "logprobs": false,
+        "response_format": {"type": "text"}, "max_tokens": 3});
+    let r = http::post_json(addr, "/v1/chat/completions", &ask(&[], "hi", harmless));
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn stop_sequences_end_the_answer_and_usage_can_be_streamed() {
+    let addr = server();
+    let base = json!({"max_tokens": 16, "seed": 11, "temperature": 1.0});
+    let whole = http::post_json(
+        addr,
+        "/v1/chat/completions",
+        &ask(&[], "你好", base.clone()),
+    );
+    assert_eq!(whole.status, 200, "{}", whole.text());
+    let whole = whole.json();
+    let text = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 4, "answer too short to test stop: {text:?}");
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let expected = &text[..text.find(&stop).unwrap()];
+
+    let mut req = ask(&[], "你好", base.clone());
+    req["stop"] = json!([stop]);
+    let cut = http::post_json(addr, "/v1/chat/completions", &req).json();
+    assert_eq!(
+        cut["choices"][0]["message"]["content"], expected,
+        "stop {stop:?}"
+    );
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+
+    req["stream"] = json!(true);
+    req["stream_options"] = json!({"include_usage": true});
+    let body = http::post_json(addr, "/v1/chat/completions", &req).text();
+    let (streamed, finish) = content_of_stream(&body);
+    assert_eq!(streamed, expected);
+    assert_eq!(finish.as_deref(), Some("stop"));
+    let data = sse_data(&body);
+    let last: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(last["choices"], json!([]), "{last}");
+    assert_eq!(
+        last["usage"]["prompt_tokens"], cut["usage"]["prompt_tokens"],
+        "{last}"
+    );
+    assert_eq!(
+        last["usage"]["completion_tokens"],
+        cut["usage"]["completion_tokens"]
+    );
+    // Without include_usage, no usage chunk.
+    req["stream_options"] = json!({"include_usage": false});
+    let body = http::post_json(addr, "/v1/chat/completions", &req).text();
+    assert!(!body.contains("\"usage\""), "{body}");
+}
+
+#[test]
+fn webp_and_gif_images_are_accepted() {
+    let addr = server();
+    let answer = |url: String| {
+        let r = http::post_json(
+            addr,
+            "/v1/chat/completions",
+            &ask(
+                &[url],
+                "What shape is in the image?",
+                json!({"max_tokens": 8, "seed": 2}),
+            ),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["choices"][0]["message"]["content"].clone()
+    };
+    let png = answer(png_data_url(4));
+    // Lossless WebP holds the same pixels: the same answer.
+    assert_eq!(answer(image_data_url(4, image::ImageFormat::WebP)), png);
+    answer(image_data_url(4, image::ImageFormat::Gif));
 }
 
 #[test]

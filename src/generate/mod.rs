@@ -3,6 +3,7 @@
 //! Images go through the same preprocessing and frozen CLIP as ingest (`vision`), never a copy.
 
 pub mod chat;
+pub mod stop;
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -277,10 +278,7 @@ impl Engine {
             }
             Some(tower)
         };
-        let model_id = ckpt
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "minimind-v".into());
+        let model_id = model_name(ckpt);
         Ok(Self {
             vlm,
             tower,
@@ -288,6 +286,28 @@ impl Engine {
             model_id,
         })
     }
+}
+
+/// The name `serve` reports for a checkpoint: a checkpoint directory of ours (`out/sft/checkpoint`,
+/// or its `model.safetensors`) is named after its run (`sft`); any other weights file after itself
+/// (`sft_vlm_512.pth` → `sft_vlm_512`).
+pub fn model_name(ckpt: &std::path::Path) -> String {
+    let abs = std::path::absolute(ckpt).unwrap_or_else(|_| ckpt.to_path_buf());
+    let mut p = abs.as_path();
+    if p.is_file() && p.file_name().is_some_and(|n| n == "model.safetensors") {
+        p = p.parent().unwrap_or(p);
+    }
+    if p.file_name().is_some_and(|n| n == "checkpoint") {
+        p = p.parent().unwrap_or(p);
+    }
+    let name = if p.is_file() {
+        p.file_stem()
+    } else {
+        p.file_name()
+    };
+    name.map(|n| n.to_string_lossy().to_string())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "minimind-v".into())
 }
 
 /// Features of image files through the ingest path: decode, PIL-bicubic resize, frozen CLIP.
@@ -342,5 +362,26 @@ impl<'a> TextStream<'a> {
 
     pub fn text(&self) -> String {
         self.tokenizer.decode(&self.ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model_name;
+
+    #[test]
+    fn a_model_is_named_after_its_run_or_its_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpt = tmp.path().join("sft/checkpoint");
+        std::fs::create_dir_all(&ckpt).unwrap();
+        std::fs::write(ckpt.join("model.safetensors"), b"").unwrap();
+        std::fs::write(tmp.path().join("sft_vlm_512.pth"), b"").unwrap();
+        assert_eq!(model_name(&ckpt), "sft");
+        assert_eq!(model_name(&ckpt.join("model.safetensors")), "sft");
+        assert_eq!(
+            model_name(&tmp.path().join("sft_vlm_512.pth")),
+            "sft_vlm_512"
+        );
+        assert_eq!(model_name(&tmp.path().join("sft")), "sft");
     }
 }

@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 use crate::generate::{Sampling, MAX_IMAGES};
 use crate::text::IMAGE_TAG;
 
-/// `POST /v1/chat/completions` body. Unknown fields are ignored, as OpenAI clients send many.
+/// `POST /v1/chat/completions` body. A parameter this server does not implement is refused by
+/// name (as OpenAI refuses an unrecognised one) unless it is at the value that asks for nothing
+/// (`n = 1`, `logprobs = false`, penalties 0, ...); see [`check_extra`].
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     #[serde(default)]
@@ -23,6 +25,69 @@ pub struct ChatRequest {
     pub max_tokens: Option<usize>,
     pub max_completion_tokens: Option<usize>,
     pub seed: Option<u64>,
+    /// Up to 4 strings; the answer ends before the first of them (not included).
+    pub stop: Option<Stop>,
+    pub stream_options: Option<StreamOptions>,
+    /// Everything else the client sent, checked by [`check_extra`].
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Most stop sequences a request may give (OpenAI's limit).
+pub const MAX_STOP: usize = 4;
+
+/// OpenAI parameters that change nothing here: accepted and ignored.
+const IGNORED: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+];
+
+/// Parameters this server does not implement: accepted only at the value that asks for nothing,
+/// otherwise a 400 naming the parameter. Any other parameter is refused as unrecognised.
+fn check_extra(extra: &serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
+    use serde_json::Value;
+    for (key, value) in extra {
+        let harmless = match key.as_str() {
+            k if IGNORED.contains(&k) => true,
+            "n" => value.as_u64() == Some(1),
+            "logprobs" => matches!(value, Value::Bool(false)),
+            "presence_penalty" | "frequency_penalty" => value.as_f64() == Some(0.0),
+            "logit_bias" => value.as_object().is_some_and(|m| m.is_empty()),
+            "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
+            "top_logprobs" | "tools" | "tool_choice" | "functions" | "function_call"
+            | "modalities" | "audio" | "prediction" | "reasoning_effort" => value.is_null(),
+            _ => {
+                return Err(ApiError::bad(
+                    "unsupported_parameter",
+                    format!("unrecognised parameter {key:?}"),
+                ))
+            }
+        };
+        if !harmless {
+            return Err(ApiError::bad(
+                "unsupported_parameter",
+                format!("parameter {key:?} = {value} is not supported by this server"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,12 +151,32 @@ pub struct Parsed {
     pub sampling: Sampling,
     pub max_tokens: Option<usize>,
     pub stream: bool,
+    pub include_usage: bool,
+    pub stop: Vec<String>,
 }
 
 /// Render messages with upstream's chat template (`tokenizer_config.json`): an optional leading
 /// system message verbatim, `<s>user\n{c}</s>\n<s>assistant\n` per user turn, `{c}</s>\n` per
 /// assistant turn. Image parts become `<image>` tags where they appear, parts joined by `\n`.
 pub fn parse(req: ChatRequest) -> Result<Parsed, ApiError> {
+    check_extra(&req.extra)?;
+    let stop = match req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOP || stop.iter().any(String::is_empty) {
+        return Err(ApiError::bad(
+            "bad_stop",
+            format!("stop takes 1 to {MAX_STOP} non-empty strings"),
+        ));
+    }
+    if req.stream_options.is_some() && !req.stream {
+        return Err(ApiError::bad(
+            "bad_stream_options",
+            "stream_options is only allowed with stream = true",
+        ));
+    }
     if req.messages.is_empty() {
         return Err(ApiError::bad("no_messages", "messages is empty"));
     }
@@ -170,6 +255,8 @@ pub fn parse(req: ChatRequest) -> Result<Parsed, ApiError> {
         sampling,
         max_tokens,
         stream: req.stream,
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        stop,
     })
 }
 

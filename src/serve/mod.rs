@@ -23,10 +23,11 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use candle_core::Tensor;
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::StreamExt;
 
+use crate::generate::stop::StopScan;
 use crate::generate::{generate, Engine, Sampling, TextStream};
 use crate::model::vlm::Images;
 use crate::text::{placeholder_starts, ChatTokenizer, MAX_TOKEN_BYTES};
@@ -68,6 +69,8 @@ struct Job {
     /// Resized HWC u8 images, in prompt order.
     images: Vec<Vec<u8>>,
     sampling: Sampling,
+    /// Stop sequences: the answer ends before the first.
+    stop: Vec<String>,
     out: mpsc::UnboundedSender<Piece>,
     /// Held until the job is done (given back when it drops).
     _place: Place,
@@ -148,7 +151,10 @@ fn run_job(engine: &Engine, job: Job) {
             (None, false) => unreachable!("requests with images are refused without a tower"),
         };
         let mut text = TextStream::new(&engine.tokenizer);
-        let mut gone = false;
+        let mut scan = StopScan::new(job.stop.clone());
+        let (mut gone, mut stopped) = (false, false);
+        // False when the client has gone.
+        let send = |piece: String| piece.is_empty() || job.out.send(Piece::Text(piece)).is_ok();
         let out = generate(
             &engine.vlm,
             &job.ids,
@@ -157,14 +163,24 @@ fn run_job(engine: &Engine, job: Job) {
             true,
             |t| {
                 if let Some(piece) = text.push(t) {
-                    gone = job.out.send(Piece::Text(piece)).is_err();
+                    let (shown, stop) = scan.push(&piece);
+                    gone = !send(shown);
+                    stopped = stop;
                 }
-                !gone
+                !gone && !stopped
             },
         )?;
+        if !stopped {
+            send(scan.finish());
+        }
         let hit_limit = out.len() >= job.sampling.max_new_tokens
             || job.ids.len() + out.len() >= engine.vlm.cfg.max_seq_len;
-        Ok((if hit_limit { "length" } else { "stop" }, out.len()))
+        let finish = if hit_limit && !stopped {
+            "length"
+        } else {
+            "stop"
+        };
+        Ok((finish, out.len()))
     })();
     let last = match result {
         Ok((finish, completion_tokens)) => Piece::Done {
@@ -234,6 +250,8 @@ struct Prepared {
     images: Vec<Vec<u8>>,
     sampling: Sampling,
     stream: bool,
+    include_usage: bool,
+    stop: Vec<String>,
 }
 
 fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
@@ -304,6 +322,8 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
         images,
         sampling,
         stream: parsed.stream,
+        include_usage: parsed.include_usage,
+        stop: parsed.stop,
     })
 }
 
@@ -381,6 +401,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
         ids: prepared.ids,
         images: prepared.images,
         sampling: prepared.sampling,
+        stop: prepared.stop,
         out: tx,
         _place: place,
     };
@@ -399,27 +420,50 @@ async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
             serde_json::json!({"role": "assistant", "content": ""}),
             None,
         );
-        let events = UnboundedReceiverStream::new(rx).map(move |piece| {
+        let include_usage = prepared.include_usage;
+        let events = UnboundedReceiverStream::new(rx).flat_map(move |piece| {
             let data = match piece {
-                Piece::Text(t) => api::chunk(
+                Piece::Text(t) => vec![api::chunk(
                     &id,
                     &model,
                     created,
                     serde_json::json!({"content": t}),
                     None,
-                ),
-                Piece::Done { finish, .. } => {
-                    api::chunk(&id, &model, created, serde_json::json!({}), Some(finish))
+                )],
+                Piece::Done {
+                    finish,
+                    completion_tokens,
+                } => {
+                    let last =
+                        api::chunk(&id, &model, created, serde_json::json!({}), Some(finish));
+                    // OpenAI's `stream_options.include_usage`: one more chunk, with no choices.
+                    let usage = include_usage.then(|| {
+                        let mut c = api::chunk(&id, &model, created, serde_json::json!({}), None);
+                        c["choices"] = serde_json::json!([]);
+                        c["usage"] = serde_json::json!(Usage {
+                            prompt_tokens,
+                            completion_tokens,
+                            total_tokens: prompt_tokens + completion_tokens,
+                        });
+                        c
+                    });
+                    std::iter::once(last).chain(usage).collect()
                 }
                 Piece::Failed(e) => {
-                    serde_json::json!({"error": {"message": e, "type": "server_error"}})
+                    vec![serde_json::json!({"error": {"message": e, "type": "server_error"}})]
                 }
             };
-            Ok::<_, std::convert::Infallible>(Event::default().data(data.to_string()))
+            futures_util::stream::iter(
+                data.into_iter().map(|d| {
+                    Ok::<_, std::convert::Infallible>(Event::default().data(d.to_string()))
+                }),
+            )
         });
-        let stream = tokio_stream::once(Ok(Event::default().data(first.to_string())))
+        let stream = futures_util::stream::iter([Ok(Event::default().data(first.to_string()))])
             .chain(events)
-            .chain(tokio_stream::once(Ok(Event::default().data("[DONE]"))));
+            .chain(futures_util::stream::iter([Ok(
+                Event::default().data("[DONE]")
+            )]));
         return Sse::new(stream)
             .keep_alive(KeepAlive::default())
             .into_response();
