@@ -27,6 +27,7 @@ pub mod generate;
 pub mod ingest;
 pub mod inspect;
 pub mod model;
+pub mod progress;
 pub mod serve;
 pub mod shards;
 pub mod synth;

@@ -42,6 +42,14 @@ fn shards(tmp: &Path) -> PathBuf {
         .output()
         .unwrap();
     common::assert_ok(&out);
+    // Outside a terminal (stderr is a pipe here) ingest prints plain progress lines.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("ingest: ") && l.contains("/300 images (") && l.contains("ETA")),
+        "{err}"
+    );
+    assert!(err.contains("ingest: 300/300 images (100.0%)"), "{err}");
     tmp.join("cache")
 }
 
@@ -719,4 +727,39 @@ fn samples_longer_than_the_model_reads_are_refused_at_the_start() {
         "{err}"
     );
     assert!(!tmp.path().join("short/metrics.jsonl").exists());
+}
+
+#[test]
+fn outside_a_terminal_train_says_what_it_will_do_then_prints_plain_progress() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = shards(tmp.path());
+    let p = pipeline(tmp.path(), "run", &cache, 6, 192);
+    let out = train(&p, &[]);
+    common::assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let samples = minimind_v::shards::manifest::read_manifest(&cache)
+        .unwrap()
+        .samples_written;
+    for want in [
+        "model: dim 64, 2 layers, 4 heads (2 KV), max_seq_len 512;".to_string(),
+        format!("{samples} samples (longest "),
+        format!("6 steps × 8 samples ≈ {:.2} epochs", 48.0 / samples as f64),
+        "batch 4 per rank × 2 accumulated × 1 rank(s); lr 1e-3 cosine to 1e-4, warmup 2 steps"
+            .into(),
+        format!(
+            "outputs: {}",
+            tmp.path().join("run").join("metrics.jsonl").display()
+        ),
+        "train: 6/6 steps (100.0%)".into(),
+    ] {
+        assert!(err.contains(&want), "missing {want:?} in:\n{err}");
+    }
+    // The first step's line, with a rate and an ETA, then the last.
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("train: ")).collect();
+    assert!(lines.len() >= 2, "{err}");
+    assert!(
+        lines[0].starts_with("train: 1/6 steps") && lines[0].contains("ETA"),
+        "{err}"
+    );
+    assert!(lines[0].contains("; loss "), "{err}");
 }

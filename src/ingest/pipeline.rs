@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use crate::progress::Progress;
 use crossbeam_channel::{bounded, Receiver, Sender};
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use super::plan::{Group, Plan};
@@ -87,7 +87,7 @@ struct Ctx<'a> {
     meta: &'a ShardMeta,
     /// Per shard: the fingerprint of its images (`ImageSource::fingerprint`).
     inputs: &'a [String],
-    pb: ProgressBar,
+    pb: Progress,
     /// Set by the first stage that fails, so that the others stop too.
     failed: AtomicBool,
 }
@@ -125,7 +125,7 @@ pub fn process(
         plan,
         meta,
         inputs,
-        pb: progress_bar(total as u64, progress),
+        pb: Progress::new("ingest", "images", (0, total as u64), progress),
         failed: AtomicBool::new(false),
     };
     let streams = more.len() + 1;
@@ -163,7 +163,7 @@ pub fn process(
             .into_iter()
             .map(|h| h.join().expect("writer thread panicked"))
             .collect();
-        ctx.pb.finish_and_clear();
+        ctx.pb.finish();
         let mut processed = 0;
         let mut timing = Timing {
             clip_streams: streams,
@@ -180,20 +180,6 @@ pub fn process(
         timing.wall_s = started.elapsed().as_secs_f64();
         Ok((processed, timing))
     })
-}
-
-fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
-    if !enabled {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(total);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "ingest [{elapsed_precise}] {wide_bar} {pos}/{len} images ({per_sec}, ETA {eta}) {msg}",
-        )
-        .expect("static template"),
-    );
-    pb
 }
 
 /// Stage 1: read each chunk's image bytes (sequentially: one zip) and decode + resize them (in

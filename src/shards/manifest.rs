@@ -149,6 +149,18 @@ impl ShardIndex {
         Ok(entry.map(|e| (e, real)))
     }
 
+    /// The samples in `files` as their manifests record them; `None` when any is unknown.
+    pub fn samples(&mut self, files: &[PathBuf]) -> Result<Option<usize>> {
+        let mut total = 0;
+        for f in files {
+            match self.entry(f)? {
+                Some((e, _)) => total += e.samples,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(total))
+    }
+
     /// The longest sample of `files` as their manifests record it; `None` when any is unknown.
     pub fn longest_sample(&mut self, files: &[PathBuf]) -> Result<Option<usize>> {
         let mut longest = 0;

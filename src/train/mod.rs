@@ -17,9 +17,9 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
+use crate::progress::Progress;
 use candle_core::Device;
 use candle_nn::VarMap;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::config::TrainConfig;
@@ -127,7 +127,7 @@ struct Run<'a> {
     /// A rank was interrupted (Ctrl-C), as the averaged step numbers tell every rank alike:
     /// stop after the step in progress, with a checkpoint.
     interrupted: bool,
-    pb: ProgressBar,
+    pb: Progress,
 }
 
 impl<'a> Run<'a> {
@@ -141,7 +141,9 @@ impl<'a> Run<'a> {
         let files = crate::shards::reader::list_shards(&cfg.shards)?;
         let meta = data::check_shards(&files, mcfg.vision_dim)?;
         // Samples longer than the model reads would fail mid-run: refused now, with the numbers.
-        let longest = crate::shards::manifest::ShardIndex::default().longest_sample(&files)?;
+        let mut index = crate::shards::manifest::ShardIndex::default();
+        let longest = index.longest_sample(&files)?;
+        let samples = index.samples(&files)?;
         if let Some(longest) = longest.filter(|&l| l > mcfg.max_seq_len + 1) {
             return Err(crate::Error::Config(format!(
                 "{} holds samples of up to {longest} tokens, but the model reads at most max_seq_len = {} (a sample of n tokens is n - 1 positions)\nHINT: --set train.model.max_seq_len={}, or ingest with [ingest] max_seq_len = {}",
@@ -151,6 +153,7 @@ impl<'a> Run<'a> {
                 mcfg.max_seq_len + 1
             )));
         }
+        let total_files = files.len();
         let files = dist.partition(files)?;
         let main = dist.is_main();
         if meta.clip_random && main {
@@ -207,6 +210,18 @@ impl<'a> Run<'a> {
                 verify: cfg.verify_shards,
             },
         )?;
+        if main && opts.progress {
+            let trainable: usize = trainer.opt.params.iter().map(|(_, v)| v.elem_count()).sum();
+            let data = DataSummary {
+                files: total_files,
+                samples,
+                longest,
+            };
+            eprintln!(
+                "{}",
+                summary(cfg, &mcfg, trainable, &data, dist.world, &opts.device)
+            );
+        }
         let mut step = 0;
         if let (Some(s), Some(c)) = (&state, &resume_from) {
             trainer
@@ -224,18 +239,12 @@ impl<'a> Run<'a> {
         let metrics = main
             .then(|| open_logs(&cfg.out, state.as_ref().map(|s| s.step)))
             .transpose()?;
-        let pb = if opts.progress && main {
-            ProgressBar::new(cfg.steps as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        pb.set_style(
-            ProgressStyle::with_template(
-                "train [{elapsed_precise}] {wide_bar} {pos}/{len} steps (ETA {eta}) {msg}",
-            )
-            .expect("static template"),
+        let pb = Progress::new(
+            "train",
+            "steps",
+            (step as u64, cfg.steps as u64),
+            opts.progress && main,
         );
-        pb.set_position(step as u64);
         Ok(Self {
             cfg,
             opts,
@@ -353,17 +362,13 @@ impl<'a> Run<'a> {
             "step {}: held-out loss {:.4}, with images zeroed {:.4}",
             v.step, v.loss, v.loss_no_image
         );
-        if self.pb.is_hidden() {
-            eprintln!("{msg}");
-        } else {
-            self.pb.println(msg);
-        }
+        self.pb.println(msg);
         Ok(())
     }
 
     /// At the end of the whole run, rank 0 draws the loss curve.
     fn finish(&self) -> Result<()> {
-        self.pb.finish_and_clear();
+        self.pb.finish();
         if self.step == self.cfg.steps && self.dist.is_main() {
             let out = &self.cfg.out;
             let all = read_metrics(out)?;
@@ -373,6 +378,65 @@ impl<'a> Run<'a> {
         }
         Ok(())
     }
+}
+
+/// What the manifests say of the training shards.
+struct DataSummary {
+    files: usize,
+    samples: Option<usize>,
+    longest: Option<usize>,
+}
+
+/// What a run is about to do, printed when it starts: the model, the data, the schedule and
+/// where the outputs go.
+fn summary(
+    cfg: &TrainConfig,
+    mcfg: &ModelConfig,
+    trainable: usize,
+    data: &DataSummary,
+    world: usize,
+    device: &Device,
+) -> String {
+    let millions = |n: u64| format!("{:.2} M", n as f64 / 1e6);
+    let per_step = cfg.batch_size * cfg.grad_accum * world;
+    let samples = match data.samples {
+        Some(n) => format!(
+            "{n} samples (longest {} tokens); {} steps × {per_step} samples ≈ {:.2} epochs",
+            data.longest.unwrap_or(0),
+            cfg.steps,
+            (cfg.steps * per_step) as f64 / n.max(1) as f64
+        ),
+        None => format!("{} steps × {per_step} samples", cfg.steps),
+    };
+    let val = match &cfg.val_shards {
+        Some(v) => format!("{} every {} steps", v.display(), cfg.val_every),
+        None => "none (val_shards)".into(),
+    };
+    let out = cfg.out.display();
+    format!(
+        "model: dim {}, {} layers, {} heads ({} KV), max_seq_len {}; {} parameters, {} trainable ({:?}); {:?} on {device:?}\n\
+         data: {} ({} shard files): {samples}\n\
+         batch {} per rank × {} accumulated × {world} rank(s); lr {:e} cosine to {:e}, warmup {} steps; clip {}; checkpoint every {} steps; validation: {val}\n\
+         outputs: {out}/metrics.jsonl, {out}/val.jsonl, {out}/checkpoint/, {out}/loss.png",
+        mcfg.dim,
+        mcfg.n_layers,
+        mcfg.n_heads,
+        mcfg.n_kv_heads,
+        mcfg.max_seq_len,
+        millions(mcfg.parameter_count()),
+        millions(trainable as u64),
+        cfg.trainable,
+        cfg.precision,
+        cfg.shards.display(),
+        data.files,
+        cfg.batch_size,
+        cfg.grad_accum,
+        cfg.lr,
+        cfg.lr / 10.0,
+        cfg.warmup_steps,
+        cfg.grad_clip,
+        cfg.checkpoint_every,
+    )
 }
 
 /// The checkpoint a `--resume` continues from, and its state; none for a fresh run. Rank 0
