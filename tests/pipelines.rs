@@ -122,3 +122,33 @@ fn a_model_is_a_preset_with_fields_over_it() {
         .to_string();
     assert!(err.contains("unknown field `dimm`"), "{err}");
 }
+
+#[test]
+fn config_lists_every_key_and_resolves_a_pipeline() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(common::bin())
+            .args(args)
+            .current_dir(common::repo())
+            .output()
+            .unwrap()
+    };
+    let out = run(&["config", "--list"]);
+    common::assert_ok(&out);
+    let list = String::from_utf8_lossy(&out.stdout);
+    for key in minimind_v::config::keys::KEYS {
+        assert!(list.contains(key.key), "{} missing", key.key);
+    }
+    let out = run(&["config", "pipelines/sft.toml", "--set", "train.steps=5"]);
+    common::assert_ok(&out);
+    let resolved: toml::Table = String::from_utf8_lossy(&out.stdout).parse().unwrap();
+    assert_eq!(resolved["train"]["steps"].as_integer(), Some(5));
+    // Defaults the file does not name are filled in.
+    assert_eq!(resolved["train"]["adam_beta2"].as_float(), Some(0.999));
+    assert_eq!(
+        resolved["ingest"]["image_limits"]["max_side"].as_integer(),
+        Some(8192)
+    );
+    let out = run(&["config", "pipelines/sft.toml", "--set", "train.stepz=5"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stepz"));
+}

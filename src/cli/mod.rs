@@ -30,6 +30,19 @@ pub enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Pipeline settings: `--list` prints every key with its default and meaning; a pipeline
+    /// file prints its settings as they resolve (defaults and --set overrides applied).
+    Config {
+        /// The pipeline file to resolve.
+        #[arg(required_unless_present = "list")]
+        pipeline: Option<std::path::PathBuf>,
+        /// Override a setting: --set train.steps=100 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Print every pipeline key, its default and what it means.
+        #[arg(long, conflicts_with = "pipeline")]
+        list: bool,
+    },
     /// Write a synthetic dataset in upstream's three formats.
     Synth(data::SynthArgs),
     /// Measure throughput.
@@ -53,6 +66,20 @@ impl Command {
                     false => minimind_v::inspect::report(&path)?,
                 };
                 print!("{report}");
+                Ok(())
+            }
+            Command::Config {
+                pipeline,
+                overrides,
+                list,
+            } => {
+                match (list, pipeline) {
+                    (true, _) => print!("{}", minimind_v::config::keys::list()),
+                    (false, Some(p)) => {
+                        print!("{}", minimind_v::config::resolved(&p, &overrides)?)
+                    }
+                    (false, None) => unreachable!("clap requires a pipeline without --list"),
+                }
                 Ok(())
             }
             Command::Synth(a) => a.run(),

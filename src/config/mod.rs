@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 mod ingest;
+pub mod keys;
 mod train;
 
 use crate::error::{bad_file, Error, IoContext, Result};
@@ -75,6 +76,22 @@ pub fn load_section<T>(
             format!("no [{name}] section\nHINT: see pipelines/*.toml for the [{name}] settings"),
         )
     })
+}
+
+/// A pipeline file's settings as they resolve — defaults filled in, overrides applied — as TOML.
+pub fn resolved(path: &Path, overrides: &[String]) -> Result<String> {
+    let p = load_pipeline(path, overrides)?;
+    let mut out = toml::Table::new();
+    let section = |v: std::result::Result<toml::Value, toml::ser::Error>| {
+        v.map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    };
+    if let Some(i) = p.ingest {
+        out.insert("ingest".into(), section(toml::Value::try_from(i))?);
+    }
+    if let Some(t) = p.train {
+        out.insert("train".into(), section(toml::Value::try_from(t))?);
+    }
+    toml::to_string(&out).map_err(|e| Error::Config(e.to_string()))
 }
 
 /// Read a pipeline file and apply overrides.
