@@ -84,6 +84,20 @@ pub struct Training<'a> {
     pub shards: &'a ShardMeta,
 }
 
+/// The shards' metadata as a checkpoint keeps it: a CLIP directory given relative to where ingest
+/// ran is recorded as the absolute path it is from here, so `chat` and `serve` find it from any
+/// directory.
+fn portable(meta: &ShardMeta) -> ShardMeta {
+    let mut meta = meta.clone();
+    let path = Path::new(&meta.clip_source);
+    if !meta.clip_random && path.is_relative() {
+        if let Ok(abs) = std::fs::canonicalize(path) {
+            meta.clip_source = abs.display().to_string();
+        }
+    }
+    meta
+}
+
 /// Write `out`'s training checkpoint whole, then swap it into place. On a failure (a full disk,
 /// say) the half-written directory is removed and the error names the step and the place.
 pub fn save(out: &Path, varmap: &VarMap, cfg: &ModelConfig, training: Training) -> Result<()> {
@@ -103,7 +117,7 @@ pub fn save(out: &Path, varmap: &VarMap, cfg: &ModelConfig, training: Training) 
             .map_err(|e| bad_file(&optimizer, e.to_string()))?;
         let state = serde_json::to_vec_pretty(training.state)?;
         crate::util::write_bytes_atomic(&tmp.join(STATE), &state)?;
-        let shards = serde_json::to_vec_pretty(training.shards)?;
+        let shards = serde_json::to_vec_pretty(&portable(training.shards))?;
         crate::util::write_bytes_atomic(&tmp.join(SHARDS), &shards)
     })();
     if let Err(e) = written {
@@ -222,6 +236,31 @@ pub fn trained_on(dir: &Path) -> Option<ShardMeta> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relative_clip_directory_is_kept_as_an_absolute_path() {
+        let meta = |source: &str, random: bool| ShardMeta {
+            schema_version: crate::shards::SCHEMA_VERSION.into(),
+            stage: "pretrain".into(),
+            clip_source: source.into(),
+            clip_weights: "w".into(),
+            clip_random: random,
+            tokenizer_sha256: "t".into(),
+            image_size: 224,
+            feature_dtype: "f16".into(),
+            feature_shape: [50, 768],
+            placeholder_ids: vec![30, 32],
+            max_seq_len: 512,
+            clip_precision: crate::shards::ClipPrecision::F32,
+        };
+        // Tests run in the crate's root, where assets/ exists.
+        let abs = portable(&meta("assets", false)).clip_source;
+        assert!(Path::new(&abs).is_absolute(), "{abs}");
+        assert_eq!(Path::new(&abs), std::fs::canonicalize("assets").unwrap());
+        for (source, random) in [("random-small:1", true), ("no/such/dir", false)] {
+            assert_eq!(portable(&meta(source, random)).clip_source, source);
+        }
+    }
 
     #[test]
     fn readers_check_the_format_version_and_accept_directories_from_before_it() {

@@ -18,7 +18,7 @@ pub fn server() -> SocketAddr {
             &common::reference().join("tiny_llm/model.pth"),
             Some(&minimind_v::model::ModelConfig::tiny()),
             "random:1",
-            &common::tokenizer_dir(),
+            Some(common::tokenizer_dir().as_path()),
             &candle_core::Device::Cpu,
         )
         .unwrap();

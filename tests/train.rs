@@ -160,6 +160,20 @@ fn a_checkpoint_remembers_its_clip_and_chat_uses_it() {
         err.contains("WARNING") && err.contains("trained on features of CLIP random-small:1"),
         "{err}"
     );
+    // From a directory without the repository's assets: the built-in tokenizer, the same answer.
+    let answer_in = |dir: &Path| {
+        let out = Command::new(common::bin())
+            .current_dir(dir)
+            .args(["chat", "--ckpt", ckpt.to_str().unwrap(), "--device", "cpu"])
+            .args(["--image", bear.to_str().unwrap(), "--prompt", "What is it?"])
+            .args(["--temperature", "0", "--max-new-tokens", "6"])
+            .output()
+            .unwrap();
+        common::assert_ok(&out);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let elsewhere = tempfile::tempdir().unwrap();
+    assert_eq!(answer_in(elsewhere.path()), answer_in(&common::repo()));
 }
 
 #[test]

@@ -1,10 +1,10 @@
 //! `chat` and `serve`: a checkpoint answering, in a terminal or over HTTP.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
+use minimind_v::device;
 use minimind_v::generate::{self, chat::Session};
-use minimind_v::{config, device};
 
 #[derive(Args)]
 pub struct ChatArgs {
@@ -23,6 +23,9 @@ pub struct ChatArgs {
     /// (its shards.json), else model/clip_model/clip-vit-base-patch32.
     #[arg(long)]
     clip: Option<String>,
+    /// Tokenizer directory; default: upstream's, built into the program.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     #[arg(long, default_value_t = 0.5)]
     temperature: f64,
     #[arg(long, default_value_t = 8)]
@@ -60,7 +63,7 @@ impl ChatArgs {
             &self.ckpt,
             super::preset(self.model)?.as_ref(),
             &clip,
-            Path::new(config::DEFAULT_TOKENIZER),
+            self.tokenizer.as_deref(),
             &device::select(&self.device)?,
         )?;
         let session = Session::new(&engine, &self.image, sampling)?;
@@ -93,6 +96,9 @@ pub struct ServeArgs {
     /// model/clip_model/clip-vit-base-patch32.
     #[arg(long)]
     clip: Option<String>,
+    /// Tokenizer directory; default: upstream's, built into the program.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:8000")]
     addr: String,
     /// Largest request body, MiB (images arrive base64-encoded inside the JSON).
@@ -111,7 +117,7 @@ impl ServeArgs {
             &self.ckpt,
             super::preset(self.model)?.as_ref(),
             &generate::clip_for(&self.ckpt, self.clip),
-            Path::new(config::DEFAULT_TOKENIZER),
+            self.tokenizer.as_deref(),
             &device::select(&self.device)?,
         )?;
         let limits = minimind_v::serve::Limits {

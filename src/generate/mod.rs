@@ -236,15 +236,28 @@ pub struct Engine {
 
 impl Engine {
     /// Load a checkpoint (see `generate::load_model`) and, unless `clip` is `none`, the frozen
-    /// tower, checking that its feature width is what the projector takes.
+    /// tower, checking that its feature width is what the projector takes. The tokenizer is the
+    /// built-in one unless `tokenizer` names another.
     pub fn load(
         ckpt: &std::path::Path,
         preset: Option<&crate::model::ModelConfig>,
         clip: &str,
-        tokenizer: &std::path::Path,
+        tokenizer: Option<&std::path::Path>,
         device: &candle_core::Device,
     ) -> crate::error::Result<Self> {
         let vlm = load_model(ckpt, preset, device)?;
+        let tokenizer = match tokenizer {
+            Some(path) => ChatTokenizer::load(path)?,
+            None => ChatTokenizer::builtin(),
+        };
+        if let Some(m) = trained_on(ckpt)
+            .filter(|m| !m.tokenizer_sha256.is_empty() && m.tokenizer_sha256 != tokenizer.sha256)
+        {
+            eprintln!(
+                "WARNING: the model was trained on text of another tokenizer (sha256 {}; this one is {}): answers will suffer\nHINT: --tokenizer <the directory ingest used>",
+                m.tokenizer_sha256, tokenizer.sha256
+            );
+        }
         let tower = if clip == "none" {
             None
         } else {
@@ -282,7 +295,7 @@ impl Engine {
         Ok(Self {
             vlm,
             tower,
-            tokenizer: std::sync::Arc::new(ChatTokenizer::load(tokenizer)?),
+            tokenizer: std::sync::Arc::new(tokenizer),
             model_id,
         })
     }

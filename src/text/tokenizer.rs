@@ -65,6 +65,16 @@ impl ChatTokenizer {
         })
     }
 
+    /// Upstream's MiniMind tokenizer (`assets/tokenizer/tokenizer.json`), built into the program so
+    /// that `chat` and `serve` work from any directory.
+    pub fn builtin() -> Self {
+        let bytes = include_bytes!("../../assets/tokenizer/tokenizer.json");
+        Self {
+            tokenizer: Tokenizer::from_bytes(bytes).expect("the built-in tokenizer parses"),
+            sha256: crate::util::sha256_hex(bytes),
+        }
+    }
+
     /// Upstream's tokenization of a full text (no special tokens added: the template has them).
     pub fn encode_text(&self, text: &str) -> Vec<u32> {
         self.tokenizer
