@@ -44,7 +44,7 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L native=$LINK -L native=$CUDA_ROOT/lib"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 cargo build --release --features "$FEATURES"
 strip -o target/minimind-v-cuda "$CARGO_TARGET_DIR/release/minimind-v"
-# ~136 MB stripped (kernels for every dtype); the xz copy (~22 MB) fits the device tool's 64 MiB carry.
+# ~136 MB stripped (kernels for every dtype); the xz copy (~22 MB) is the one to copy to a GPU host.
 xz -T0 -6 -k -f -c target/minimind-v-cuda > target/minimind-v-cuda.xz
 ls -la target/minimind-v-cuda target/minimind-v-cuda.xz
 echo "run on the GPU machine with LD_LIBRARY_PATH pointing at libcublas/libcublasLt/libcurand/libcudart 13 (and libnccl.so.2 for FEATURES=nccl)"

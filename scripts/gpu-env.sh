@@ -1,4 +1,4 @@
-# Sourced by the GPU scripts: unpack $BIN from $BIN.xz if needed (the device tool carries the
+# Sourced by the GPU scripts: unpack $BIN from $BIN.xz if needed (a copy to a GPU host can be the
 # xz copy), and point LD_LIBRARY_PATH at the CUDA 13 libraries of the machine's Python packages
 # (PyTorch brings them) and at the driver's libcuda.
 if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then

@@ -23,7 +23,7 @@ pub enum Reason {
     MissingImage,
     /// Zero bytes.
     EmptyImage,
-    /// Not decodable as JPEG/PNG.
+    /// Not decodable as an image (JPEG, PNG, WebP, GIF).
     CorruptImage,
     /// An image name that leaves the images root (`..`, an absolute path, a symlink out) or
     /// names something other than a regular file.

@@ -81,7 +81,7 @@ impl ImageLimits {
     }
 }
 
-/// Decode JPEG/PNG (any colour type) to 8-bit RGB, as PIL's `convert('RGB')` does — after
+/// Decode JPEG/PNG (any colour type), WebP or GIF (its first frame) to 8-bit RGB, as PIL's `convert('RGB')` does — after
 /// checking the file's size and the header's dimensions against `limits`.
 pub fn decode_rgb(
     bytes: &[u8],
