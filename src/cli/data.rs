@@ -178,7 +178,8 @@ pub struct SynthArgs {
     pretrain: usize,
     #[arg(long, default_value_t = 1000)]
     sft: usize,
-    /// Conversation records per SFT image (each asks the four questions in another order).
+    /// Conversation records per SFT image (each asks the four questions in another order; SFT
+    /// trains a record's first question–answer pair only).
     #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     sft_records: usize,
     #[arg(long, default_value_t = 500)]

@@ -278,8 +278,9 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
         labels.insert(full, label(&scene));
         let pairs = instructions(&scene);
         // Every record asks all four questions (shape and colour, English and Chinese), in a
-        // rotated order: the image tokens dominate a sample's cost, so four answers cost little
-        // more than one, and each sample carries two shape answers.
+        // rotated order. SFT, as upstream's, trains only a record's first question–answer pair,
+        // so the rotation decides which question each record trains: an image's `sft_records`
+        // records train that many of its four questions.
         for k in 0..cfg.sft_records {
             let mut conv = Vec::new();
             for j in 0..pairs.len() {
