@@ -9,7 +9,8 @@
 //! windows), `vision` (decode, resize, normalise, the frozen CLIP tower), `shards` (the shard
 //! format, its manifest and rejects), `checkpoint` (the checkpoint directory), `model`
 //! (MiniMind-V in candle), `config` (pipeline files), and under them `compare` (the NaN-strict
-//! comparison every check uses), `device`, `error`, `util`.
+//! comparison every check uses), `device`, `error`, `progress` (bars and plain progress lines),
+//! `util`.
 //!
 //! Beside them: `synth` (an upstream-format dataset for tests and the demo), `demo` and
 //! `demo_eval` (the offline demo and its held-out scoring), `bench` (throughput, parity with the
