@@ -681,6 +681,13 @@ fn an_ingest_that_rejects_most_records_fails_naming_why() {
     );
     assert!(tmp.path().join("cache/wrong/manifest.json").exists());
     assert!(tmp.path().join("cache/wrong/rejects.jsonl").exists());
+    // A user who means it raises the limit: the same run (every shard done) then finishes.
+    let out = Command::new(common::bin())
+        .args(["ingest", p.to_str().unwrap(), "--device", "cpu"])
+        .args(["--max-reject-rate", "1"])
+        .output()
+        .unwrap();
+    common::assert_ok(&out);
 }
 
 /// Images that change in the source after their shard was written are redone on the next run

@@ -607,6 +607,7 @@ fn web_page_in_headless_chromium() {
         .decode(shot.as_str().unwrap())
         .unwrap();
     let out = common::repo().join("target/serve-screenshot.png");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     std::fs::write(&out, shot).unwrap();
     eprintln!(
         "screenshot: {} (text states seen: {})",

@@ -148,3 +148,52 @@ fn unknown_schema_version_is_refused_with_the_file_named() {
         "{err}"
     );
 }
+
+/// The README's Python snippets, run as written on shards in `cache/pretrain/` with the Python
+/// named by `MMV_PYTHON` (which needs polars and pyarrow; `.ci/run` makes such a venv and requires
+/// it with `MMV_PYTHON_TEST=require`; skipped with a message otherwise).
+#[test]
+fn the_readmes_python_snippets_run_as_written() {
+    let Ok(python) = std::env::var("MMV_PYTHON") else {
+        assert!(
+            std::env::var("MMV_PYTHON_TEST").as_deref() != Ok("require"),
+            "MMV_PYTHON_TEST=require but MMV_PYTHON is not set"
+        );
+        eprintln!("SKIPPED: set MMV_PYTHON to a Python with polars and pyarrow (.ci/run does)");
+        return;
+    };
+    let readme = std::fs::read_to_string(common::repo().join("README.md")).unwrap();
+    let snippets: Vec<&str> = readme
+        .split("```python\n")
+        .skip(1)
+        .map(|s| s.split("```").next().unwrap())
+        .collect();
+    assert!(!snippets.is_empty(), "no python snippet in the README");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache/pretrain");
+    std::fs::create_dir_all(&dir).unwrap();
+    let all = rows();
+    for (i, part) in all.chunks(150).enumerate() {
+        write_shard(&dir.join(format!("shard-{i:05}.parquet")), part, &meta()).unwrap();
+    }
+    // What ingest writes beside the shards, which the snippets must not trip over.
+    std::fs::write(dir.join("manifest.json"), "{}").unwrap();
+    std::fs::write(dir.join("rejects.jsonl"), "").unwrap();
+    let samples: usize = all.iter().map(|r| r.samples.len()).sum();
+    for snippet in snippets {
+        let out = std::process::Command::new(&python)
+            .args(["-c", snippet])
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{snippet}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Polars counts the samples (exploded), pyarrow the rows, and the metadata comes back.
+        assert!(stdout.contains(&format!("{samples}.0")), "{stdout}");
+        assert!(stdout.contains("300 b'random-small:1'"), "{stdout}");
+    }
+}

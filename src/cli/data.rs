@@ -15,6 +15,10 @@ pub struct IngestArgs {
     /// Shorthand for --set ingest.clip=…: an HF CLIP directory or random:<seed>.
     #[arg(long)]
     clip: Option<String>,
+    /// Shorthand for --set ingest.max_reject_rate=…: the share of records that may be rejected
+    /// before the run fails (default 0.5).
+    #[arg(long)]
+    max_reject_rate: Option<f64>,
     /// Machines sharing this ingest; this one writes shards i with i % workers == worker.
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -33,6 +37,9 @@ impl IngestArgs {
     pub fn run(mut self) -> anyhow::Result<()> {
         if let Some(c) = &self.clip {
             self.overrides.push(format!("ingest.clip={c:?}"));
+        }
+        if let Some(r) = self.max_reject_rate {
+            self.overrides.push(format!("ingest.max_reject_rate={r:?}"));
         }
         let cfg = config::load_section(&self.pipeline, &self.overrides, "ingest", |p| p.ingest)?;
         let opts = ingest::IngestOptions {
