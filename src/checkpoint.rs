@@ -240,18 +240,9 @@ mod tests {
     #[test]
     fn a_relative_clip_directory_is_kept_as_an_absolute_path() {
         let meta = |source: &str, random: bool| ShardMeta {
-            schema_version: crate::shards::SCHEMA_VERSION.into(),
-            stage: "pretrain".into(),
             clip_source: source.into(),
-            clip_weights: "w".into(),
             clip_random: random,
-            tokenizer_sha256: "t".into(),
-            image_size: 224,
-            feature_dtype: "f16".into(),
-            feature_shape: [50, 768],
-            placeholder_ids: vec![30, 32],
-            max_seq_len: 512,
-            clip_precision: crate::shards::ClipPrecision::F32,
+            ..ShardMeta::example()
         };
         // Tests run in the crate's root, where assets/ exists.
         let abs = portable(&meta("assets", false)).clip_source;

@@ -14,20 +14,8 @@ use minimind_v::shards::manifest::read_rejects;
 use minimind_v::shards::reject::Reason;
 use minimind_v::text::Stage;
 
-/// Peak resident memory of this process so far (`VmHWM`), bytes.
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 fn assert_bounded_memory(what: &str) {
-    let rss = peak_rss();
+    let rss = common::peak_rss();
     assert!(rss < 1 << 30, "{what}: peak RSS {} MiB", rss >> 20);
 }
 

@@ -651,18 +651,6 @@ fn a_port_in_use_is_a_network_error_with_a_hint() {
     );
 }
 
-/// Peak resident memory of this process so far (`VmHWM`), bytes.
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 /// Hostile clients get a JSON error and the server keeps serving, with bounded memory: an image
 /// whose header declares 10,000 × 10,000 pixels (decoded, with the f32 copies of the resize, it
 /// cost 2.7 GB) is refused from the header; megabytes of text are refused by their byte length
@@ -735,6 +723,6 @@ fn hostile_requests_are_refused_with_bounded_memory_and_time() {
 
     // Still serving.
     assert_eq!(http::get(addr, "/health").status, 200);
-    let rss = peak_rss();
+    let rss = common::peak_rss();
     assert!(rss < 1 << 30, "peak RSS {} MiB", rss >> 20);
 }

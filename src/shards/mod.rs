@@ -186,12 +186,10 @@ pub fn shard_name(index: usize) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn clip_precision_is_written_only_when_not_f32_and_read_back_as_f32_when_absent() {
-        let meta = ShardMeta {
+impl ShardMeta {
+    /// f32 features of a random ViT-B/32-shaped tower, for unit tests.
+    pub(crate) fn example() -> Self {
+        ShardMeta {
             schema_version: SCHEMA_VERSION.into(),
             stage: "pretrain".into(),
             clip_source: "random:0".into(),
@@ -204,7 +202,17 @@ mod tests {
             placeholder_ids: vec![30, 32],
             max_seq_len: 512,
             clip_precision: ClipPrecision::F32,
-        };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_precision_is_written_only_when_not_f32_and_read_back_as_f32_when_absent() {
+        let meta = ShardMeta::example();
         let kv = |m: &ShardMeta| m.to_kv().into_iter().collect::<HashMap<_, _>>();
         // f32 shards carry the keys they always had: their bytes do not change.
         assert!(!kv(&meta).contains_key("clip_precision"));

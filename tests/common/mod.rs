@@ -28,6 +28,18 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
     minimind_v::compare::Diff::of(a, b).abs()
 }
 
+/// Peak resident memory of this process so far (`VmHWM`), bytes.
+pub fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_minimind-v")
 }
