@@ -71,25 +71,40 @@ pub const KEYS: &[Key] = &[
     k("train.verify_shards", "check each shard's sha256 against its manifest when first opened"),
 ];
 
-/// Keys a section cannot do without.
-pub const REQUIRED: &[&str] = &[
-    "ingest.stage",
-    "ingest.json",
-    "ingest.images",
-    "ingest.out",
-    "train.shards",
-    "train.out",
-    "train.steps",
+/// Keys a section cannot do without, each with a value the parser takes (for reading the defaults).
+pub const REQUIRED: &[(&str, &str)] = &[
+    ("ingest.stage", "\"pretrain\""),
+    ("ingest.json", "\"\""),
+    ("ingest.images", "\"\""),
+    ("ingest.out", "\"\""),
+    ("train.shards", "\"\""),
+    ("train.out", "\"\""),
+    ("train.steps", "1"),
 ];
+
+fn is_required(key: &str) -> bool {
+    REQUIRED.iter().any(|(k, _)| *k == key)
+}
+
+/// A section with only its required keys, as TOML.
+fn minimal(section: &str) -> String {
+    REQUIRED
+        .iter()
+        .filter_map(|(k, v)| {
+            Some(format!(
+                "{} = {v}\n",
+                k.strip_prefix(section)?.strip_prefix('.')?
+            ))
+        })
+        .collect()
+}
 
 /// Each section's defaults as the parser fills them in, flattened to `section.key` (nested
 /// tables as `section.table.key`); JSON, so a setting without a value shows as null.
 pub fn defaults() -> Vec<(String, serde_json::Value)> {
     let ingest: IngestConfig =
-        toml::from_str("stage = \"pretrain\"\njson = \"\"\nimages = \"\"\nout = \"\"")
-            .expect("a minimal [ingest] parses");
-    let train: TrainConfig =
-        toml::from_str("shards = \"\"\nout = \"\"\nsteps = 1").expect("a minimal [train] parses");
+        toml::from_str(&minimal("ingest")).expect("a minimal [ingest] parses");
+    let train: TrainConfig = toml::from_str(&minimal("train")).expect("a minimal [train] parses");
     let mut out = Vec::new();
     for (section, value) in [
         ("ingest", serde_json::to_value(ingest)),
@@ -125,7 +140,7 @@ pub fn list() -> String {
             section = this;
             text.push_str(&format!("\n[{section}]\n"));
         }
-        let default = match (REQUIRED.contains(&key.key), defaults.get(key.key)) {
+        let default = match (is_required(key.key), defaults.get(key.key)) {
             (true, _) => "required".to_string(),
             (false, Some(v)) if !v.is_null() => format!("default {v}"),
             (false, _) if key.key.starts_with("train.model.") => "default: the preset's".into(),
@@ -164,7 +179,7 @@ mod tests {
         let mut listed: Vec<String> = KEYS.iter().map(|k| k.key.to_string()).collect();
         listed.sort();
         assert_eq!(listed, from_structs);
-        for r in REQUIRED {
+        for (r, _) in REQUIRED {
             assert!(listed.iter().any(|k| k == r), "{r}");
         }
     }

@@ -246,11 +246,13 @@ impl Engine {
         device: &candle_core::Device,
     ) -> crate::error::Result<Self> {
         let vlm = load_model(ckpt, preset, device)?;
+        let trained = trained_on(ckpt);
         let tokenizer = match tokenizer {
             Some(path) => ChatTokenizer::load(path)?,
             None => ChatTokenizer::builtin(),
         };
-        if let Some(m) = trained_on(ckpt)
+        if let Some(m) = trained
+            .as_ref()
             .filter(|m| !m.tokenizer_sha256.is_empty() && m.tokenizer_sha256 != tokenizer.sha256)
         {
             eprintln!(
@@ -262,7 +264,6 @@ impl Engine {
             None
         } else {
             use crate::shards::ClipPrecision;
-            let trained = trained_on(ckpt);
             let precision = trained
                 .as_ref()
                 .map_or(ClipPrecision::F32, |m| m.clip_precision);

@@ -57,22 +57,22 @@ impl ChatTokenizer {
                 ),
             )
         })?;
-        let tokenizer =
-            Tokenizer::from_bytes(&bytes).map_err(|e| bad_file(&file, e.to_string()))?;
-        Ok(Self {
-            tokenizer,
-            sha256: crate::util::sha256_hex(&bytes),
-        })
+        Self::from_bytes(&bytes).map_err(|e| bad_file(&file, e))
     }
 
     /// Upstream's MiniMind tokenizer (`assets/tokenizer/tokenizer.json`), built into the program so
     /// that `chat` and `serve` work from any directory.
     pub fn builtin() -> Self {
-        let bytes = include_bytes!("../../assets/tokenizer/tokenizer.json");
-        Self {
-            tokenizer: Tokenizer::from_bytes(bytes).expect("the built-in tokenizer parses"),
+        Self::from_bytes(include_bytes!("../../assets/tokenizer/tokenizer.json"))
+            .expect("the built-in tokenizer parses")
+    }
+
+    /// A `tokenizer.json`'s bytes, and their sha256.
+    fn from_bytes(bytes: &[u8]) -> std::result::Result<Self, String> {
+        Ok(Self {
+            tokenizer: Tokenizer::from_bytes(bytes).map_err(|e| e.to_string())?,
             sha256: crate::util::sha256_hex(bytes),
-        }
+        })
     }
 
     /// Upstream's tokenization of a full text (no special tokens added: the template has them).
