@@ -67,7 +67,7 @@ EOF
 done
 # The streams must not change a byte; TF32 and f16 change the features (and say so).
 { echo; echo "shard sha256, f32 with 1 vs 2 vs 3 streams:"
-  for s in 1 2 3; do (cd shards-f32-$s && cat *.parquet | sha256sum); done
+  for s in 1 2 3; do (cd shards-f32-$s/data && cat *.parquet | sha256sum); done
   for p in tf32 f16; do
       echo "$p shards' metadata:"; "$BIN" inspect shards-$p-2 2>&1 | grep -E "clip_precision" | head -1
   done

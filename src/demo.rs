@@ -166,9 +166,8 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         cfg.eval_pairs,
     )?;
 
-    let vision_dim =
-        crate::shards::reader::read_meta(&cfg.out.join("cache/eval/shard-00000.parquet"))?
-            .feature_shape[1];
+    let eval_shards = crate::shards::reader::list_shards(&cfg.out.join("cache/eval"))?;
+    let vision_dim = crate::shards::reader::read_meta(&eval_shards[0])?.feature_shape[1];
     let base = crate::demo_eval::demo_model(vision_dim);
     let model = ModelConfig {
         dim: cfg.dim.unwrap_or(base.dim),

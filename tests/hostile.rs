@@ -411,7 +411,7 @@ fn a_damaged_shard_is_named_and_a_rerun_ingest_redoes_it() {
             .unwrap()
     };
     common::assert_ok(&run(&["ingest"]));
-    let shard = cache.join("shard-00000.parquet");
+    let shard = cache.join("data/shard-00000.parquet");
     let good = std::fs::read(&shard).unwrap();
     let mut bad = good.clone();
     let mid = bad.len() / 2;

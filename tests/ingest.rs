@@ -180,7 +180,8 @@ fn three_upstream_formats_with_faults() {
     .unwrap();
     let tower = ClipTower::load(&CLIP.parse().unwrap(), &Device::Cpu).unwrap();
     let mut zip = ImageSource::open(&ds.join("pretrain_images.zip"), 1 << 26).unwrap();
-    let (_, rows) = read_shard(&tmp.path().join("cache/pretrain/shard-00000.parquet")).unwrap();
+    let (_, rows) =
+        read_shard(&tmp.path().join("cache/pretrain/data/shard-00000.parquet")).unwrap();
     for row in rows.iter().step_by(97).take(6) {
         let rec = records
             .as_array()
@@ -249,7 +250,7 @@ fn three_upstream_formats_with_faults() {
         vec![("empty_answer".into(), n_residue(n_sft, 89, 7))]
     );
     assert_eq!(m.samples_written + m.samples_rejected, m.records_read);
-    let (_, rows) = read_shard(&tmp.path().join("cache/sft/shard-00000.parquet")).unwrap();
+    let (_, rows) = read_shard(&tmp.path().join("cache/sft/data/shard-00000.parquet")).unwrap();
     assert!(rows[0].images[0].starts_with("COCO_train2014_"));
     assert!(rows
         .iter()
@@ -276,7 +277,7 @@ fn three_upstream_formats_with_faults() {
         (m.rows, m.unique_images),
         (n_multi - bad, 2 * (n_multi - bad))
     );
-    let (_, rows) = read_shard(&tmp.path().join("cache/multi/shard-00000.parquet")).unwrap();
+    let (_, rows) = read_shard(&tmp.path().join("cache/multi/data/shard-00000.parquet")).unwrap();
     assert_eq!(rows[0].images, vec!["0.jpg", "1.jpg"]);
     assert_eq!(rows[0].features.len(), 2);
     assert_ne!(rows[0].features[0], rows[0].features[1]);
@@ -371,7 +372,7 @@ fn sigkill_mid_run_and_mid_write_then_resume_gives_identical_shards() {
     for _ in 0..30 {
         let mut child = start();
         let seen = loop {
-            if let Some(tmp_file) = shard_being_written(&out) {
+            if let Some(tmp_file) = shard_being_written(&out.join("data")) {
                 break Some(tmp_file);
             }
             if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
@@ -488,8 +489,8 @@ fn an_f16_ingest_is_recorded_and_cannot_be_mixed_with_f32() {
         &f16p,
         &[&f16[..], &["--workers", "8", "--worker", "0"]].concat(),
     );
-    let (m32, r32) = read_shard(&tmp.path().join("cache/f32/shard-00000.parquet")).unwrap();
-    let (m16, r16) = read_shard(&tmp.path().join("cache/f16/shard-00000.parquet")).unwrap();
+    let (m32, r32) = read_shard(&tmp.path().join("cache/f32/data/shard-00000.parquet")).unwrap();
+    let (m16, r16) = read_shard(&tmp.path().join("cache/f16/data/shard-00000.parquet")).unwrap();
     assert_eq!(
         (m32.clip_precision, m16.clip_precision),
         (ClipPrecision::F32, ClipPrecision::F16)
@@ -546,7 +547,7 @@ fn user_errors_name_the_file_and_the_fix() {
 
     // A shard that cannot be written (its name taken by a directory) stops the run, named; the
     // shards before it stay done.
-    let blocked = tmp.path().join("cache/x/shard-00002.parquet");
+    let blocked = tmp.path().join("cache/x/data/shard-00002.parquet");
     std::fs::create_dir_all(blocked.join("d")).unwrap();
     let out = run(&[
         "ingest",

@@ -159,7 +159,9 @@ fn the_readmes_python_snippets_run_as_written() {
             std::env::var("MMV_PYTHON_TEST").as_deref() != Ok("require"),
             "MMV_PYTHON_TEST=require but MMV_PYTHON is not set"
         );
-        eprintln!("SKIPPED: set MMV_PYTHON to a Python with polars and pyarrow (.ci/run does)");
+        eprintln!(
+            "SKIPPED: set MMV_PYTHON to a Python with polars, pyarrow and duckdb (.ci/run does)"
+        );
         return;
     };
     let readme = std::fs::read_to_string(common::repo().join("README.md")).unwrap();
@@ -170,15 +172,23 @@ fn the_readmes_python_snippets_run_as_written() {
         .collect();
     assert!(!snippets.is_empty(), "no python snippet in the README");
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("cache/pretrain");
-    std::fs::create_dir_all(&dir).unwrap();
+    let out = tmp.path().join("cache/pretrain");
     let all = rows();
     for (i, part) in all.chunks(150).enumerate() {
-        write_shard(&dir.join(format!("shard-{i:05}.parquet")), part, &meta()).unwrap();
+        let file = out.join(minimind_v::shards::shard_file(i, false));
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        write_shard(&file, part, &meta()).unwrap();
     }
-    // What ingest writes beside the shards, which the snippets must not trip over.
-    std::fs::write(dir.join("manifest.json"), "{}").unwrap();
-    std::fs::write(dir.join("rejects.jsonl"), "").unwrap();
+    // What an ingest writes beside data/, which the snippets must not trip over: its manifest,
+    // rejects, progress records, lock and held-out split.
+    std::fs::write(out.join("manifest.json"), "{}").unwrap();
+    std::fs::write(out.join("rejects.jsonl"), "").unwrap();
+    std::fs::write(out.join(".ingest-0-of-1.lock"), "1").unwrap();
+    std::fs::create_dir_all(out.join("progress")).unwrap();
+    std::fs::write(out.join("progress/shard-00000.json"), "{}").unwrap();
+    let val = out.join(minimind_v::shards::shard_file(2, true));
+    std::fs::create_dir_all(val.parent().unwrap()).unwrap();
+    write_shard(&val, &all[..10], &meta()).unwrap();
     let samples: usize = all.iter().map(|r| r.samples.len()).sum();
     for snippet in snippets {
         let out = std::process::Command::new(&python)
@@ -192,8 +202,13 @@ fn the_readmes_python_snippets_run_as_written() {
             "{snippet}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // Polars counts the samples (exploded), pyarrow the rows, and the metadata comes back.
+        // Polars counts the samples (exploded), pyarrow the rows and the metadata comes back,
+        // DuckDB sums the samples — all of data/, none of val/.
         assert!(stdout.contains(&format!("{samples}.0")), "{stdout}");
         assert!(stdout.contains("300 b'random-small:1'"), "{stdout}");
+        assert!(
+            stdout.contains(&format!("samples: {samples}\n")),
+            "{stdout}"
+        );
     }
 }

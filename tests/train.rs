@@ -14,6 +14,11 @@ use minimind_v::train::{read_metrics, StepLog};
 
 /// A small ingested dataset (random-small CLIP: 192-wide features).
 fn shards(tmp: &Path) -> PathBuf {
+    shards_with(tmp, "")
+}
+
+/// `shards` with more `[ingest]` settings (TOML lines).
+fn shards_with(tmp: &Path, settings: &str) -> PathBuf {
     let ds = tmp.join("dataset");
     synth::generate(&SynthConfig {
         out: ds.clone(),
@@ -29,7 +34,7 @@ fn shards(tmp: &Path) -> PathBuf {
     std::fs::write(
         &p,
         format!(
-            "[ingest]\nstage = \"pretrain\"\njson = {:?}\nimages = {:?}\nout = {:?}\ntokenizer = {:?}\nclip = \"random-small:1\"\nrows_per_shard = 64\n",
+            "[ingest]\nstage = \"pretrain\"\njson = {:?}\nimages = {:?}\nout = {:?}\ntokenizer = {:?}\nclip = \"random-small:1\"\nrows_per_shard = 64\n{settings}",
             ds.join("LLaVA-Pretrain/chat-translated.json"),
             ds.join("pretrain_images.zip"),
             tmp.join("cache"),
@@ -124,6 +129,65 @@ fn stop_and_resume_reproduces_the_uninterrupted_run_exactly() {
         .all(|v| v.loss.is_finite() && v.loss != v.loss_no_image));
 }
 
+/// `[ingest] val_fraction`: a share of the image sets goes to `val/` (chosen by their key alone),
+/// with every sample that uses them; `data/` holds Parquet files only; and `train` without
+/// `val_shards` evaluates on the split.
+#[test]
+fn a_held_out_split_made_at_ingest_is_what_train_evaluates_on() {
+    use minimind_v::shards::manifest::read_manifest;
+    use minimind_v::shards::reader::{list_shards, read_shard};
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = shards_with(tmp.path(), "val_fraction = 0.2\n");
+    let keys = |dir: &Path| -> Vec<(String, usize)> {
+        list_shards(dir)
+            .unwrap()
+            .iter()
+            .flat_map(|f| read_shard(f).unwrap().1)
+            .map(|r| (r.image_key, r.samples.len()))
+            .collect()
+    };
+    let (train_keys, val_keys) = (keys(&cache), keys(&cache.join("val")));
+    assert!(
+        (30..=90).contains(&val_keys.len()),
+        "{} of 300 held out",
+        val_keys.len()
+    );
+    assert_eq!(train_keys.len() + val_keys.len(), 300);
+    let held_out = |k: &str| minimind_v::ingest::plan::held_out(k, 0.2);
+    assert!(val_keys.iter().all(|(k, _)| held_out(k)));
+    assert!(train_keys.iter().all(|(k, _)| !held_out(k)));
+    let m = read_manifest(&cache).unwrap();
+    let count = |ks: &[(String, usize)]| ks.iter().map(|k| k.1).sum::<usize>();
+    assert_eq!(m.samples_val, count(&val_keys));
+    assert_eq!(m.samples_written, count(&train_keys) + count(&val_keys));
+    for dir in ["data", "val"] {
+        let names: Vec<_> = std::fs::read_dir(cache.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert!(names.iter().all(|n| n.ends_with(".parquet")), "{names:?}");
+    }
+    let verify = Command::new(common::bin())
+        .args(["inspect", cache.to_str().unwrap(), "--verify"])
+        .output()
+        .unwrap();
+    common::assert_ok(&verify);
+
+    let p = pipeline(tmp.path(), "run", &cache, 6, 192);
+    let text = std::fs::read_to_string(&p).unwrap();
+    let val_line = format!("val_shards = {cache:?}\n");
+    std::fs::write(&p, text.replace(&val_line, "")).unwrap();
+    let out = train(&p, &[]);
+    common::assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("(the ingest's held-out split) every 6 steps"),
+        "{err}"
+    );
+    let val = std::fs::read_to_string(tmp.path().join("run/val.jsonl")).unwrap();
+    assert_eq!(val.lines().count(), 1, "{val}");
+}
+
 /// The checkpoint says which CLIP made its features; chat takes that one when not told, and warns
 /// when told another.
 #[test]
@@ -133,7 +197,7 @@ fn a_checkpoint_remembers_its_clip_and_chat_uses_it() {
     let p = pipeline(tmp.path(), "run", &cache, 4, 192);
     common::assert_ok(&train(&p, &[]));
     let ckpt = tmp.path().join("run/checkpoint");
-    let want = read_meta(&cache.join("shard-00000.parquet")).unwrap();
+    let want = read_meta(&cache.join("data/shard-00000.parquet")).unwrap();
     assert_eq!(minimind_v::checkpoint::trained_on(&ckpt), Some(want));
 
     let bear = common::repo().join("../shared/assets/eval_images/a-bear.png");
@@ -190,7 +254,7 @@ fn shards_that_do_not_fit_the_projector_or_the_training_clip_are_refused_before_
     assert!(!tmp.path().join("bad/metrics.jsonl").exists());
 
     // Validation shards from another CLIP precision than the training shards: refused too.
-    let (meta, rows) = read_shard(&cache.join("shard-00000.parquet")).unwrap();
+    let (meta, rows) = read_shard(&cache.join("data/shard-00000.parquet")).unwrap();
     let val = tmp.path().join("val-f16");
     let other = ShardMeta {
         clip_precision: ClipPrecision::F16,

@@ -55,6 +55,11 @@ pub struct IngestConfig {
     /// manifest and rejects are kept either way.
     #[serde(default = "default_max_reject_rate")]
     pub max_reject_rate: f64,
+    /// The share of image sets held out into `out/val/` (with every sample that uses them), so
+    /// training can report a held-out loss without a second dataset; chosen by a hash of the
+    /// image set's key, so the split does not depend on the order or number of records. 0: none.
+    #[serde(default)]
+    pub val_fraction: f64,
 }
 
 fn default_tokenizer() -> PathBuf {
@@ -98,6 +103,9 @@ impl IngestConfig {
         if !(0.0..=1.0).contains(&self.max_reject_rate) {
             return fail("max_reject_rate must lie in [0, 1]");
         }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            return fail("val_fraction must lie in [0, 1)");
+        }
         let l = &self.image_limits;
         if l.max_side == 0 || l.max_pixels == 0 || l.max_bytes == 0 {
             return fail("image_limits: max_side, max_pixels and max_bytes must be positive");
@@ -124,6 +132,7 @@ impl IngestConfig {
             clip_precision: ClipPrecision::F32,
             image_limits: ImageLimits::default(),
             max_reject_rate: default_max_reject_rate(),
+            val_fraction: 0.0,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Ingest: upstream's dataset (JSON + zip of images) → deduplicated CLIP-feature Parquet shards.
 //!
-//! Reads `cfg.json` and `cfg.images`; writes `cfg.out/shard-NNNNN.parquet`, a completion record
+//! Reads `cfg.json` and `cfg.images`; writes `cfg.out/data/shard-NNNNN.parquet` (the held-out
+//! split, `val_fraction`, in `cfg.out/val/`), a completion record
 //! per shard under `cfg.out/progress/`, and, once every shard exists, `manifest.json` and
 //! `rejects.jsonl`. Plans the run (records → samples → rows of unique image sets → shards), skips
 //! the shards already done, and runs `pipeline` over the rest.
@@ -84,6 +85,13 @@ impl std::fmt::Display for Summary {
                     "records read {}, samples written {}, rejected {}, rows (unique image sets) {}, unique images {}",
                     m.records_read, m.samples_written, m.samples_rejected, m.rows, m.unique_images
                 )?;
+                if m.samples_val > 0 {
+                    writeln!(
+                        f,
+                        "held out (val_fraction): {} of the samples written, in val/",
+                        m.samples_val
+                    )?;
+                }
                 if m.placeholders_repaired > 0 {
                     writeln!(
                         f,
@@ -134,6 +142,11 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
             opts.workers
         ),
     )?;
+    for dir in [sh::DATA_DIR, sh::VAL_DIR] {
+        let dir = cfg.out.join(dir);
+        std::fs::create_dir_all(&dir).map_err(|e| bad_file(&dir, e.to_string()))?;
+        crate::util::remove_stale_tmp(&dir)?;
+    }
     crate::util::remove_stale_tmp(&cfg.out)?;
     crate::util::remove_stale_tmp(&manifest::progress_dir(&cfg.out))?;
 
@@ -349,6 +362,11 @@ fn finalize(cfg: &IngestConfig, plan: &Plan, n_shards: usize) -> Result<Option<M
         plan_id: plan.plan_id.clone(),
         records_read: plan.records_read,
         samples_written: dones.iter().map(|d| d.samples).sum(),
+        samples_val: dones
+            .iter()
+            .filter(|d| plan.is_val(d.index, cfg.rows_per_shard))
+            .map(|d| d.samples)
+            .sum(),
         samples_rejected: rejects.iter().map(|r| r.ids.len()).sum(),
         rows: dones.iter().map(|d| d.rows).sum(),
         unique_images: dones.iter().map(|d| d.images).sum(),
@@ -445,6 +463,7 @@ mod tests {
         let plan = |records_read| Plan {
             records_read,
             groups: Vec::new(),
+            val_from: 0,
             record_rejects: Vec::new(),
             placeholders_repaired: 0,
             plan_id: "p".into(),

@@ -191,7 +191,7 @@ fn read_stage(ctx: &Ctx, pending: &[usize], size: u32, tx: Sender<Result<Prepare
         let mut seq = 0;
         for &shard in pending {
             let groups = ctx.plan.shard(shard, rows);
-            let base = shard * rows;
+            let base = ctx.plan.shard_range(shard, rows).start;
             let n_chunks = groups.len().div_ceil(cfg.clip_batch).max(1);
             for c in 0..n_chunks {
                 let range = (c * cfg.clip_batch).min(groups.len())
@@ -416,7 +416,7 @@ fn write_one(ctx: &Ctx, index: usize, rows: Vec<ShardRow>, rejects: Vec<Reject>)
         .flat_map(|r| r.samples.iter().map(|s| s.input_ids.len()))
         .max()
         .unwrap_or(0);
-    let file = sh::shard_name(index);
+    let file = ctx.plan.shard_file(index, ctx.cfg.rows_per_shard);
     let (bytes, sha256) = sh::writer::write_shard(&ctx.cfg.out.join(&file), &rows, ctx.meta)?;
     let done = ShardDone {
         index,

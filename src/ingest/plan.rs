@@ -3,6 +3,7 @@
 //! ingest resumable: a re-run computes the same shards and skips the finished ones.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -26,7 +27,10 @@ pub struct Group {
 #[derive(Debug)]
 pub struct Plan {
     pub records_read: usize,
+    /// The training image sets in source order, then the held-out ones (`val_from..`).
     pub groups: Vec<Group>,
+    /// Where the held-out image sets (`val_fraction`) begin in `groups`.
+    pub val_from: usize,
     /// Rejects found before any image is read.
     pub record_rejects: Vec<Reject>,
     pub placeholders_repaired: usize,
@@ -34,14 +38,48 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Training shards, then held-out ones: shard indices are global, file names unique.
     pub fn n_shards(&self, rows_per_shard: usize) -> usize {
-        self.groups.len().div_ceil(rows_per_shard)
+        self.n_train_shards(rows_per_shard)
+            + (self.groups.len() - self.val_from).div_ceil(rows_per_shard)
+    }
+
+    fn n_train_shards(&self, rows_per_shard: usize) -> usize {
+        self.val_from.div_ceil(rows_per_shard)
+    }
+
+    /// Whether shard `index` belongs to the held-out split.
+    pub fn is_val(&self, index: usize, rows_per_shard: usize) -> bool {
+        index >= self.n_train_shards(rows_per_shard)
+    }
+
+    /// The positions in `groups` of shard `index`'s rows.
+    pub fn shard_range(&self, index: usize, rows_per_shard: usize) -> Range<usize> {
+        let train = self.n_train_shards(rows_per_shard);
+        let (base, end, i) = match index < train {
+            true => (0, self.val_from, index),
+            false => (self.val_from, self.groups.len(), index - train),
+        };
+        let start = base + i * rows_per_shard;
+        start..(start + rows_per_shard).min(end)
     }
 
     pub fn shard(&self, index: usize, rows_per_shard: usize) -> &[Group] {
-        let start = index * rows_per_shard;
-        &self.groups[start..(start + rows_per_shard).min(self.groups.len())]
+        &self.groups[self.shard_range(index, rows_per_shard)]
     }
+
+    /// Shard `index`'s path relative to the ingest's `out`.
+    pub fn shard_file(&self, index: usize, rows_per_shard: usize) -> String {
+        crate::shards::shard_file(index, self.is_val(index, rows_per_shard))
+    }
+}
+
+/// Whether an image set falls in the held-out share `fraction`: a hash of its key, so the split
+/// is the same whatever the order or number of records.
+pub fn held_out(image_key: &str, fraction: f64) -> bool {
+    let h = crate::util::sha256_hex(format!("val:{image_key}").as_bytes());
+    let x = u64::from_str_radix(&h[..16], 16).expect("hex") as f64 / u64::MAX as f64;
+    x < fraction
 }
 
 pub fn make_plan(cfg: &IngestConfig, tokenizer: &ChatTokenizer, clip_id: &str) -> Result<Plan> {
@@ -96,8 +134,14 @@ pub fn make_plan(cfg: &IngestConfig, tokenizer: &ChatTokenizer, clip_id: &str) -
         groups[g].samples.push(sample);
     }
     record_rejects.sort_by_key(|r| r.record);
+    // Held-out image sets go last, each part in source order.
+    let (train, val): (Vec<Group>, Vec<Group>) = groups
+        .into_iter()
+        .partition(|g| !held_out(&g.image_key, cfg.val_fraction));
+    let val_from = train.len();
+    let groups = [train, val].concat();
 
-    let settings = serde_json::json!({
+    let mut settings = serde_json::json!({
         "json_sha256": json_sha,
         "stage": cfg.stage,
         "image_prefix": cfg.image_prefix,
@@ -107,12 +151,70 @@ pub fn make_plan(cfg: &IngestConfig, tokenizer: &ChatTokenizer, clip_id: &str) -
         "tokenizer_sha256": tokenizer.sha256,
         "clip": clip_id,
     });
+    // Only when set, so plans (and directories) made before the split keep their identity.
+    if cfg.val_fraction > 0.0 {
+        settings["val_fraction"] = cfg.val_fraction.into();
+    }
     let plan_id = crate::util::sha256_hex(settings.to_string().as_bytes())[..16].to_string();
     Ok(Plan {
         records_read,
         groups,
+        val_from,
         record_rejects,
         placeholders_repaired,
         plan_id,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn training_then_held_out_shards_cover_every_group_once() {
+        let group = |i: usize| Group {
+            image_key: format!("{i}.jpg"),
+            images: vec![format!("{i}.jpg")],
+            first_record: i,
+            samples: Vec::new(),
+        };
+        let plan = Plan {
+            records_read: 10,
+            groups: (0..10).map(group).collect(),
+            val_from: 7,
+            record_rejects: Vec::new(),
+            placeholders_repaired: 0,
+            plan_id: "p".into(),
+        };
+        assert_eq!(plan.n_shards(3), 4);
+        let ranges: Vec<_> = (0..4).map(|i| plan.shard_range(i, 3)).collect();
+        assert_eq!(ranges, vec![0..3, 3..6, 6..7, 7..10]);
+        let files: Vec<_> = (0..4).map(|i| plan.shard_file(i, 3)).collect();
+        assert_eq!(
+            files,
+            [
+                "data/shard-00000.parquet",
+                "data/shard-00001.parquet",
+                "data/shard-00002.parquet",
+                "val/shard-00003.parquet"
+            ]
+        );
+        // No held-out split: the shards of before.
+        let plain = Plan {
+            val_from: 10,
+            ..plan
+        };
+        assert_eq!(plain.n_shards(3), 4);
+        assert_eq!(plain.shard_range(3, 3), 9..10);
+        assert!(!plain.is_val(3, 3));
+    }
+
+    #[test]
+    fn the_held_out_share_is_near_the_fraction_and_fixed_by_the_key() {
+        let n = (0..10_000)
+            .filter(|i| held_out(&format!("{i}.jpg"), 0.1))
+            .count();
+        assert!((900..=1100).contains(&n), "{n}");
+        assert!((0..1000).all(|i| !held_out(&format!("{i}.jpg"), 0.0)));
+    }
 }

@@ -25,12 +25,14 @@ fn polars_err(path: &Path) -> impl Fn(PolarsError) -> crate::Error + '_ {
     move |e| bad_file(path, format!("polars: {e}"))
 }
 
-/// Scan shards with Polars: one lazy frame over every `shard-*.parquet`.
+/// Scan shards with Polars: one lazy frame over every `shard-*.parquet` (in `data/` for an
+/// ingest's directory).
 pub fn scan(path: &Path) -> Result<LazyFrame> {
-    let pattern = if path.is_dir() {
-        path.join("shard-*.parquet")
-    } else {
-        path.to_path_buf()
+    let data = path.join(crate::shards::DATA_DIR);
+    let pattern = match (path.is_dir(), data.is_dir()) {
+        (true, true) => data.join("shard-*.parquet"),
+        (true, false) => path.join("shard-*.parquet"),
+        _ => path.to_path_buf(),
     };
     let pattern = pattern.to_string_lossy().to_string();
     LazyFrame::scan_parquet(PlRefPath::new(pattern.as_str()), ScanArgsParquet::default())
@@ -193,17 +195,22 @@ pub fn report(path: &Path) -> Result<String> {
         }
     }
 
-    let dir = if path.is_dir() {
-        path
-    } else {
-        path.parent().unwrap_or(Path::new("."))
+    let mut dir = match path.is_dir() {
+        true => path,
+        false => path.parent().unwrap_or(Path::new(".")),
     };
+    if [crate::shards::DATA_DIR, crate::shards::VAL_DIR]
+        .iter()
+        .any(|d| dir.file_name() == Some(std::ffi::OsStr::new(d)))
+    {
+        dir = dir.parent().unwrap_or(dir);
+    }
     match manifest::read_manifest(dir) {
         Ok(m) => {
             let _ = writeln!(
                 out,
-                "\nmanifest: {} records read, {} samples written, {} rejected",
-                m.records_read, m.samples_written, m.samples_rejected
+                "\nmanifest: {} records read, {} samples written ({} held out in val/), {} rejected",
+                m.records_read, m.samples_written, m.samples_val, m.samples_rejected
             );
             for (reason, n) in &m.rejects_by_reason {
                 let _ = writeln!(out, "  rejected {reason}: {n}");
@@ -246,9 +253,13 @@ pub fn verify(dir: &Path) -> Result<String> {
     }
     let listed: std::collections::HashSet<&str> =
         m.shards.iter().map(|s| s.file.as_str()).collect();
-    for file in list_shards(dir)? {
-        let name = file.file_name().map(|n| n.to_string_lossy().to_string());
-        if let Some(name) = name.filter(|n| !listed.contains(n.as_str())) {
+    let mut present = list_shards(dir)?;
+    if let Some(val) = crate::shards::reader::held_out_split(dir)? {
+        present.extend(list_shards(&val)?);
+    }
+    for file in present {
+        let name = file.strip_prefix(dir).unwrap_or(&file).to_string_lossy();
+        if !listed.contains(name.as_ref()) {
             let _ = writeln!(
                 report,
                 "{name}: not in the manifest (not part of this ingest)"

@@ -54,6 +54,9 @@ pub struct Manifest {
     /// Elements of the source JSON array.
     pub records_read: usize,
     pub samples_written: usize,
+    /// Of `samples_written`, those in the held-out split (`val/`, `[ingest] val_fraction`).
+    #[serde(default)]
+    pub samples_val: usize,
     /// Samples lost to rejects; `records_read == samples_written + samples_rejected`.
     pub samples_rejected: usize,
     pub rows: usize,
@@ -120,10 +123,11 @@ pub fn intact(out: &Path, done: &ShardDone) -> Result<bool> {
 }
 
 /// What the manifests say of shard files — each file's entry in the `manifest.json` of the
-/// directory it really lives in, so a symlinked shard finds its own manifest.
+/// ingest it really belongs to (a symlinked shard finds its own): the manifest beside a `data/`
+/// or `val/` directory, or in the shard's own directory for the layout before `data/`.
 #[derive(Default)]
 pub struct ShardIndex {
-    /// Directory → its manifest's entries by file name (`None`: no manifest there).
+    /// Ingest directory → its manifest's entries by file (`None`: no manifest there).
     manifests: HashMap<PathBuf, Option<HashMap<String, ShardEntry>>>,
 }
 
@@ -131,22 +135,33 @@ impl ShardIndex {
     /// `file`'s entry and its real path, if a manifest records it.
     pub fn entry(&mut self, file: &Path) -> Result<Option<(ShardEntry, PathBuf)>> {
         let real = std::fs::canonicalize(file).at(file)?;
-        let (Some(dir), Some(name)) = (real.parent(), real.file_name()) else {
+        let Some(dir) = real.parent().map(Path::to_path_buf) else {
             return Ok(None);
         };
-        let recorded = self.manifests.entry(dir.to_path_buf()).or_insert_with(|| {
-            read_manifest(dir).ok().map(|m| {
-                m.shards
-                    .into_iter()
-                    .map(|s| (s.file.clone(), s))
-                    .collect::<HashMap<_, _>>()
-            })
-        });
-        let entry = recorded
-            .as_ref()
-            .and_then(|m| m.get(name.to_string_lossy().as_ref()))
-            .cloned();
-        Ok(entry.map(|e| (e, real)))
+        let split = [crate::shards::DATA_DIR, crate::shards::VAL_DIR]
+            .iter()
+            .any(|d| dir.file_name() == Some(std::ffi::OsStr::new(d)));
+        let roots = [Some(dir.as_path()), dir.parent().filter(|_| split)];
+        for root in roots.into_iter().flatten() {
+            let Ok(rel) = real.strip_prefix(root) else {
+                continue;
+            };
+            let recorded = self.manifests.entry(root.to_path_buf()).or_insert_with(|| {
+                read_manifest(root).ok().map(|m| {
+                    m.shards
+                        .into_iter()
+                        .map(|s| (s.file.clone(), s))
+                        .collect::<HashMap<_, _>>()
+                })
+            });
+            if let Some(e) = recorded
+                .as_ref()
+                .and_then(|m| m.get(rel.to_string_lossy().as_ref()))
+            {
+                return Ok(Some((e.clone(), real)));
+            }
+        }
+        Ok(None)
     }
 
     /// The samples in `files` as their manifests record them; `None` when any is unknown.
@@ -187,13 +202,12 @@ impl Verifier {
         let Some((entry, real)) = self.index.entry(file)? else {
             return Ok(false);
         };
-        let (want, dir) = (&entry.sha256, real.parent().unwrap_or(Path::new(".")));
+        let want = &entry.sha256;
         let got = crate::util::sha256_file(&real)?;
         if &got != want {
             return Err(crate::Error::Data(format!(
-                "{}: damaged — its sha256 is {got}, its manifest ({}) records {want}\nHINT: re-run the ingest that wrote it: a resumed ingest redoes shards whose bytes do not match",
+                "{}: damaged — its sha256 is {got}, its ingest's manifest.json records {want}\nHINT: re-run the ingest that wrote it: a resumed ingest redoes shards whose bytes do not match",
                 file.display(),
-                dir.join("manifest.json").display()
             )));
         }
         Ok(true)

@@ -9,8 +9,20 @@
 //! | features    | List<Binary> — per image, tokens×hidden little-endian f16     |
 //! | samples     | List<Struct{id Utf8, input_ids List<UInt16>, loss_mask List<UInt8>}> |
 //!
-//! Beside the shards an ingest writes `manifest.json` (`manifest`) and `rejects.jsonl`: every
-//! record, image or sample that did not become a row, with its reason (`reject`).
+//! An ingest's `out` directory:
+//!
+//! ```text
+//! out/data/shard-NNNNN.parquet   the shards (Parquet only: pyarrow, Polars and DuckDB read
+//!                                `out/data` as one dataset)
+//! out/val/shard-NNNNN.parquet    the held-out split, when `[ingest] val_fraction` > 0
+//! out/manifest.json              what the run produced (`manifest`)
+//! out/rejects.jsonl              every record, image or sample that did not become a row, with
+//!                                its reason (`reject`)
+//! out/progress/                  per-shard completion records (resume)
+//! ```
+//!
+//! Directories written before the `data/` layout hold their shards directly in `out`; every
+//! reader takes both.
 
 pub mod manifest;
 pub mod reader;
@@ -180,9 +192,21 @@ pub fn f16_bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// The shards' directory inside an ingest's `out`.
+pub const DATA_DIR: &str = "data";
+/// The held-out split's directory inside an ingest's `out`.
+pub const VAL_DIR: &str = "val";
+
 /// `shard-00042.parquet`: names are global indices, so workers never collide.
 pub fn shard_name(index: usize) -> String {
     format!("shard-{index:05}.parquet")
+}
+
+/// Shard `index`'s path relative to the ingest's `out`: `data/shard-00042.parquet`, or
+/// `val/shard-00042.parquet` for the held-out split.
+pub fn shard_file(index: usize, val: bool) -> String {
+    let dir = if val { VAL_DIR } else { DATA_DIR };
+    format!("{dir}/{}", shard_name(index))
 }
 
 #[cfg(test)]

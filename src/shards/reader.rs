@@ -13,22 +13,42 @@ use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchR
 use crate::error::{bad_file, Error, IoContext, Result};
 use crate::shards::{Sample, ShardMeta, ShardRow, SCHEMA_VERSION};
 
-/// Shard files in a directory (or the file itself), sorted by name.
+/// Shard files, sorted by name: the file itself, or in a directory the `shard-*.parquet` files
+/// it holds — an ingest's `out` holds them in `data/` (older ones directly), and a `data/` or
+/// `val/` directory can be named itself. The held-out split (`out/val/`) is not included.
 pub fn list_shards(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-        .at(path)?
+    let mut files = shards_in(path)?;
+    let data = path.join(crate::shards::DATA_DIR);
+    if data.is_dir() {
+        files.extend(shards_in(&data)?);
+    }
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(files)
+}
+
+/// The held-out split an ingest made beside the shards in `path` (`[ingest] val_fraction`), if
+/// any.
+pub fn held_out_split(path: &Path) -> Result<Option<PathBuf>> {
+    let val = path.join(crate::shards::VAL_DIR);
+    Ok(match val.is_dir() && !shards_in(&val)?.is_empty() {
+        true => Some(val),
+        false => None,
+    })
+}
+
+fn shards_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(std::fs::read_dir(dir)
+        .at(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("shard-") && n.ends_with(".parquet"))
         })
-        .collect();
-    files.sort();
-    Ok(files)
+        .collect())
 }
 
 /// The key-value metadata of a shard, checked for a supported schema version.

@@ -14,7 +14,7 @@ pub mod step;
 mod validate;
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::progress::Progress;
@@ -163,8 +163,9 @@ impl<'a> Run<'a> {
             );
         }
         std::fs::create_dir_all(&cfg.out).at(&cfg.out)?;
-        let val = match &cfg.val_shards {
+        let val = match val_shards(cfg)? {
             Some(dir) => {
+                let dir = &dir;
                 let files = crate::shards::reader::list_shards(dir)?;
                 let val_meta = data::check_shards(&files, mcfg.vision_dim)?;
                 data::check_same_clip((dir, &val_meta), (&cfg.shards, &meta))?;
@@ -216,6 +217,7 @@ impl<'a> Run<'a> {
                 files: total_files,
                 samples,
                 longest,
+                val: val_shards(cfg)?.filter(|_| cfg.val_shards.is_none()),
             };
             eprintln!(
                 "{}",
@@ -385,6 +387,17 @@ struct DataSummary {
     files: usize,
     samples: Option<usize>,
     longest: Option<usize>,
+    /// The held-out split found beside the shards, when `val_shards` is not set.
+    val: Option<PathBuf>,
+}
+
+/// The held-out shards: `val_shards`, or else the split the ingest made beside the shards
+/// (`[ingest] val_fraction`).
+fn val_shards(cfg: &TrainConfig) -> Result<Option<PathBuf>> {
+    match &cfg.val_shards {
+        Some(dir) => Ok(Some(dir.clone())),
+        None => crate::shards::reader::held_out_split(&cfg.shards),
+    }
 }
 
 /// What a run is about to do, printed when it starts: the model, the data, the schedule and
@@ -408,9 +421,14 @@ fn summary(
         ),
         None => format!("{} steps × {per_step} samples", cfg.steps),
     };
-    let val = match &cfg.val_shards {
-        Some(v) => format!("{} every {} steps", v.display(), cfg.val_every),
-        None => "none (val_shards)".into(),
+    let val = match (&cfg.val_shards, &data.val) {
+        (Some(v), _) => format!("{} every {} steps", v.display(), cfg.val_every),
+        (None, Some(v)) => format!(
+            "{} (the ingest's held-out split) every {} steps",
+            v.display(),
+            cfg.val_every
+        ),
+        (None, None) => "none (val_shards)".into(),
     };
     let out = cfg.out.display();
     format!(
