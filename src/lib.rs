@@ -24,6 +24,7 @@ pub mod demo;
 pub mod demo_eval;
 pub mod device;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod ingest;
 pub mod inspect;

@@ -323,3 +323,187 @@ fn kv_cache_decoding_equals_full_recompute() {
         );
     }
 }
+
+/// `export` to `.pth` and safetensors: upstream's 23 names exactly (the reference `.pth`'s, whose
+/// layout upstream's strict `load_state_dict` accepts), the archive laid out as `torch.save` lays
+/// it out, and the same logits when read back; f16 is each value rounded once.
+#[test]
+fn export_writes_upstreams_formats_and_reads_back_to_the_same_logits() {
+    use minimind_v::export::{export, Format, Precision};
+    let c = case();
+    let ids = c["input_ids"].to_dtype(DType::U32).unwrap();
+    let imgs = images(&c, &config());
+    let (a, vm) = model("model.pth");
+    let want = a.forward(&ids, Some(&imgs)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("checkpoint");
+    minimind_v::checkpoint::save_model(&ckpt, &vm, &config()).unwrap();
+    let reference = weights::read_state(&dir().join("model.pth")).unwrap();
+
+    let pth = tmp.path().join("x.pth");
+    let said = export(&ckpt, Format::Pth, Precision::F32, &pth).unwrap();
+    assert!(said.contains("23 tensors"), "{said}");
+    let got = weights::read_state(&pth).unwrap();
+    let mut names: Vec<_> = got.keys().collect();
+    let mut want_names: Vec<_> = reference.keys().collect();
+    names.sort();
+    want_names.sort();
+    assert_eq!(names, want_names);
+    for (name, t) in &reference {
+        assert_eq!(got[name].dtype(), DType::F32, "{name}");
+        assert_eq!(max_diff(&got[name], t), 0.0, "{name}");
+    }
+    let (b, _) = model_from(&pth);
+    assert_eq!(max_diff(&b.forward(&ids, Some(&imgs)).unwrap(), &want), 0.0);
+
+    // The archive: one prefix, a stored pickle, byteorder and version, each tensor's bytes in
+    // data/N at a 64-byte boundary (torch.load maps them from there).
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(&pth).unwrap()).unwrap();
+    let entries: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
+    for name in ["archive/data.pkl", "archive/byteorder", "archive/version"] {
+        assert!(entries.iter().any(|e| e == name), "{entries:?}");
+    }
+    assert_eq!(entries.len(), 3 + 23, "{entries:?}");
+    for i in 0..zip.len() {
+        let f = zip.by_index(i).unwrap();
+        assert_eq!(f.compression(), zip::CompressionMethod::Stored);
+        let name = f.name().unwrap().to_string();
+        if name.starts_with("archive/data/") {
+            assert_eq!(f.data_start().unwrap() % 64, 0, "{name}");
+        }
+    }
+
+    // f16: each value f32 → f16 once; a HalfStorage the reader takes too.
+    let half = tmp.path().join("half.pth");
+    export(&ckpt, Format::Pth, Precision::F16, &half).unwrap();
+    let got = weights::read_state(&half).unwrap();
+    for (name, t) in &reference {
+        assert_eq!(got[name].dtype(), DType::F16, "{name}");
+        assert_eq!(max_diff(&got[name], &t.to_dtype(DType::F16).unwrap()), 0.0);
+    }
+
+    // safetensors + upstream's LMConfig.
+    let st = tmp.path().join("hf");
+    export(&ckpt, Format::Safetensors, Precision::F32, &st).unwrap();
+    let (b, _) = model_from(&st.join("model.safetensors"));
+    assert_eq!(max_diff(&b.forward(&ids, Some(&imgs)).unwrap(), &want), 0.0);
+    let lm: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(st.join("config.json")).unwrap()).unwrap();
+    let cfg = config();
+    assert_eq!(lm["dim"], cfg.dim);
+    assert_eq!(lm["n_layers"], cfg.n_layers);
+    assert_eq!(lm["n_kv_heads"], cfg.n_kv_heads);
+    assert_eq!(lm["max_seq_len"], cfg.max_seq_len);
+    assert_eq!(lm["image_special_token"], "<".repeat(25) + &">".repeat(25));
+    assert_eq!(lm["image_ids"], serde_json::json!(cfg.image_ids));
+    assert_eq!(lm["use_moe"], false);
+
+    // Not a checkpoint: named.
+    let err = export(tmp.path(), Format::Pth, Precision::F32, &pth)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a checkpoint directory"), "{err}");
+}
+
+fn model_from(path: &std::path::Path) -> (Vlm, candle_nn::VarMap) {
+    let (m, vm, _) = weights::load(path, &config(), false, &Device::Cpu).unwrap();
+    (m, vm)
+}
+
+/// What `torch.load` does with an exported `.pth`, done by CPython's own unpickler (the one
+/// `torch.load` runs) with only the three globals allowed and storages read from the zip as
+/// `torch.load` reads them: every name, shape and value comes back. Runs where `MMV_PYTHON` names
+/// a Python (`.ci/run` sets it); PyTorch itself is not needed.
+const TORCH_LOAD_EMULATION: &str = r#"
+import collections, struct, sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+prefix = z.namelist()[0].split("/")[0]
+def rebuild(storage, offset, shape, stride, requires_grad, hooks):
+    n = 1
+    for d in shape:
+        n *= d
+    want = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        want[i] = want[i + 1] * shape[i + 1]
+    assert list(stride) == want and not requires_grad and len(hooks) == 0
+    return tuple(shape), storage[offset:offset + n]
+ALLOWED = {("torch._utils", "_rebuild_tensor_v2"): rebuild, ("torch", "FloatStorage"): "f",
+           ("torch", "HalfStorage"): "e", ("collections", "OrderedDict"): collections.OrderedDict}
+class Unpickler(__import__("pickle").Unpickler):
+    def find_class(self, module, name):
+        return ALLOWED[(module, name)]
+    def persistent_load(self, pid):
+        tag, kind, key, location, numel = pid
+        assert tag == "storage" and location == "cpu"
+        data = z.read(f"{prefix}/data/{key}")
+        assert len(data) == numel * struct.calcsize(kind)
+        return struct.unpack(f"<{numel}{kind}", data)
+assert z.read(f"{prefix}/version").strip() == b"3" and z.read(f"{prefix}/byteorder") == b"little"
+sd = Unpickler(z.open(f"{prefix}/data.pkl")).load()
+for name, (shape, values) in sorted(sd.items()):
+    print(name, list(shape), struct.pack("<f", values[0]).hex(), struct.pack("<f", values[-1]).hex())
+"#;
+
+#[test]
+fn an_exported_pth_unpickles_in_python_as_torch_load_would() {
+    let Ok(python) = std::env::var("MMV_PYTHON") else {
+        assert!(
+            std::env::var("MMV_PYTHON_TEST").as_deref() != Ok("require"),
+            "MMV_PYTHON_TEST=require but MMV_PYTHON is not set"
+        );
+        eprintln!("SKIPPED: set MMV_PYTHON to a Python 3 (.ci/run does)");
+        return;
+    };
+    let (_, vm) = model("model.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("checkpoint");
+    minimind_v::checkpoint::save_model(&ckpt, &vm, &config()).unwrap();
+    let mut want = String::new();
+    let reference: std::collections::BTreeMap<_, _> = weights::read_state(&dir().join("model.pth"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    for (name, t) in &reference {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let hex = |x: f32| {
+            x.to_le_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        want += &format!(
+            "{name} {:?} {} {}\n",
+            t.dims(),
+            hex(v[0]),
+            hex(*v.last().unwrap())
+        );
+    }
+    for dtype in [
+        minimind_v::export::Precision::F32,
+        minimind_v::export::Precision::F16,
+    ] {
+        let pth = tmp.path().join("x.pth");
+        minimind_v::export::export(&ckpt, minimind_v::export::Format::Pth, dtype, &pth).unwrap();
+        let out = std::process::Command::new(&python)
+            .args(["-c", TORCH_LOAD_EMULATION, pth.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = String::from_utf8_lossy(&out.stdout);
+        if dtype == minimind_v::export::Precision::F32 {
+            assert_eq!(got, want);
+        } else {
+            // Names and shapes; the values are f16-rounded.
+            let strip = |s: &str| -> Vec<String> {
+                s.lines()
+                    .map(|l| l.rsplitn(3, ' ').nth(2).unwrap().to_string())
+                    .collect()
+            };
+            assert_eq!(strip(&got), strip(&want));
+        }
+    }
+}

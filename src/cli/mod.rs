@@ -43,6 +43,20 @@ pub enum Command {
         #[arg(long, conflicts_with = "pipeline")]
         list: bool,
     },
+    /// Write a checkpoint in upstream's formats: a PyTorch .pth for upstream's scripts, or a
+    /// safetensors directory with upstream's LMConfig as config.json.
+    Export {
+        /// A checkpoint directory (out/<run>/checkpoint).
+        #[arg(long)]
+        ckpt: std::path::PathBuf,
+        #[arg(long, value_enum)]
+        format: minimind_v::export::Format,
+        /// The .pth file, or the directory for safetensors.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: minimind_v::export::Precision,
+    },
     /// Write a synthetic dataset in upstream's three formats.
     Synth(data::SynthArgs),
     /// Measure throughput.
@@ -60,6 +74,18 @@ impl Command {
             Command::Train(a) => a.run(),
             Command::Chat(a) => a.run(),
             Command::Serve(a) => a.run(),
+            Command::Export {
+                ckpt,
+                format,
+                out,
+                dtype,
+            } => {
+                println!(
+                    "{}",
+                    minimind_v::export::export(&ckpt, format, dtype, &out)?
+                );
+                Ok(())
+            }
             Command::Inspect { path, verify } => {
                 let report = match verify {
                     true => minimind_v::inspect::verify(&path)?,
