@@ -8,7 +8,6 @@
 //! protocol-2 pickle that names only `torch._utils._rebuild_tensor_v2`, a storage type and
 //! `collections.OrderedDict` — globals PyTorch's `weights_only` loader accepts.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -16,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
-use crate::error::{bad_file, Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::model::ModelConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -51,13 +50,12 @@ pub fn state_dict(
     let ckpt = Checkpoint::open(ckpt)?;
     let cfg = ckpt.model_config()?;
     let (_, varmap) = ckpt.load_model(&Device::Cpu)?;
-    let mut state = BTreeMap::new();
-    for (name, var) in varmap.data().lock().expect("lock").iter() {
-        state.insert(name.clone(), var.as_tensor().to_dtype(precision.dtype())?);
+    let mut state = Vec::new();
+    for (name, t) in crate::model::weights::upstream_state(&varmap)? {
+        state.push((name, t.to_dtype(precision.dtype())?));
     }
-    let embeddings = state["tok_embeddings.weight"].clone();
-    state.insert("output.weight".into(), embeddings);
-    Ok((cfg, state.into_iter().collect()))
+    state.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((cfg, state))
 }
 
 /// Write checkpoint `ckpt` to `out` in `format`; returns what was written.
@@ -74,12 +72,8 @@ pub fn export(ckpt: &Path, format: Format, precision: Precision, out: &Path) -> 
         }
         Format::Safetensors => {
             std::fs::create_dir_all(out).at(out)?;
-            let weights = out.join("model.safetensors");
-            let tmp = crate::util::tmp_path(&weights);
-            let map: std::collections::HashMap<String, Tensor> = state.iter().cloned().collect();
-            candle_core::safetensors::save(&map, &tmp)
-                .map_err(|e| bad_file(&weights, e.to_string()))?;
-            std::fs::rename(&tmp, &weights).at(&weights)?;
+            let tensors = state.iter().cloned().collect();
+            crate::model::weights::save_tensors(&tensors, &out.join("model.safetensors"))?;
             crate::util::write_bytes_atomic(
                 &out.join("config.json"),
                 &serde_json::to_vec_pretty(&LmConfig::of(&cfg))?,

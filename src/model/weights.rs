@@ -250,6 +250,12 @@ pub fn load(
 /// Write the weights to `path` (safetensors, upstream's names, `output.weight` included as
 /// upstream's state dict has it), atomically.
 pub fn save_safetensors(varmap: &VarMap, path: &Path) -> Result<()> {
+    save_tensors(&upstream_state(varmap)?, path)
+}
+
+/// The weights as upstream's state dict holds them, on the CPU: upstream's names, and
+/// `output.weight` (tied to `tok_embeddings.weight`) beside the rest.
+pub fn upstream_state(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, var) in varmap.data().lock().expect("lock").iter() {
         tensors.insert(name.clone(), var.as_tensor().to_device(&Device::Cpu)?);
@@ -257,8 +263,14 @@ pub fn save_safetensors(varmap: &VarMap, path: &Path) -> Result<()> {
     if let Some(emb) = tensors.get("tok_embeddings.weight").cloned() {
         tensors.insert("output.weight".into(), emb);
     }
+    Ok(tensors)
+}
+
+/// Write `tensors` to `path` as safetensors, atomically (a temporary file renamed into place,
+/// removed if writing fails).
+pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = crate::util::tmp_path(path);
-    let written = candle_core::safetensors::save(&tensors, &tmp)
+    let written = candle_core::safetensors::save(tensors, &tmp)
         .map_err(|e| bad_file(path, e.to_string()))
         .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| bad_file(path, e.to_string())));
     if written.is_err() {
