@@ -199,10 +199,7 @@ pub fn report(path: &Path) -> Result<String> {
         true => path,
         false => path.parent().unwrap_or(Path::new(".")),
     };
-    if [crate::shards::DATA_DIR, crate::shards::VAL_DIR]
-        .iter()
-        .any(|d| dir.file_name() == Some(std::ffi::OsStr::new(d)))
-    {
+    if crate::shards::is_split_dir(dir) {
         dir = dir.parent().unwrap_or(dir);
     }
     match manifest::read_manifest(dir) {

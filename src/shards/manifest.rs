@@ -138,9 +138,7 @@ impl ShardIndex {
         let Some(dir) = real.parent().map(Path::to_path_buf) else {
             return Ok(None);
         };
-        let split = [crate::shards::DATA_DIR, crate::shards::VAL_DIR]
-            .iter()
-            .any(|d| dir.file_name() == Some(std::ffi::OsStr::new(d)));
+        let split = crate::shards::is_split_dir(&dir);
         let roots = [Some(dir.as_path()), dir.parent().filter(|_| split)];
         for root in roots.into_iter().flatten() {
             let Ok(rel) = real.strip_prefix(root) else {

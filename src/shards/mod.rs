@@ -197,6 +197,13 @@ pub const DATA_DIR: &str = "data";
 /// The held-out split's directory inside an ingest's `out`.
 pub const VAL_DIR: &str = "val";
 
+/// Whether `dir` is an ingest's `data/` or `val/` directory (its manifest is one level up).
+pub fn is_split_dir(dir: &std::path::Path) -> bool {
+    [DATA_DIR, VAL_DIR]
+        .iter()
+        .any(|d| dir.file_name() == Some(std::ffi::OsStr::new(d)))
+}
+
 /// `shard-00042.parquet`: names are global indices, so workers never collide.
 pub fn shard_name(index: usize) -> String {
     format!("shard-{index:05}.parquet")
