@@ -163,9 +163,9 @@ impl<'a> Run<'a> {
             );
         }
         std::fs::create_dir_all(&cfg.out).at(&cfg.out)?;
-        let val = match val_shards(cfg)? {
+        let val_dir = val_shards(cfg)?;
+        let val = match &val_dir {
             Some(dir) => {
-                let dir = &dir;
                 let files = crate::shards::reader::list_shards(dir)?;
                 let val_meta = data::check_shards(&files, mcfg.vision_dim)?;
                 data::check_same_clip((dir, &val_meta), (&cfg.shards, &meta))?;
@@ -217,7 +217,7 @@ impl<'a> Run<'a> {
                 files: total_files,
                 samples,
                 longest,
-                val: val_shards(cfg)?.filter(|_| cfg.val_shards.is_none()),
+                val: val_dir.filter(|_| cfg.val_shards.is_none()),
             };
             eprintln!(
                 "{}",
