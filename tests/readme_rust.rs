@@ -4,7 +4,7 @@
 mod common;
 
 use minimind_v::shards::writer::write_shard;
-use minimind_v::shards::{f32_to_f16_bytes, Sample, ShardMeta, ShardRow, SCHEMA_VERSION};
+use minimind_v::shards::{f32_to_f16_bytes, Sample, ShardRow};
 
 /// The snippet, between the markers exactly as the README shows it (indented here).
 fn readme_snippet() -> polars::prelude::PolarsResult<polars::prelude::DataFrame> {
@@ -59,27 +59,14 @@ fn the_readmes_rust_snippet_is_this_one_and_reads_the_sample_lengths() {
     let out = tmp.path().join("cache/pretrain");
     std::fs::create_dir_all(out.join("progress")).unwrap();
     std::fs::write(out.join("manifest.json"), "{}").unwrap();
-    let meta = ShardMeta {
-        schema_version: SCHEMA_VERSION.into(),
-        stage: "pretrain".into(),
-        clip_source: "random-small:1".into(),
-        clip_weights: "random-small:1".into(),
-        clip_random: true,
-        tokenizer_sha256: "abc".into(),
-        image_size: 224,
-        feature_dtype: "f16".into(),
-        feature_shape: [1, 2],
-        placeholder_ids: minimind_v::text::placeholder_ids(),
-        max_seq_len: 512,
-        clip_precision: Default::default(),
-    };
+    let meta = common::shard_meta();
     let mut want = Vec::new();
     for shard in 0..2 {
         let rows: Vec<ShardRow> = (0..5)
             .map(|r| ShardRow {
                 image_key: format!("{shard}-{r}.jpg"),
                 images: vec![format!("{shard}-{r}.jpg")],
-                features: vec![f32_to_f16_bytes(&[0.5, -1.0])],
+                features: vec![f32_to_f16_bytes(&[0.5, -1.0, 0.25, 2.0, 0.0, 1.0])],
                 samples: (0..r % 3)
                     .map(|k| {
                         let len = 1 + shard * 10 + r * 3 + k;

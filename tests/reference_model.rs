@@ -446,12 +446,7 @@ for name, (shape, values) in sorted(sd.items()):
 
 #[test]
 fn an_exported_pth_unpickles_in_python_as_torch_load_would() {
-    let Ok(python) = std::env::var("MMV_PYTHON") else {
-        assert!(
-            std::env::var("MMV_PYTHON_TEST").as_deref() != Ok("require"),
-            "MMV_PYTHON_TEST=require but MMV_PYTHON is not set"
-        );
-        eprintln!("SKIPPED: set MMV_PYTHON to a Python 3 (.ci/run does)");
+    let Some(python) = common::python("a Python 3") else {
         return;
     };
     let (_, vm) = model("model.safetensors");

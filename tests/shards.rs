@@ -6,27 +6,8 @@ use std::sync::Arc;
 
 use minimind_v::shards::reader::{read_meta, read_shard};
 use minimind_v::shards::writer::write_shard;
-use minimind_v::shards::{
-    f16_bytes_to_f32, f32_to_f16_bytes, ClipPrecision, Sample, ShardMeta, ShardRow, SCHEMA_VERSION,
-};
+use minimind_v::shards::{f16_bytes_to_f32, f32_to_f16_bytes, Sample, ShardRow};
 use minimind_v::Error;
-
-fn meta() -> ShardMeta {
-    ShardMeta {
-        schema_version: SCHEMA_VERSION.into(),
-        stage: "sft_multi".into(),
-        clip_source: "random-small:1".into(),
-        clip_weights: "random-small:1".into(),
-        clip_random: true,
-        tokenizer_sha256: "abc".into(),
-        image_size: 224,
-        feature_dtype: "f16".into(),
-        feature_shape: [2, 3],
-        placeholder_ids: minimind_v::text::placeholder_ids(),
-        max_seq_len: 512,
-        clip_precision: ClipPrecision::Tf32,
-    }
-}
 
 fn rows() -> Vec<ShardRow> {
     (0..300)
@@ -53,11 +34,11 @@ fn write_then_read_returns_the_input() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("shard-00000.parquet");
     let input = rows();
-    let (bytes, sha) = write_shard(&path, &input, &meta()).unwrap();
+    let (bytes, sha) = write_shard(&path, &input, &common::shard_meta()).unwrap();
     assert_eq!(bytes, std::fs::metadata(&path).unwrap().len());
     assert_eq!(sha, minimind_v::util::sha256_file(&path).unwrap());
     let (m, back) = read_shard(&path).unwrap();
-    assert_eq!(m, meta());
+    assert_eq!(m, common::shard_meta());
     assert_eq!(back, input);
     assert_eq!(
         f16_bytes_to_f32(&back[5].features[0]),
@@ -72,17 +53,27 @@ fn write_then_read_returns_the_input() {
     );
     // Same rows, same bytes: what makes resumed ingests reproducible.
     let again = tmp.path().join("shard-00001.parquet");
-    assert_eq!(write_shard(&again, &input, &meta()).unwrap().1, sha);
+    assert_eq!(
+        write_shard(&again, &input, &common::shard_meta())
+            .unwrap()
+            .1,
+        sha
+    );
 }
 
 #[test]
 fn polars_scans_and_explodes_samples() {
     let tmp = tempfile::tempdir().unwrap();
-    write_shard(&tmp.path().join("shard-00000.parquet"), &rows(), &meta()).unwrap();
+    write_shard(
+        &tmp.path().join("shard-00000.parquet"),
+        &rows(),
+        &common::shard_meta(),
+    )
+    .unwrap();
     write_shard(
         &tmp.path().join("shard-00001.parquet"),
         &rows()[..10],
-        &meta(),
+        &common::shard_meta(),
     )
     .unwrap();
     let stats = minimind_v::inspect::sample_stats(tmp.path()).unwrap();
@@ -154,14 +145,7 @@ fn unknown_schema_version_is_refused_with_the_file_named() {
 /// it with `MMV_PYTHON_TEST=require`; skipped with a message otherwise).
 #[test]
 fn the_readmes_python_snippets_run_as_written() {
-    let Ok(python) = std::env::var("MMV_PYTHON") else {
-        assert!(
-            std::env::var("MMV_PYTHON_TEST").as_deref() != Ok("require"),
-            "MMV_PYTHON_TEST=require but MMV_PYTHON is not set"
-        );
-        eprintln!(
-            "SKIPPED: set MMV_PYTHON to a Python with polars, pyarrow and duckdb (.ci/run does)"
-        );
+    let Some(python) = common::python("a Python with polars, pyarrow and duckdb") else {
         return;
     };
     let readme = std::fs::read_to_string(common::repo().join("README.md")).unwrap();
@@ -177,7 +161,7 @@ fn the_readmes_python_snippets_run_as_written() {
     for (i, part) in all.chunks(150).enumerate() {
         let file = out.join(minimind_v::shards::shard_file(i, false));
         std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-        write_shard(&file, part, &meta()).unwrap();
+        write_shard(&file, part, &common::shard_meta()).unwrap();
     }
     // What an ingest writes beside data/, which the snippets must not trip over: its manifest,
     // rejects, progress records, lock and held-out split.
@@ -188,7 +172,7 @@ fn the_readmes_python_snippets_run_as_written() {
     std::fs::write(out.join("progress/shard-00000.json"), "{}").unwrap();
     let val = out.join(minimind_v::shards::shard_file(2, true));
     std::fs::create_dir_all(val.parent().unwrap()).unwrap();
-    write_shard(&val, &all[..10], &meta()).unwrap();
+    write_shard(&val, &all[..10], &common::shard_meta()).unwrap();
     let samples: usize = all.iter().map(|r| r.samples.len()).sum();
     for snippet in snippets {
         let out = std::process::Command::new(&python)

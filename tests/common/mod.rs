@@ -56,3 +56,37 @@ pub fn assert_ok(out: &std::process::Output) {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// The Python named by `MMV_PYTHON` (`.ci/run` makes a venv with polars, pyarrow and duckdb and
+/// requires it with `MMV_PYTHON_TEST=require`); `None`, with a SKIPPED message naming `needs`,
+/// when it is not set and not required.
+pub fn python(needs: &str) -> Option<String> {
+    let Ok(python) = std::env::var("MMV_PYTHON") else {
+        assert!(
+            std::env::var("MMV_PYTHON_TEST").as_deref() != Ok("require"),
+            "MMV_PYTHON_TEST=require but MMV_PYTHON is not set"
+        );
+        eprintln!("SKIPPED: set MMV_PYTHON to {needs} (.ci/run does)");
+        return None;
+    };
+    Some(python)
+}
+
+/// Shard metadata for tests that write shards themselves: a random small tower's 2×3 features.
+pub fn shard_meta() -> minimind_v::shards::ShardMeta {
+    use minimind_v::shards::{ClipPrecision, ShardMeta, SCHEMA_VERSION};
+    ShardMeta {
+        schema_version: SCHEMA_VERSION.into(),
+        stage: "sft_multi".into(),
+        clip_source: "random-small:1".into(),
+        clip_weights: "random-small:1".into(),
+        clip_random: true,
+        tokenizer_sha256: "abc".into(),
+        image_size: 224,
+        feature_dtype: "f16".into(),
+        feature_shape: [2, 3],
+        placeholder_ids: minimind_v::text::placeholder_ids(),
+        max_seq_len: 512,
+        clip_precision: ClipPrecision::Tf32,
+    }
+}
