@@ -4,6 +4,41 @@ mod common;
 
 use minimind_v::config::load_pipeline;
 
+/// The shipped pipelines are upstream v1's recipe (1-pretrain_vlm.py / 2-sft_vlm.py defaults):
+/// 19 epochs of batch 32, Adam at 4e-4 (pretrain) or 1e-6 (SFT, two-image SFT), no warmup, clip
+/// 1.0, each stage starting from the one before.
+#[test]
+fn shipped_pipelines_are_upstreams_recipe() {
+    for (name, lr, init) in [
+        ("pretrain", 4e-4, "out/512_llm.pth"),
+        ("sft", 1e-6, "out/pretrain/checkpoint"),
+        ("sft_multi", 1e-6, "out/sft/checkpoint"),
+    ] {
+        let path = common::repo().join(format!("pipelines/{name}.toml"));
+        let t = load_pipeline(&path, &[]).unwrap().train.unwrap();
+        let got = (
+            t.steps,
+            t.epochs,
+            t.batch_size,
+            t.grad_accum,
+            t.lr,
+            t.warmup_steps,
+        );
+        assert_eq!(got, (None, Some(19), 32, 1, lr, 0), "{name}");
+        assert_eq!(
+            (t.grad_clip, t.weight_decay, t.adam_beta2),
+            (1.0, 0.0, 0.999),
+            "{name}"
+        );
+        assert_eq!(
+            t.init.as_deref(),
+            Some(std::path::Path::new(init)),
+            "{name}"
+        );
+        assert_eq!(t.trainable, minimind_v::config::Trainable::All, "{name}");
+    }
+}
+
 #[test]
 fn shipped_pipelines_parse() {
     for name in ["pretrain", "sft", "sft_multi"] {
@@ -33,7 +68,13 @@ fn overrides_are_checked_like_the_file() {
     .unwrap();
     assert_eq!(p.ingest.unwrap().clip, "random:3");
     let t = p.train.unwrap();
-    assert_eq!((t.steps, t.lr), (7, 2e-5));
+    // The file gives epochs; an override of steps replaces them (exactly one is allowed).
+    assert_eq!((t.steps, t.epochs, t.lr), (Some(7), None, 2e-5));
+    let t = load_pipeline(&path, &["train.steps=7".into(), "train.epochs=2".into()])
+        .unwrap()
+        .train
+        .unwrap();
+    assert_eq!((t.steps, t.epochs), (None, Some(2)));
     let err = load_pipeline(&path, &["train.stepz=7".into()])
         .unwrap_err()
         .to_string();
@@ -65,7 +106,7 @@ fn every_setting_refuses_its_invalid_values_by_name() {
         ("train.grad_clip=0", "grad_clip = 0"),
         ("train.weight_decay=-0.1", "weight_decay = -0.1"),
         ("train.adam_beta2=1.5", "adam_beta2 = 1.5"),
-        ("train.warmup_steps=99999999", "warmup_steps = 99999999"),
+        ("train.epochs=0", "epochs = 0"),
         ("ingest.max_seq_len=0", "max_seq_len"),
         ("ingest.rows_per_shard=0", "rows_per_shard"),
         ("ingest.clip_batch=0", "clip_batch"),
@@ -73,8 +114,14 @@ fn every_setting_refuses_its_invalid_values_by_name() {
         ("ingest.image_limits.max_pixels=0", "max_pixels"),
         ("ingest.image_limits.max_bytes=0", "max_bytes"),
     ];
-    for (set, want) in cases {
-        let err = match load_pipeline(&path, &[set.into()]) {
+    let cases = cases.iter().map(|&(set, want)| (vec![set], want)).chain([(
+        vec!["train.steps=10", "train.warmup_steps=11"],
+        "warmup_steps = 11 is more than steps = 10",
+    )]);
+    for (sets, want) in cases {
+        let set = sets.join(" ");
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let err = match load_pipeline(&path, &sets) {
             Ok(_) => panic!("{set} accepted"),
             Err(e) => e.to_string(),
         };
@@ -121,6 +168,25 @@ fn a_model_is_a_preset_with_fields_over_it() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("unknown field `dimm`"), "{err}");
+}
+
+/// A run's length is given one way: a file with both steps and epochs, or neither, is refused.
+#[test]
+fn a_run_is_given_in_steps_or_in_epochs_never_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (length, want) in [
+        ("steps = 5\nepochs = 2\n", "both steps and epochs are set"),
+        ("", "neither steps nor epochs is set"),
+    ] {
+        let p = tmp.path().join("p.toml");
+        std::fs::write(
+            &p,
+            format!("[train]\nshards = \"s\"\nout = \"o\"\n{length}"),
+        )
+        .unwrap();
+        let err = load_pipeline(&p, &[]).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains("p.toml"), "{err}");
+    }
 }
 
 #[test]

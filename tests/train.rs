@@ -841,3 +841,108 @@ fn outside_a_terminal_train_says_what_it_will_do_then_prints_plain_progress() {
     );
     assert!(lines[0].contains("; loss "), "{err}");
 }
+
+/// Upstream's `get_lr(it, all)` as `1-pretrain_vlm.py` / `2-sft_vlm.py` define it, written out
+/// independently of the trainer's schedule: `it = epoch * iter_per_epoch + step`,
+/// `all = epochs * iter_per_epoch`.
+fn upstream_get_lr(it: usize, all: usize, lr: f64, warmup: usize) -> f64 {
+    let min_lr = lr / 10.0;
+    if it < warmup {
+        return lr * it as f64 / warmup as f64;
+    }
+    if it > all {
+        return min_lr;
+    }
+    let decay_ratio = (it - warmup) as f64 / (all - warmup) as f64;
+    assert!((0.0..=1.0).contains(&decay_ratio));
+    let coeff = 0.5 * (1.0 + (std::f64::consts::PI * decay_ratio).cos());
+    min_lr + coeff * (lr - min_lr)
+}
+
+#[test]
+fn the_schedule_is_upstreams_get_lr_at_every_step() {
+    use minimind_v::train::optim::lr_at;
+    for (all, warmup) in [(57, 0), (57, 5), (1, 0), (400, 37)] {
+        for it in 0..=all + 2 {
+            let (ours, theirs) = (
+                lr_at(it, all, 4e-4, warmup),
+                upstream_get_lr(it, all, 4e-4, warmup),
+            );
+            assert_eq!(
+                ours.to_bits(),
+                theirs.to_bits(),
+                "it {it} of {all}, warmup {warmup}: {ours} vs {theirs}"
+            );
+        }
+    }
+}
+
+/// `epochs = 3`, batch 16, no accumulation (upstream's setup): one epoch is `ceil(samples / 16)`
+/// steps (upstream's `len(train_loader)`, last batch short), every step's lr is upstream's
+/// `get_lr(epoch * iter_per_epoch + step, epochs * iter_per_epoch)` exactly, the stream's epoch
+/// turns exactly at the step count's epoch boundary, progress names the epoch, and a run stopped
+/// in the middle of an epoch resumes bit for bit.
+#[test]
+fn epochs_follow_upstreams_schedule_and_resume_mid_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = shards(tmp.path());
+    let samples = minimind_v::shards::manifest::read_manifest(&cache)
+        .unwrap()
+        .samples_written;
+    let in_epochs = |name: &str| {
+        let p = pipeline(tmp.path(), name, &cache, 1, 192);
+        let text = std::fs::read_to_string(&p).unwrap();
+        let text = text
+            .replace("steps = 1\n", "epochs = 3\n")
+            .replace("batch_size = 4\n", "batch_size = 16\n")
+            .replace("grad_accum = 2\n", "grad_accum = 1\n")
+            .replace("warmup_steps = 2\n", "warmup_steps = 0\n")
+            .replace("checkpoint_every = 4\n", "checkpoint_every = 10\n");
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let per_epoch = samples.div_ceil(16);
+    let all = 3 * per_epoch;
+    let whole = in_epochs("whole");
+    let out = train(&whole, &[]);
+    common::assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let plan = format!("{samples} samples (longest ");
+    let length = format!("3 epochs × {per_epoch} steps = {all} steps × 16 samples");
+    assert!(err.contains(&plan) && err.contains(&length), "{err}");
+    assert!(
+        err.contains(&format!("epoch 3/3 ({per_epoch}/{per_epoch}, epoch ETA ")),
+        "{err}"
+    );
+    let want = read_metrics(&tmp.path().join("whole")).unwrap();
+    assert_eq!(want.len(), all);
+    for log in &want {
+        let (epoch, step) = ((log.step - 1) / per_epoch, (log.step - 1) % per_epoch);
+        let lr = upstream_get_lr(epoch * per_epoch + step, all, 1e-3, 0);
+        assert_eq!(
+            log.lr.to_bits(),
+            lr.to_bits(),
+            "step {}: {} vs upstream {lr}",
+            log.step,
+            log.lr
+        );
+        assert_eq!(log.epoch, epoch as u64, "step {}", log.step);
+        assert!(log.loss.is_finite());
+    }
+
+    // Stopped five steps into the second epoch (between checkpoints), then resumed.
+    let split = in_epochs("split");
+    let stop = (per_epoch + 5).to_string();
+    common::assert_ok(&train(&split, &["--stop-after", &stop]));
+    let out = train(&split, &["--resume"]);
+    common::assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("resuming at step {stop} ")), "{err}");
+    let got = read_metrics(&tmp.path().join("split")).unwrap();
+    assert_eq!(losses(&got), losses(&want), "bit-exact loss sequence");
+
+    // An override of steps replaces the file's epochs (and the other way round).
+    let out = train(&split, &["--overwrite", "--set", "train.steps=2"]);
+    common::assert_ok(&out);
+    assert_eq!(read_metrics(&tmp.path().join("split")).unwrap().len(), 2);
+}

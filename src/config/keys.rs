@@ -55,7 +55,8 @@ pub const KEYS: &[Key] = &[
     k("train.model.vision_dim", "width of the image features the projector takes (768 for ViT-B/32)"),
     k("train.model.image_ids", "the 50 placeholder token ids image features replace"),
     k("train.trainable", "all (projector and LLM, upstream's) or projector"),
-    k("train.steps", "optimizer steps"),
+    k("train.steps", "optimizer steps of the whole run (or epochs: exactly one; --set of one replaces the other)"),
+    k("train.epochs", "passes over the shards (upstream's unit); the run takes epochs × steps per epoch"),
     k("train.batch_size", "samples per rank per micro-batch"),
     k("train.grad_accum", "micro-batches accumulated per optimizer step"),
     k("train.lr", "peak learning rate; cosine to lr/10 over all steps (upstream's schedule)"),
@@ -142,6 +143,10 @@ pub fn list() -> String {
             text.push_str(&format!("\n[{section}]\n"));
         }
         let default = match (is_required(key.key), defaults.get(key.key)) {
+            _ if super::alternative(key.key).is_some() => format!(
+                "required (or {})",
+                super::alternative(key.key).unwrap_or_default()
+            ),
             (true, _) => "required".to_string(),
             (false, Some(v)) if !v.is_null() => format!("default {v}"),
             (false, _) if key.key.starts_with("train.model.") => "default: the preset's".into(),
@@ -176,6 +181,8 @@ mod tests {
         );
         let mut from_structs: Vec<String> = pairs.into_iter().map(|(k, _)| k).collect();
         from_structs.push("train.model".into());
+        // `epochs` is absent where `steps` gives the run's length.
+        from_structs.push("train.epochs".into());
         from_structs.sort();
         let mut listed: Vec<String> = KEYS.iter().map(|k| k.key.to_string()).collect();
         listed.sort();
@@ -198,7 +205,8 @@ mod tests {
         assert!(line("ingest.rows_per_shard").ends_with("default 1024"));
         assert!(line("ingest.max_reject_rate").ends_with("default 0.5"));
         assert!(line("train.adam_beta2").ends_with("default 0.999"));
-        assert!(line("train.steps").ends_with("required"));
+        assert!(line("train.steps").ends_with("required (or train.epochs)"));
+        assert!(line("train.epochs").ends_with("required (or train.steps)"));
         assert!(line("train.pad_to").ends_with("default none"));
         assert!(line("train.model.dim").ends_with("default: the preset's"));
     }

@@ -40,7 +40,7 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
     let parts: Vec<&str> = key.trim().split('.').collect();
     let (last, parents) = parts.split_last().expect("split yields at least one part");
-    let mut cur = table;
+    let mut cur = &mut *table;
     for p in parents {
         let entry = cur
             .entry(p.to_string())
@@ -59,7 +59,26 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
             .ok_or_else(|| Error::Config(format!("--set {key}: {p} is not a table")))?;
     }
     cur.insert(last.to_string(), value);
+    // A run's length is given one way: overriding one of these replaces the other.
+    if let Some(other) = alternative(key.trim()) {
+        let (section, name) = other.split_once('.').expect("section.key");
+        if let Some(t) = table.get_mut(section).and_then(toml::Value::as_table_mut) {
+            t.remove(name);
+        }
+    }
     Ok(())
+}
+
+/// Settings of which a section takes exactly one.
+const ALTERNATIVES: [(&str, &str); 1] = [("train.steps", "train.epochs")];
+
+/// The setting `key` is an alternative to, if any.
+fn alternative(key: &str) -> Option<&'static str> {
+    ALTERNATIVES.iter().find_map(|&(a, b)| match key {
+        k if k == a => Some(b),
+        k if k == b => Some(a),
+        _ => None,
+    })
 }
 
 /// One section of a pipeline file, overrides applied: `pick` takes it from the pipeline

@@ -188,7 +188,13 @@ pub struct TrainConfig {
     pub init: Option<PathBuf>,
     #[serde(default = "default_trainable")]
     pub trainable: Trainable,
-    pub steps: usize,
+    /// Optimizer steps of the whole run; or `epochs`, exactly one of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// Passes over the shards (upstream counts its runs in epochs): the run takes
+    /// `epochs × steps_per_epoch` steps, the schedule spanning all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
     #[serde(default = "default_batch")]
     pub batch_size: usize,
     #[serde(default = "one")]
@@ -263,7 +269,8 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(format!("[train] {m}")));
         let counts = [
-            ("steps", self.steps),
+            ("steps", self.steps.unwrap_or(1)),
+            ("epochs", self.epochs.unwrap_or(1)),
             ("batch_size", self.batch_size),
             ("grad_accum", self.grad_accum),
             ("shuffle_buffer", self.shuffle_buffer),
@@ -280,11 +287,20 @@ impl TrainConfig {
         if self.pad_to == Some(0) {
             return bad("pad_to = 0: leave it out for dynamic padding, or give a length".into());
         }
-        if self.warmup_steps > self.steps {
-            return bad(format!(
-                "warmup_steps = {} is more than steps = {}",
-                self.warmup_steps, self.steps
-            ));
+        match (self.steps, self.epochs) {
+            (Some(_), Some(_)) => {
+                return bad("both steps and epochs are set: give exactly one\nHINT: remove one from the file; an override of one (--set train.steps=N or train.epochs=N) replaces the other".into())
+            }
+            (None, None) => {
+                return bad("neither steps nor epochs is set: give exactly one (e.g. epochs = 1)".into())
+            }
+            (Some(steps), None) if self.warmup_steps > steps => {
+                return bad(format!(
+                    "warmup_steps = {} is more than steps = {steps}",
+                    self.warmup_steps
+                ));
+            }
+            _ => {}
         }
         let positive = [("lr", self.lr), ("grad_clip", self.grad_clip)];
         for (name, v) in positive {
@@ -300,6 +316,44 @@ impl TrainConfig {
         }
         check_adam_beta2(self.adam_beta2)?;
         Ok(())
+    }
+
+    /// Optimizer steps in one pass over `samples` samples shared by `world` ranks: each rank
+    /// draws its share in batches (the last one short, as upstream's loader with
+    /// `drop_last=False`), `grad_accum` batches a step. With one rank and no accumulation this is
+    /// upstream's `iter_per_epoch = len(train_loader)`.
+    pub fn steps_per_epoch(&self, samples: usize, world: usize) -> usize {
+        let per_rank = samples.div_ceil(world.max(1));
+        per_rank
+            .div_ceil(self.batch_size)
+            .div_ceil(self.grad_accum)
+            .max(1)
+    }
+
+    /// The run's length in optimizer steps: `steps`, or `epochs` passes over `samples` (which
+    /// must then be known).
+    pub fn total_steps(&self, samples: Option<usize>, world: usize) -> Result<usize> {
+        let (steps, epochs) = (self.steps, self.epochs);
+        match (steps, epochs, samples) {
+            (Some(steps), _, _) => Ok(steps),
+            (None, Some(epochs), Some(n)) => {
+                let total = epochs * self.steps_per_epoch(n, world);
+                if self.warmup_steps > total {
+                    return Err(Error::Config(format!(
+                        "[train] warmup_steps = {} is more than the {total} steps of {epochs} epoch(s)",
+                        self.warmup_steps
+                    )));
+                }
+                Ok(total)
+            }
+            (None, Some(_), None) => Err(Error::Config(format!(
+                "[train] epochs: the manifests of {} do not say how many samples the shards hold (manifest.json missing, or not listing every shard)\nHINT: give steps instead of epochs, or keep each shard directory's manifest.json beside its data/",
+                self.shards.display()
+            ))),
+            (None, None, _) => Err(Error::Config(
+                "[train] neither steps nor epochs is set: give exactly one".into(),
+            )),
+        }
     }
 }
 

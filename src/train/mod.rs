@@ -64,26 +64,29 @@ pub fn run_dist(
     dist: &Dist,
 ) -> Result<(Vec<StepLog>, VarMap)> {
     let mut run = Run::start(cfg, opts, dist)?;
-    if run.step >= cfg.steps && dist.is_main() {
+    let total = run.total;
+    if run.step >= total && dist.is_main() {
+        let raise = match cfg.epochs {
+            Some(_) => "epochs (--set train.epochs=N)",
+            None => "steps (--set train.steps=N)",
+        };
         eprintln!(
-            "the run in {} already finished: step {} of {}; nothing to do\nHINT: to train further, raise steps (--set train.steps=N) and --resume --force",
+            "the run in {} already finished: step {} of {total}; nothing to do\nHINT: to train further, raise {raise} and --resume --force",
             cfg.out.display(),
             run.step,
-            cfg.steps
         );
     }
     let mut logs = Vec::new();
     let mut done_here = 0;
-    while run.step < cfg.steps {
+    while run.step < total {
         let started = Instant::now();
         let queued = run.take_step()?;
         done_here += 1;
         let stopping = opts.stop_after.is_some_and(|n| done_here >= n) || run.interrupted;
-        let checkpoint = run.step % cfg.checkpoint_every == 0 || run.step == cfg.steps || stopping;
+        let checkpoint = run.step % cfg.checkpoint_every == 0 || run.step == total || stopping;
         // Decided alike on every rank, so all read a step at the same point (rank 0 alone
         // validates, but every rank reads at once there).
-        let validate =
-            run.val.is_some() && (run.step % cfg.val_every == 0 || run.step == cfg.steps);
+        let validate = run.val.is_some() && (run.step % cfg.val_every == 0 || run.step == total);
         logs.extend(run.record(queued, checkpoint || validate, started)?);
         if checkpoint && dist.is_main() {
             run.save()?;
@@ -118,6 +121,12 @@ struct Run<'a> {
     val: Option<Validation>,
     /// Steps done, this run's and a resumed run's before it.
     step: usize,
+    /// Steps the whole run takes (`steps`, or `epochs` passes over the shards).
+    total: usize,
+    /// Steps in one pass over the shards, when their manifests give the sample count.
+    per_epoch: Option<usize>,
+    /// When this process started stepping, and at which step (for the epoch's ETA).
+    began: (Instant, usize),
     /// The host reads a step's loss only after the next step is queued, so a GPU never waits
     /// for the CPU between steps; a checkpoint, validation or the end reads at once.
     pending: Option<Pending>,
@@ -153,6 +162,8 @@ impl<'a> Run<'a> {
                 mcfg.max_seq_len + 1
             )));
         }
+        let total = cfg.total_steps(samples, dist.world)?;
+        let per_epoch = samples.map(|n| cfg.steps_per_epoch(n, dist.world));
         let total_files = files.len();
         let files = dist.partition(files)?;
         let main = dist.is_main();
@@ -219,9 +230,18 @@ impl<'a> Run<'a> {
                 longest,
                 val: val_dir.filter(|_| cfg.val_shards.is_none()),
             };
+            let length = Length { total, per_epoch };
             eprintln!(
                 "{}",
-                summary(cfg, &mcfg, trainable, &data, dist.world, &opts.device)
+                summary(
+                    cfg,
+                    &mcfg,
+                    trainable,
+                    &data,
+                    length,
+                    dist.world,
+                    &opts.device
+                )
             );
         }
         let mut step = 0;
@@ -244,7 +264,7 @@ impl<'a> Run<'a> {
         let pb = Progress::new(
             "train",
             "steps",
-            (step as u64, cfg.steps as u64),
+            (step as u64, total as u64),
             opts.progress && main,
         );
         Ok(Self {
@@ -257,6 +277,9 @@ impl<'a> Run<'a> {
             stream,
             val,
             step,
+            total,
+            per_epoch,
+            began: (Instant::now(), step),
             pending: None,
             last_read: Instant::now(),
             metrics,
@@ -268,7 +291,7 @@ impl<'a> Run<'a> {
     /// One optimizer step on the next `grad_accum` batches; its numbers stay on the device.
     fn take_step(&mut self) -> Result<Pending> {
         let cfg = self.cfg;
-        let lr = optim::lr_at(self.step, cfg.steps, cfg.lr, cfg.warmup_steps);
+        let lr = optim::lr_at(self.step, self.total, cfg.lr, cfg.warmup_steps);
         let (mut wait, mut batch_ids) = (0f64, Vec::new());
         let (stream, meta, image_ids) = (&mut self.stream, &self.meta, &self.mcfg.image_ids);
         let device = &self.opts.device;
@@ -329,8 +352,12 @@ impl<'a> Run<'a> {
                 let path = self.cfg.out.join("metrics.jsonl");
                 writeln!(m, "{}", serde_json::to_string(&log)?).at(&path)?;
             }
+            let epoch = self.per_epoch.map_or(String::new(), |per_epoch| {
+                let rate = (self.step - self.began.1) as f64 / self.began.0.elapsed().as_secs_f64();
+                epoch_status(log.step, per_epoch, self.cfg.epochs, rate)
+            });
             self.pb
-                .set_message(format!("loss {:.4} lr {:.2e}", log.loss, log.lr));
+                .set_message(format!("{epoch}loss {:.4} lr {:.2e}", log.loss, log.lr));
             self.pb.set_position(log.step as u64);
             logs.push(log);
         }
@@ -371,15 +398,35 @@ impl<'a> Run<'a> {
     /// At the end of the whole run, rank 0 draws the loss curve.
     fn finish(&self) -> Result<()> {
         self.pb.finish();
-        if self.step == self.cfg.steps && self.dist.is_main() {
+        if self.step == self.total && self.dist.is_main() {
             let out = &self.cfg.out;
             let all = read_metrics(out)?;
             let val_logs = read_jsonl::<ValLog>(&out.join("val.jsonl"))?;
-            let title = format!("{} — {} steps", out.display(), self.cfg.steps);
+            let title = format!("{} — {} steps", out.display(), self.total);
             plot::loss_curve(&out.join("loss.png"), &all, &val_logs, &title)?;
         }
         Ok(())
     }
+}
+
+/// Where step `step` (1-based: steps done) stands in its epoch, for the progress line:
+/// `epoch 3/19 (120/3125, epoch ETA 4m10s) ` — the epoch count when the run is given in epochs,
+/// the epoch's ETA at `rate` steps per second.
+fn epoch_status(step: usize, per_epoch: usize, epochs: Option<usize>, rate: f64) -> String {
+    let (epoch, within) = ((step - 1) / per_epoch + 1, (step - 1) % per_epoch + 1);
+    let of = epochs.map_or(String::new(), |e| format!("/{e}"));
+    let eta = match rate.is_finite() && rate > 0.0 {
+        true => crate::progress::duration((per_epoch - within) as f64 / rate),
+        false => "?".into(),
+    };
+    format!("epoch {epoch}{of} ({within}/{per_epoch}, epoch ETA {eta}) ")
+}
+
+/// How long a run is: its steps, and the steps of one pass over the shards when known.
+#[derive(Clone, Copy)]
+struct Length {
+    total: usize,
+    per_epoch: Option<usize>,
 }
 
 /// What the manifests say of the training shards.
@@ -407,19 +454,24 @@ fn summary(
     mcfg: &ModelConfig,
     trainable: usize,
     data: &DataSummary,
+    length: Length,
     world: usize,
     device: &Device,
 ) -> String {
     let millions = |n: u64| format!("{:.2} M", n as f64 / 1e6);
     let per_step = cfg.batch_size * cfg.grad_accum * world;
-    let samples = match data.samples {
-        Some(n) => format!(
-            "{n} samples (longest {} tokens); {} steps × {per_step} samples ≈ {:.2} epochs",
+    let total = length.total;
+    let samples = match (data.samples, length.per_epoch, cfg.epochs) {
+        (Some(n), Some(per_epoch), Some(epochs)) => format!(
+            "{n} samples (longest {} tokens); {epochs} epochs × {per_epoch} steps = {total} steps × {per_step} samples",
             data.longest.unwrap_or(0),
-            cfg.steps,
-            (cfg.steps * per_step) as f64 / n.max(1) as f64
         ),
-        None => format!("{} steps × {per_step} samples", cfg.steps),
+        (Some(n), Some(per_epoch), None) => format!(
+            "{n} samples (longest {} tokens); {total} steps × {per_step} samples ≈ {:.2} epochs (one epoch: {per_epoch} steps)",
+            data.longest.unwrap_or(0),
+            (total * per_step) as f64 / n.max(1) as f64
+        ),
+        _ => format!("{total} steps × {per_step} samples"),
     };
     let val = match (&cfg.val_shards, &data.val) {
         (Some(v), _) => format!("{} every {} steps", v.display(), cfg.val_every),
