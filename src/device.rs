@@ -5,13 +5,16 @@ use candle_core::Device;
 use crate::error::Result;
 
 /// `cpu`, `cuda` / `cuda:N`, or `auto` (CUDA when this build has it and a driver is present).
+/// `cuda` and `auto` without a number take the GPU `LOCAL_RANK` names when it is set (torchrun
+/// and similar launchers start one process per GPU and tell each its index on the machine).
 pub fn select(spec: &str) -> Result<Device> {
+    let local = || local_ordinal(std::env::var("LOCAL_RANK").ok().as_deref());
     match spec {
         "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(cuda(0).unwrap_or(Device::Cpu)),
+        "auto" => Ok(cuda(local()?).unwrap_or(Device::Cpu)),
         s => {
             let ordinal = match s.strip_prefix("cuda") {
-                Some("") => 0,
+                Some("") => local()?,
                 Some(n) => n.trim_start_matches(':').parse().map_err(|_| bad(s))?,
                 None => return Err(bad(s)),
             };
@@ -70,6 +73,18 @@ pub fn cpu_description() -> String {
     format!("{model}, {cores} cores")
 }
 
+/// The GPU index a launcher's `LOCAL_RANK` gives (0 without one).
+fn local_ordinal(local_rank: Option<&str>) -> Result<usize> {
+    match local_rank {
+        None => Ok(0),
+        Some(v) => v.trim().parse().map_err(|_| {
+            crate::Error::Config(format!(
+                "LOCAL_RANK={v:?}: expected this process's GPU index on its machine (0, 1, …)"
+            ))
+        }),
+    }
+}
+
 fn bad(s: &str) -> crate::Error {
     crate::Error::Config(format!("device {s:?}: expected cpu, cuda, cuda:N or auto"))
 }
@@ -98,4 +113,21 @@ unsafe fn libloading_probe(name: &str) -> bool {
 #[cfg(not(feature = "cuda"))]
 fn cuda(_ordinal: usize) -> Option<Device> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_launchers_local_rank_picks_the_gpu() {
+        assert_eq!(local_ordinal(None).unwrap(), 0);
+        assert_eq!(local_ordinal(Some("3")).unwrap(), 3);
+        let err = local_ordinal(Some("x")).unwrap_err().to_string();
+        assert!(err.contains("LOCAL_RANK=\"x\""), "{err}");
+        // Without CUDA in the build, `auto` stays on the CPU whatever LOCAL_RANK says.
+        if !cfg!(feature = "cuda") {
+            assert!(select("auto").unwrap().is_cpu());
+        }
+    }
 }

@@ -839,7 +839,17 @@ fn outside_a_terminal_train_says_what_it_will_do_then_prints_plain_progress() {
         lines[0].starts_with("train: 1/6 steps") && lines[0].contains("ETA"),
         "{err}"
     );
-    assert!(lines[0].contains("; loss "), "{err}");
+    // The step's epoch (batch 4 × 2 accumulated: an epoch is ceil(ceil(samples / 4) / 2) steps).
+    let per_epoch = samples.div_ceil(4).div_ceil(2);
+    let epoch = format!("; epoch 1 (1/{per_epoch}, epoch ETA ");
+    assert!(
+        lines[0].contains(&epoch) && lines[0].contains(") loss "),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("(one epoch: {per_epoch} steps)")),
+        "{err}"
+    );
 }
 
 /// Upstream's `get_lr(it, all)` as `1-pretrain_vlm.py` / `2-sft_vlm.py` define it, written out

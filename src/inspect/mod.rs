@@ -227,6 +227,14 @@ pub fn report(path: &Path) -> Result<String> {
 /// records, and every shard the manifest lists present. Returns the report; an error (naming
 /// each damaged or missing shard) when any is.
 pub fn verify(dir: &Path) -> Result<String> {
+    let progress = manifest::progress_dir(dir);
+    if !dir.join("manifest.json").exists() && progress.is_dir() {
+        let done = std::fs::read_dir(&progress).map_or(0, |d| d.count());
+        return Err(crate::Error::Data(format!(
+            "{}: no manifest.json: the ingest is not complete ({done} shards committed so far)\nHINT: run the ingest workers that have not finished (the same --workers N with each missing --worker i); the last one to finish writes manifest.json",
+            dir.display()
+        )));
+    }
     let m = manifest::read_manifest(dir)?;
     let mut report = String::new();
     let mut bad = Vec::new();
