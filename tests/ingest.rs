@@ -733,3 +733,105 @@ fn a_shard_whose_images_changed_is_redone() {
     assert_ne!(after[0], before[0], "shard 0 redone with the new image");
     assert_eq!(after[1..], before[1..], "the others untouched");
 }
+
+/// Records without an image (no `image` field, no `<image>` in the text) become text-only
+/// samples: each its own row, with no images and no features, tokenized with the same template and
+/// no placeholder; a record without `image` whose text has `<image>` is a recorded `no_image`
+/// reject. The shards verify, and a model trains on text-only and image rows together.
+#[test]
+fn text_only_records_become_image_less_samples_that_train_beside_image_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tmp.path().join("ds");
+    synth::generate(&SynthConfig {
+        out: ds.clone(),
+        seed: 4,
+        pretrain: 0,
+        sft: 40,
+        sft_records: 1,
+        multi: 0,
+        faults: false,
+    })
+    .unwrap();
+    let (json, images, prefix) = synth::stage_files(&ds, Stage::Sft);
+    let mut records: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let turn = |from: &str, value: String| serde_json::json!({"from": from, "value": value});
+    let text_only: Vec<serde_json::Value> = (0..30)
+        .map(|i| {
+            serde_json::json!({"id": format!("text{i}"), "conversations": [
+                turn("human", format!("What is {i} plus {i}?")),
+                turn("gpt", format!("{}.", 2 * i)),
+            ]})
+        })
+        .collect();
+    // Text-only records in between the image ones.
+    for (k, r) in text_only.iter().enumerate() {
+        records.insert(k * 2, r.clone());
+    }
+    records.push(
+        serde_json::json!({"id": "wants_an_image", "conversations": [
+            turn("human", "<image>\nWhat is in the picture?".into()),
+            turn("gpt", "A cat.".into()),
+        ]}),
+    );
+    let mixed = tmp.path().join("mixed.json");
+    std::fs::write(&mixed, serde_json::to_string(&records).unwrap()).unwrap();
+    let p = pipeline(tmp.path(), "mixed", "sft", &mixed, &images, prefix, 16);
+    ingest(&p, &[]);
+    let out = tmp.path().join("cache/mixed");
+
+    let m = read_manifest(&out).unwrap();
+    assert_eq!((m.samples_written, m.rows, m.unique_images), (70, 70, 40));
+    assert_eq!(reasons(&m), vec![("no_image".to_string(), 1)]);
+    let rejects = read_rejects(&out).unwrap();
+    assert!(rejects[0].detail.contains("<image>"), "{:?}", rejects[0]);
+
+    let tok = ChatTokenizer::load(&common::tokenizer_dir()).unwrap();
+    let mut text_rows = 0;
+    for f in list_shards(&out).unwrap() {
+        for row in read_shard(&f).unwrap().1 {
+            assert_eq!(row.features.len(), row.images.len());
+            if !row.images.is_empty() {
+                continue;
+            }
+            text_rows += 1;
+            assert_eq!((row.image_key.as_str(), row.samples.len()), ("", 1));
+            let s = &row.samples[0];
+            let i: usize = s.id.strip_prefix("text").unwrap().parse().unwrap();
+            let turns: Vec<Turn> =
+                serde_json::from_value(text_only[i]["conversations"].clone()).unwrap();
+            let enc = tok.encode_sample(Stage::Sft, &turns, 0, 512).unwrap();
+            let want: Vec<u16> = enc.input_ids.iter().map(|&t| t as u16).collect();
+            assert_eq!((&s.input_ids, &s.loss_mask), (&want, &enc.loss_mask));
+            assert!(minimind_v::text::placeholder_starts(&enc.input_ids).is_empty());
+            assert!(s.loss_mask.contains(&1));
+        }
+    }
+    assert_eq!(text_rows, 30);
+    common::assert_ok(
+        &Command::new(common::bin())
+            .args(["inspect", out.to_str().unwrap(), "--verify"])
+            .output()
+            .unwrap(),
+    );
+
+    // Training on both kinds at once: batches of 16 from 70 samples mix them.
+    let t = tmp.path().join("train.toml");
+    std::fs::write(
+        &t,
+        format!(
+            "[train]\nshards = {out:?}\nout = {:?}\nsteps = 5\nbatch_size = 16\nlr = 1e-3\nshuffle_buffer = 70\n\n[train.model]\npreset = \"tiny\"\nvision_dim = 192\n",
+            tmp.path().join("run")
+        ),
+    )
+    .unwrap();
+    common::assert_ok(
+        &Command::new(common::bin())
+            .args(["train", t.to_str().unwrap(), "--device", "cpu"])
+            .output()
+            .unwrap(),
+    );
+    let logs = minimind_v::train::read_metrics(&tmp.path().join("run")).unwrap();
+    assert_eq!(logs.len(), 5);
+    assert!(logs.iter().all(|l| l.loss.is_finite()), "{logs:?}");
+}

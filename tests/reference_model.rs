@@ -168,6 +168,46 @@ fn without_images_placeholders_are_ordinary_tokens() {
     assert!(within(d, 1e-4), "differs by {d}");
 }
 
+/// A text-only sample batched with an image sample (as the trainer batches them, each row's
+/// placeholder windows paired with that row's images, none for the text-only row): the image
+/// row's logits are the reference's with its image, and the text-only row's are the reference's
+/// without one, where its placeholder tokens stay ordinary tokens.
+#[test]
+fn a_text_only_row_batched_with_an_image_row_matches_the_reference() {
+    use minimind_v::model::vlm::pair_windows;
+    let c = case();
+    let cfg = config();
+    let (m, _) = model("model.safetensors");
+    let row0 = c["input_ids"]
+        .i(0..1)
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap();
+    let ids = Tensor::cat(&[&row0, &row0], 0).unwrap();
+    let rows = ids_of(&ids);
+    let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    let pairs = pair_windows(&rows, &[1, 0], &cfg.image_ids);
+    assert_eq!(
+        pairs.len(),
+        1,
+        "only the image row's window is paired: {pairs:?}"
+    );
+    let feats = c["image_feats"].to_dtype(DType::F32).unwrap();
+    let imgs = Images {
+        feats: feats.i((0, 0..1)).unwrap(),
+        slots: pairs.iter().map(|&(r, s, _)| (r, s)).collect(),
+    };
+    let logits = m.forward(&ids, Some(&imgs)).unwrap();
+    let d = max_diff(&logits.i(0).unwrap(), &c["logits"].i(0).unwrap());
+    assert!(within(d, 1e-4), "image row: logits differ by {d}");
+    let last = logits.i((1, 126)).unwrap();
+    let d = max_diff(&last, &c["logits_no_image_row0_last"]);
+    assert!(within(d, 1e-4), "text-only row: last logits differ by {d}");
+    let alone = m.forward(&row0, None).unwrap();
+    let d = max_diff(&logits.i(1).unwrap(), &alone.i(0).unwrap());
+    assert!(within(d, 1e-5), "text-only row: batched vs alone {d}");
+}
+
 #[test]
 fn upstream_pth_checkpoints_load_like_safetensors() {
     let c = case();

@@ -24,6 +24,16 @@ pub struct Group {
     pub samples: Vec<Sample>,
 }
 
+impl Group {
+    /// What the held-out split hashes: the image set's key, or for a text-only row its record.
+    fn split_key(&self) -> String {
+        match self.images.is_empty() {
+            true => format!("text:{}", self.first_record),
+            false => self.image_key.clone(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Plan {
     pub records_read: usize,
@@ -122,22 +132,31 @@ pub fn make_plan(cfg: &IngestConfig, tokenizer: &ChatTokenizer, clip_id: &str) -
             input_ids: enc.input_ids.iter().map(|&t| t as u16).collect(),
             loss_mask: enc.loss_mask,
         };
-        let g = *by_key.entry(r.image_key.clone()).or_insert_with(|| {
-            groups.push(Group {
-                image_key: r.image_key.clone(),
-                images: r.images.clone(),
-                first_record: r.index,
-                samples: Vec::new(),
-            });
-            groups.len() - 1
-        });
+        let group = || Group {
+            image_key: r.image_key.clone(),
+            images: r.images.clone(),
+            first_record: r.index,
+            samples: Vec::new(),
+        };
+        // Samples sharing an image set share a row; a text-only sample has a row of its own (so
+        // that rows stay small and spread over shards).
+        let g = match r.images.is_empty() {
+            true => {
+                groups.push(group());
+                groups.len() - 1
+            }
+            false => *by_key.entry(r.image_key.clone()).or_insert_with(|| {
+                groups.push(group());
+                groups.len() - 1
+            }),
+        };
         groups[g].samples.push(sample);
     }
     record_rejects.sort_by_key(|r| r.record);
     // Held-out image sets go last, each part in source order.
     let (train, val): (Vec<Group>, Vec<Group>) = groups
         .into_iter()
-        .partition(|g| !held_out(&g.image_key, cfg.val_fraction));
+        .partition(|g| !held_out(&g.split_key(), cfg.val_fraction));
     let val_from = train.len();
     let groups = [train, val].concat();
 

@@ -1,5 +1,6 @@
 //! Upstream's dataset JSON (`[{"id", "image", "conversations": [{"from","value"}, …]}, …]`) →
-//! typed records. A malformed element becomes a reject, never a failed run.
+//! typed records. A malformed element becomes a reject, never a failed run. A record without
+//! `image` whose text has no `<image>` is a text-only sample (no image features).
 
 use std::path::Path;
 
@@ -15,9 +16,9 @@ pub struct Record {
     /// Position in the source JSON array.
     pub index: usize,
     pub id: String,
-    /// The `image` field as written in the JSON (the shard's `image_key`).
+    /// The `image` field as written in the JSON (the shard's `image_key`); empty for text only.
     pub image_key: String,
-    /// Image paths inside the zip or directory, prefix applied, in order.
+    /// Image paths inside the zip or directory, prefix applied, in order; none for text only.
     pub images: Vec<String>,
     pub turns: Vec<Turn>,
 }
@@ -97,13 +98,31 @@ fn parse_record(
         Some(v) if !v.is_null() => v.to_string(),
         _ => index.to_string(),
     };
+    let turns = rec.conversations.unwrap_or_default();
     let Some(image_key) = rec.image else {
-        return Err(reject(
-            Reason::NoImage,
+        // Text only: a sample without image features, unless its text expects an image.
+        if turns
+            .iter()
+            .any(|t| t.value.contains(crate::text::IMAGE_TAG))
+        {
+            return Err(reject(
+                Reason::NoImage,
+                id,
+                String::new(),
+                "record has no \"image\" field, but its text has <image>".into(),
+            ));
+        }
+        if turns.is_empty() {
+            let detail = "no conversations".into();
+            return Err(reject(Reason::NoConversations, id, String::new(), detail));
+        }
+        return Ok(Record {
+            index,
             id,
-            String::new(),
-            "record has no \"image\" field".into(),
-        ));
+            image_key: String::new(),
+            images: Vec::new(),
+            turns,
+        });
     };
     let images = naming.split(&image_key);
     if images.is_empty() {
@@ -122,7 +141,6 @@ fn parse_record(
         );
         return Err(reject(Reason::TooManyImages, id, image_key, detail));
     }
-    let turns = rec.conversations.unwrap_or_default();
     if turns.is_empty() {
         return Err(reject(
             Reason::NoConversations,
