@@ -73,6 +73,42 @@ fn bench_meta(
     }
 }
 
+/// Decode + resize (ingest's `load_resized`, default limits) of every file in `dir`, in name
+/// order, `repeat` times on this thread; the best pass's images per second. An image that does
+/// not decode fails the benchmark, naming it.
+pub fn decode(dir: &std::path::Path, repeat: usize) -> Result<String> {
+    use crate::error::IoContext;
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .at(dir)?
+        .map(|e| e.map(|e| e.path()).at(dir))
+        .collect::<Result<_>>()?;
+    files.retain(|f| f.is_file());
+    files.sort();
+    let images: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(f).at(f))
+        .collect::<Result<_>>()?;
+    if images.is_empty() {
+        return Err(crate::error::bad_file(dir, "no image files to decode"));
+    }
+    let mut best = f64::INFINITY;
+    for _ in 0..repeat.max(1) {
+        let t = Instant::now();
+        for (bytes, f) in images.iter().zip(&files) {
+            let pixels = load_resized(bytes, 224, &Default::default())
+                .map_err(|(r, d)| crate::error::bad_file(f, format!("{}: {d}", r.as_str())))?;
+            std::hint::black_box(pixels);
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(format!(
+        "decode+resize to 224×224, 1 thread: {} images, best of {}: {:.0} images/s\n",
+        images.len(),
+        repeat.max(1),
+        images.len() as f64 / best
+    ))
+}
+
 /// Runs every stage and returns a Markdown table.
 pub fn ingest(b: &IngestBench, device: &Device) -> Result<String> {
     let mut out = String::from("| stage | result |\n|---|---|\n");

@@ -56,6 +56,14 @@ pub enum BenchWhat {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Decode + resize to 224×224 of every image file in a directory, on one thread, `repeat`
+    /// times over (bench/decode_vs_pil.py runs it beside PIL). Fails when an image does not decode.
+    Decode {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
     /// Trainer data loading: peak memory and rate streaming a large synthetic shard set.
     Stream {
         /// Where the synthetic shards go (deleted afterwards).
@@ -132,6 +140,7 @@ impl BenchWhat {
                 };
                 print!("{}", bench::ingest(&b, &device::select(&device)?)?);
             }
+            BenchWhat::Decode { dir, repeat } => print!("{}", bench::decode(&dir, repeat)?),
             BenchWhat::Stream {
                 dir,
                 samples,

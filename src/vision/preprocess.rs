@@ -1,9 +1,9 @@
 //! Image bytes → 224×224 RGB → CLIP-normalised pixel values. Shared by ingest and generation so
-//! both see identical pixels. The resize is PIL's `image.resize((224, 224))`: bicubic
-//! (Catmull-Rom, a = -0.5, support scaled when shrinking), aspect ratio not kept.
+//! both see identical pixels, PIL's: JPEGs decoded by libjpeg-turbo as PIL does, the resize PIL's
+//! `image.resize((224, 224))` in its own fixed point (bicubic, a = -0.5, support scaled when
+//! shrinking; aspect ratio not kept).
 
 use candle_core::{Device, Tensor};
-use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -106,6 +106,9 @@ pub fn decode_rgb(
             .with_guessed_format()
             .map_err(|e| corrupt(&e))
     };
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return decode_jpeg(bytes, limits);
+    }
     let (w, h) = reader()?.into_dimensions().map_err(|e| corrupt(&e))?;
     limits.check(w, h)?;
     let mut decoder = reader()?;
@@ -120,65 +123,177 @@ pub fn decode_rgb(
     Ok(img.into_rgb8())
 }
 
-/// Rows converted to f32 at a time in the horizontal pass.
-const BAND_ROWS: u32 = 64;
-
-/// Bicubic resize of an RGB image to `size`×`size`, HWC u8.
-///
-/// Done as PIL does it: a horizontal pass, rounding and clipping to u8, then a vertical pass.
-/// Each pass convolves in f32 (PIL uses 22-bit fixed-point taps, near exact). fast_image_resize's
-/// one-shot u8 path (16-bit taps, no intermediate clipping) lands up to 3 steps from PIL; this
-/// lands within 1.
-///
-/// The horizontal pass runs a band of rows at a time (each output row depends on its input row
-/// only), so a large image is never copied whole into f32: the cost beyond its u8 pixels is one
-/// band and the `size`-wide intermediate.
-pub fn resize_rgb(img: &image::RgbImage, size: u32) -> Vec<u8> {
-    resize_rgb_banded(img, size, BAND_ROWS)
-}
-
-fn resize_rgb_banded(img: &image::RgbImage, size: u32, band: u32) -> Vec<u8> {
-    let (w, h) = img.dimensions();
-    let raw = img.as_raw();
-    let row = w as usize * 3;
-    let mut pixels: Vec<f32> = if w != size {
-        let mut narrow = Vec::with_capacity(size as usize * h as usize * 3);
-        for top in (0..h).step_by(band.max(1) as usize) {
-            let rows = band.min(h - top);
-            let start = top as usize * row;
-            let src = raw[start..start + rows as usize * row]
-                .iter()
-                .map(|&v| v as f32)
-                .collect();
-            narrow.extend(resize_pass(src, (w, rows), (size, rows)));
-        }
-        narrow
+/// A JPEG decoded by libjpeg-turbo with its defaults — accurate integer IDCT, "fancy" chroma
+/// upsampling — which is what PIL does, so the pixels are PIL's bit for bit. Grayscale comes out
+/// replicated to RGB as PIL's `convert('RGB')` does; CMYK and YCCK (Adobe's inverted form, as
+/// Photoshop and PIL write it) through PIL's CMYK → RGB formula.
+fn decode_jpeg(
+    bytes: &[u8],
+    limits: &ImageLimits,
+) -> std::result::Result<image::RgbImage, (Reason, String)> {
+    use turbojpeg::{Colorspace, PixelFormat};
+    let corrupt = |e: turbojpeg::Error| (Reason::CorruptImage, e.to_string());
+    let mut d = turbojpeg::Decompressor::new().map_err(corrupt)?;
+    let header = d.read_header(bytes).map_err(corrupt)?;
+    let (w, h) = (header.width, header.height);
+    limits.check(w as u32, h as u32)?;
+    let cmyk = matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK);
+    let format = if cmyk {
+        PixelFormat::CMYK
     } else {
-        raw.iter().map(|&v| v as f32).collect()
+        PixelFormat::RGB
     };
-    if h != size {
-        pixels = resize_pass(pixels, (size, h), (size, size));
+    let channels = format.size();
+    let mut pixels = vec![0u8; w * h * channels];
+    let image = turbojpeg::Image {
+        pixels: pixels.as_mut_slice(),
+        width: w,
+        pitch: w * channels,
+        height: h,
+        format,
+    };
+    d.decompress(bytes, image).map_err(corrupt)?;
+    if cmyk {
+        pixels = pixels.chunks_exact(4).flat_map(adobe_cmyk_to_rgb).collect();
     }
-    pixels.into_iter().map(|v| v as u8).collect()
+    Ok(image::RgbImage::from_raw(w as u32, h as u32, pixels).expect("w × h × 3 bytes"))
 }
 
-/// One bicubic pass in f32, rounded and clipped to the u8 range like PIL's intermediate image.
-fn resize_pass(mut src: Vec<f32>, (w, h): (u32, u32), (dw, dh): (u32, u32)) -> Vec<f32> {
-    let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut src);
-    let src = Image::from_slice_u8(w, h, bytes, PixelType::F32x3).expect("buffer is w*h*3 f32");
-    let mut dst = Image::new(dw, dh, PixelType::F32x3);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
-    Resizer::new()
-        .resize(&src, &mut dst, &options)
-        .expect("same pixel type, non-empty images");
-    dst.buffer()
-        .chunks_exact(4)
-        .map(|b| {
-            f32::from_ne_bytes([b[0], b[1], b[2], b[3]])
-                .round()
-                .clamp(0.0, 255.0)
-        })
-        .collect()
+/// PIL's conversion of an Adobe (inverted) CMYK pixel as libjpeg returns it: PIL reads it as
+/// `CMYK;I` (each value inverted), then `convert('RGB')` gives `255 - K - C × (255 - K) / 255`
+/// per channel, the product rounded as PIL's `MULDIV255`.
+fn adobe_cmyk_to_rgb(p: &[u8]) -> [u8; 3] {
+    let nk = p[3] as u32; // 255 - K with K = 255 - p[3]
+    let channel = |v: u8| {
+        let c = 255 - v as u32;
+        let t = c * nk + 128;
+        (nk - (((t >> 8) + t) >> 8)) as u8
+    };
+    [channel(p[0]), channel(p[1]), channel(p[2])]
+}
+
+/// Fixed-point bits of PIL's 8-bit resampling taps (`PRECISION_BITS` in Resample.c).
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Bicubic resize of an RGB image to `size`×`size`, HWC u8: PIL's `image.resize((size, size))`
+/// exactly — the same taps (Catmull-Rom, a = -0.5, support widened when shrinking, normalised,
+/// rounded to 22-bit fixed point), a horizontal pass rounded to u8, then a vertical one. General
+/// resizers (fast_image_resize's 16-bit taps, or f32 ones) land one to three levels away.
+pub fn resize_rgb(img: &image::RgbImage, size: u32) -> Vec<u8> {
+    let (w, h) = img.dimensions();
+    let narrow;
+    let rows: &[u8] = match w != size {
+        true => {
+            narrow = resample(img.as_raw(), (w, h), size, Axis::Horizontal);
+            &narrow
+        }
+        false => img.as_raw(),
+    };
+    match h != size {
+        true => resample(rows, (size, h), size, Axis::Vertical),
+        false => rows.to_vec(),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Axis {
+    Horizontal,
+    Vertical,
+}
+
+/// PIL's `precompute_coeffs` and `normalize_coeffs_8bpc`: for each output position, the first
+/// input index, the number of taps, and the taps (`ksize` apart) in fixed point.
+fn coefficients(in_size: u32, out_size: u32) -> (usize, Vec<(usize, usize)>, Vec<i32>) {
+    let bicubic = |x: f64| {
+        let (a, x) = (-0.5, x.abs());
+        if x < 1.0 {
+            ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            (((x - 5.0) * x + 8.0) * x - 4.0) * a
+        } else {
+            0.0
+        }
+    };
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let one = (1u32 << PRECISION_BITS) as f64;
+    let mut bounds = Vec::with_capacity(out_size as usize);
+    let mut taps = vec![0i32; out_size as usize * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size as usize {
+        let center = (xx as f64 + 0.5) * scale;
+        // C's (int) casts truncate toward zero, as `as` does.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
+        let mut ww = 0.0;
+        for (x, kx) in k.iter_mut().enumerate().take(xmax) {
+            *kx = bicubic(((x + xmin) as f64 - center + 0.5) / filterscale);
+            ww += *kx;
+        }
+        for (x, &kx) in k.iter().enumerate().take(xmax) {
+            let v = if ww != 0.0 { kx / ww } else { kx };
+            let r = if v < 0.0 { -0.5 } else { 0.5 };
+            taps[xx * ksize + x] = (r + v * one) as i32;
+        }
+        bounds.push((xmin, xmax));
+    }
+    (ksize, bounds, taps)
+}
+
+/// One pass of PIL's 8-bit resampling over RGB pixels `(w, h)`, along `axis` to `out` pixels.
+fn resample(src: &[u8], (w, h): (u32, u32), out: u32, axis: Axis) -> Vec<u8> {
+    let (w, h, out) = (w as usize, h as usize, out as usize);
+    let in_size = if axis == Axis::Horizontal { w } else { h };
+    let (ksize, bounds, taps) = coefficients(in_size as u32, out as u32);
+    let (ow, oh) = match axis {
+        Axis::Horizontal => (out, h),
+        Axis::Vertical => (w, out),
+    };
+    let clip8 = |ss: i32| (ss >> PRECISION_BITS).clamp(0, 255) as u8;
+    let mut dst = vec![0u8; ow * oh * 3];
+    if axis == Axis::Vertical {
+        // Row by row: each tap adds a whole input row (contiguous, so the compiler vectorises).
+        let row = w * 3;
+        let mut ss = vec![0i32; row];
+        for (y, out_row) in dst.chunks_exact_mut(row).enumerate() {
+            let (min, n) = bounds[y];
+            ss.fill(1 << (PRECISION_BITS - 1));
+            for (t, &kt) in taps[y * ksize..y * ksize + n].iter().enumerate() {
+                let src_row = &src[(min + t) * row..(min + t + 1) * row];
+                for (acc, &v) in ss.iter_mut().zip(src_row) {
+                    *acc += v as i32 * kt;
+                }
+            }
+            for (o, &acc) in out_row.iter_mut().zip(&ss) {
+                *o = clip8(acc);
+            }
+        }
+        return dst;
+    }
+    for y in 0..oh {
+        for x in 0..ow {
+            let i = if axis == Axis::Horizontal { x } else { y };
+            let (min, n) = bounds[i];
+            let k = &taps[i * ksize..i * ksize + n];
+            let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+            for (t, &kt) in k.iter().enumerate() {
+                let p = match axis {
+                    Axis::Horizontal => (y * w + min + t) * 3,
+                    Axis::Vertical => ((min + t) * w + x) * 3,
+                };
+                for c in 0..3 {
+                    ss[c] += src[p + c] as i32 * kt;
+                }
+            }
+            let o = (y * ow + x) * 3;
+            for c in 0..3 {
+                dst[o + c] = clip8(ss[c]);
+            }
+        }
+    }
+    dst
 }
 
 /// Decode and resize in one step: what each ingest worker does per image.
@@ -292,25 +407,6 @@ mod tests {
         assert_eq!(a[size * size], b[size * size]);
         let bad = pixel_values(&[&imgs[0][1..]], size, &norm, &Device::Cpu);
         assert!(bad.is_err());
-    }
-
-    /// The banded horizontal pass computes exactly what one pass over the whole image does.
-    #[test]
-    fn a_banded_resize_equals_a_whole_image_resize() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for (w, h) in [(300, 131), (97, 500), (224, 300), (500, 224)] {
-            let px: Vec<u8> = (0..w * h * 3).map(|_| rng.random()).collect();
-            let img = image::RgbImage::from_raw(w, h, px).unwrap();
-            let whole = resize_rgb_banded(&img, 224, h);
-            for band in [1, 7, 64] {
-                assert_eq!(
-                    resize_rgb_banded(&img, 224, band),
-                    whole,
-                    "{w}×{h}, band {band}"
-                );
-            }
-        }
     }
 
     #[test]
