@@ -46,6 +46,15 @@ fn ids_of(t: &Tensor) -> Vec<Vec<u32>> {
     t.to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap()
 }
 
+/// Row 0 of the case (one image placeholder) as a (1, 127) batch.
+fn row0_ids(c: &HashMap<String, Tensor>) -> Tensor {
+    c["input_ids"]
+        .i(0..1)
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap()
+}
+
 /// The case's images: row 0 uses its first slot, row 1 both.
 fn images(c: &HashMap<String, Tensor>, cfg: &ModelConfig) -> Images {
     let ids = ids_of(&c["input_ids"]);
@@ -157,11 +166,7 @@ fn the_logit_loss_and_gradient_checks_fail_on_non_finite_values() {
 fn without_images_placeholders_are_ordinary_tokens() {
     let c = case();
     let (m, _) = model("model.safetensors");
-    let row0 = c["input_ids"]
-        .i(0..1)
-        .unwrap()
-        .to_dtype(DType::U32)
-        .unwrap();
+    let row0 = row0_ids(&c);
     let logits = m.forward(&row0, None).unwrap();
     let last = logits.i((0, 126)).unwrap();
     let d = max_diff(&last, &c["logits_no_image_row0_last"]);
@@ -178,11 +183,7 @@ fn a_text_only_row_batched_with_an_image_row_matches_the_reference() {
     let c = case();
     let cfg = config();
     let (m, _) = model("model.safetensors");
-    let row0 = c["input_ids"]
-        .i(0..1)
-        .unwrap()
-        .to_dtype(DType::U32)
-        .unwrap();
+    let row0 = row0_ids(&c);
     let ids = Tensor::cat(&[&row0, &row0], 0).unwrap();
     let rows = ids_of(&ids);
     let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();

@@ -45,6 +45,26 @@ fn ingest_pipeline(tmp: &Path, ds: &Path, out: &str) -> PathBuf {
     p
 }
 
+/// `ingest_pipeline` run once, in one process; its output directory.
+fn ingest_once(tmp: &Path, ds: &Path, out: &str) -> PathBuf {
+    let p = ingest_pipeline(tmp, ds, out);
+    common::assert_ok(
+        &Command::new(common::bin())
+            .args(["ingest", p.to_str().unwrap(), "--device", "cpu"])
+            .output()
+            .unwrap(),
+    );
+    tmp.join(out)
+}
+
+/// Start `cmd` as a node or pod would run, its output kept for `finish`.
+fn spawn(mut cmd: Command) -> Child {
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn finish(child: Child) -> Output {
     let out = child.wait_with_output().unwrap();
     common::assert_ok(&out);
@@ -93,14 +113,7 @@ fn script(path: &str, args: &[&str], env: &[(&str, String)]) -> Command {
 fn ingest_as_a_slurm_array_and_as_an_indexed_job_equals_one_ingest() {
     let tmp = tempfile::tempdir().unwrap();
     let ds = dataset(tmp.path());
-    let single = ingest_pipeline(tmp.path(), &ds, "single");
-    common::assert_ok(
-        &Command::new(common::bin())
-            .args(["ingest", single.to_str().unwrap(), "--device", "cpu"])
-            .output()
-            .unwrap(),
-    );
-    let want = shards(&tmp.path().join("single"));
+    let want = shards(&ingest_once(tmp.path(), &ds, "single"));
     assert!(want.len() >= 2 * WORKERS, "{} shards", want.len());
 
     // Slurm: the array's tasks 0 and 2 run at once; the check fails while task 1 is missing.
@@ -176,7 +189,7 @@ fn ingest_as_a_slurm_array_and_as_an_indexed_job_equals_one_ingest() {
     let k8s = ingest_pipeline(tmp.path(), &ds, "k8s");
     let pods: Vec<Child> = (0..WORKERS)
         .map(|i| {
-            script(
+            spawn(script(
                 &command[0],
                 &[k8s.to_str().unwrap(), "--device", "cpu"],
                 &[
@@ -184,11 +197,7 @@ fn ingest_as_a_slurm_array_and_as_an_indexed_job_equals_one_ingest() {
                     ("WORKERS", WORKERS.to_string()),
                     ("RAYON_NUM_THREADS", "1".into()),
                 ],
-            )
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+            ))
         })
         .collect();
     for pod in pods {
@@ -237,14 +246,7 @@ fn losses(dir: &Path) -> Vec<(usize, u32)> {
 fn training_launched_the_torchrun_way_equals_ranks_on_one_machine() {
     let tmp = tempfile::tempdir().unwrap();
     let ds = dataset(tmp.path());
-    let ingest = ingest_pipeline(tmp.path(), &ds, "cache");
-    common::assert_ok(
-        &Command::new(common::bin())
-            .args(["ingest", ingest.to_str().unwrap(), "--device", "cpu"])
-            .output()
-            .unwrap(),
-    );
-    let cache = tmp.path().join("cache");
+    let cache = ingest_once(tmp.path(), &ds, "cache");
 
     let local = train_pipeline(tmp.path(), &cache, "local");
     common::assert_ok(
@@ -273,7 +275,7 @@ fn training_launched_the_torchrun_way_equals_ranks_on_one_machine() {
         let port = port();
         let launchers: Vec<Child> = (0..nodes)
             .map(|node| {
-                script(
+                spawn(script(
                     "deploy/launch-node.sh",
                     &[p.to_str().unwrap()],
                     &[
@@ -285,11 +287,7 @@ fn training_launched_the_torchrun_way_equals_ranks_on_one_machine() {
                         ("DEVICE", "cpu".into()),
                         ("RAYON_NUM_THREADS", "1".into()),
                     ],
-                )
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
+                ))
             })
             .collect();
         for l in launchers {
