@@ -51,7 +51,7 @@ impl IngestArgs {
         };
         eprintln!(
             "ingest {} ({}) → {}",
-            cfg.json.display(),
+            cfg.input.display(),
             cfg.stage.as_str(),
             cfg.out.display()
         );

@@ -1,4 +1,4 @@
-//! `[ingest]`: upstream's JSON + images → shards.
+//! `[ingest]`: upstream's dataset (v1's JSON + images, or the later Parquet) → shards.
 
 use std::path::PathBuf;
 
@@ -9,14 +9,20 @@ use crate::shards::ClipPrecision;
 use crate::text::Stage;
 use crate::vision::preprocess::ImageLimits;
 
-/// `[ingest]`: upstream's JSON + images → shards.
+/// `[ingest]`: upstream's dataset → shards.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngestConfig {
     pub stage: Stage,
-    /// Upstream's conversation JSON.
-    pub json: PathBuf,
-    /// Upstream's image zip, or a directory of images.
+    /// Upstream's dataset: v1's conversation JSON, or a Parquet file (or a directory of them) in
+    /// the later format, whose rows carry their images. `json` is read as the same key.
+    #[serde(alias = "json")]
+    pub input: PathBuf,
+    /// Which of the two `input` is; `auto` tells them apart by the file's first bytes.
+    #[serde(default)]
+    pub format: InputFormat,
+    /// Upstream's image zip, or a directory of images: v1's JSON only (Parquet rows hold theirs).
+    #[serde(default)]
     pub images: PathBuf,
     /// Prepended to every image name (`COCO_train2014_` for upstream's SFT set).
     #[serde(default)]
@@ -60,6 +66,19 @@ pub struct IngestConfig {
     /// image set's key, so the split does not depend on the order or number of records. 0: none.
     #[serde(default)]
     pub val_fraction: f64,
+}
+
+/// What `input` holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputFormat {
+    #[default]
+    Auto,
+    /// v1: a JSON array of `{id, image, conversations: [{from, value}, …]}`, images in `images`.
+    Json,
+    /// Later releases: rows of `conversations` (JSON text, or a list of `{role, content}`) and
+    /// `image_bytes` (one binary, or a list).
+    Parquet,
 }
 
 fn default_tokenizer() -> PathBuf {
@@ -116,10 +135,11 @@ impl IngestConfig {
 
 /// Convenience for building configs in code (tests, demo).
 impl IngestConfig {
-    pub fn new(stage: Stage, json: PathBuf, images: PathBuf, out: PathBuf) -> Self {
+    pub fn new(stage: Stage, input: PathBuf, images: PathBuf, out: PathBuf) -> Self {
         Self {
             stage,
-            json,
+            input,
+            format: InputFormat::Auto,
             images,
             image_prefix: String::new(),
             out,

@@ -17,9 +17,10 @@ const fn k(key: &'static str, meaning: &'static str) -> Key {
 
 /// In the order a reader meets them.
 pub const KEYS: &[Key] = &[
-    k("ingest.stage", "pretrain | sft | sft_multi: which of upstream's formats `json` holds"),
-    k("ingest.json", "upstream's conversation JSON"),
-    k("ingest.images", "upstream's image zip, or a directory of images (searched like the zip)"),
+    k("ingest.stage", "pretrain | sft | sft_multi: which of upstream's stages `input` holds"),
+    k("ingest.input", "upstream's v1 conversation JSON, or the later Parquet (a file or a directory of them); `json` is the same key"),
+    k("ingest.format", "auto | json | parquet: what `input` is (auto: told by its first bytes)"),
+    k("ingest.images", "v1 JSON only: upstream's image zip, or a directory of images (searched like the zip)"),
     k("ingest.image_prefix", "prepended to every image name (`COCO_train2014_` for upstream's SFT set)"),
     k("ingest.out", "directory for the shards (in data/), manifest.json and rejects.jsonl"),
     k("ingest.tokenizer", "tokenizer directory (upstream's, shipped in assets/)"),
@@ -76,8 +77,7 @@ pub const KEYS: &[Key] = &[
 /// Keys a section cannot do without, each with a value the parser takes (for reading the defaults).
 pub const REQUIRED: &[(&str, &str)] = &[
     ("ingest.stage", "\"pretrain\""),
-    ("ingest.json", "\"\""),
-    ("ingest.images", "\"\""),
+    ("ingest.input", "\"\""),
     ("ingest.out", "\"\""),
     ("train.shards", "\"\""),
     ("train.out", "\"\""),

@@ -12,7 +12,7 @@ mod train;
 
 use crate::error::{bad_file, Error, IoContext, Result};
 
-pub use ingest::IngestConfig;
+pub use ingest::{IngestConfig, InputFormat};
 pub use train::{check_adam_beta2, ModelChoice, Precision, TrainConfig, Trainable};
 
 /// The MiniMind tokenizer, shipped in the repository.
@@ -70,7 +70,10 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
 }
 
 /// Settings of which a section takes exactly one.
-const ALTERNATIVES: [(&str, &str); 1] = [("train.steps", "train.epochs")];
+const ALTERNATIVES: [(&str, &str); 2] = [
+    ("train.steps", "train.epochs"),
+    ("ingest.input", "ingest.json"),
+];
 
 /// The setting `key` is an alternative to, if any.
 fn alternative(key: &str) -> Option<&'static str> {

@@ -1,11 +1,13 @@
-//! Ingest: upstream's dataset (JSON + zip of images) → deduplicated CLIP-feature Parquet shards.
+//! Ingest: upstream's dataset (v1's JSON + zip of images, or the later Parquet rows that carry
+//! their images) → deduplicated CLIP-feature Parquet shards.
 //!
-//! Reads `cfg.json` and `cfg.images`; writes `cfg.out/data/shard-NNNNN.parquet` (the held-out
+//! Reads `cfg.input` (and for JSON `cfg.images`); writes `cfg.out/data/shard-NNNNN.parquet` (the held-out
 //! split, `val_fraction`, in `cfg.out/val/`), a completion record
 //! per shard under `cfg.out/progress/`, and, once every shard exists, `manifest.json` and
 //! `rejects.jsonl`. Plans the run (records → samples → rows of unique image sets → shards), skips
 //! the shards already done, and runs `pipeline` over the rest.
 
+pub mod parquet_input;
 mod pipeline;
 pub mod plan;
 pub mod records;
@@ -15,7 +17,7 @@ use std::collections::BTreeMap;
 
 use candle_core::Device;
 
-use crate::config::IngestConfig;
+use crate::config::{IngestConfig, InputFormat};
 use crate::error::{bad_file, Error, Result};
 use crate::shards::manifest::{self, Manifest, ShardEntry};
 use crate::shards::reject::Reject;
@@ -112,6 +114,28 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// What `cfg.input` is: as stated, or told by its first bytes (Parquet's magic, else JSON).
+pub fn input_format(cfg: &IngestConfig) -> Result<InputFormat> {
+    source::check_exists(&cfg.input)?;
+    let parquet = parquet_input::is_parquet(&cfg.input)?;
+    match (cfg.format, parquet) {
+        (InputFormat::Auto, true) => Ok(InputFormat::Parquet),
+        (InputFormat::Auto, false) => Ok(InputFormat::Json),
+        (InputFormat::Json, false) | (InputFormat::Parquet, true) => Ok(cfg.format),
+        (stated, _) => Err(bad_file(
+            &cfg.input,
+            format!(
+                "format = \"{}\" is set, but this is {}\nHINT: set [ingest] format = \"auto\"",
+                match stated {
+                    InputFormat::Json => "json",
+                    _ => "parquet",
+                },
+                if parquet { "Parquet" } else { "not Parquet" }
+            ),
+        )),
+    }
+}
+
 pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
     cfg.validate()?;
     if opts.workers == 0 || opts.worker >= opts.workers {
@@ -120,8 +144,23 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
             opts.worker, opts.workers
         )));
     }
-    source::check_exists(&cfg.json)?;
-    source::check_exists(&cfg.images)?;
+    match input_format(cfg)? {
+        InputFormat::Parquet if !cfg.images.as_os_str().is_empty() => {
+            return Err(Error::Config(format!(
+                "[ingest] images = {:?}: {} is Parquet, whose rows hold their images\nHINT: remove `images`",
+                cfg.images,
+                cfg.input.display()
+            )))
+        }
+        InputFormat::Parquet => {}
+        _ if cfg.images.as_os_str().is_empty() => {
+            return Err(Error::Config(format!(
+                "[ingest] images: {} is v1's JSON, whose images are in a zip or directory\nHINT: set `images` to upstream's image zip (e.g. dataset/pretrain_images.zip)",
+                cfg.input.display()
+            )))
+        }
+        _ => source::check_exists(&cfg.images)?,
+    }
     let clip_source: ClipSource = cfg.clip.parse()?;
     if let ClipSource::Dir(dir) = &clip_source {
         if !dir.join("config.json").exists() {
@@ -165,7 +204,7 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
     };
     let planning = std::time::Instant::now();
     if opts.progress {
-        eprintln!("planning: reading and tokenizing {}", cfg.json.display());
+        eprintln!("planning: reading and tokenizing {}", cfg.input.display());
     }
     let plan = plan::make_plan(cfg, &tokenizer, &clip_id)?;
     let n_shards = plan.n_shards(cfg.rows_per_shard);
@@ -177,13 +216,19 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
             plan.groups.len(),
             plan.record_rejects.len()
         );
+        if plan.system_turns > 0 {
+            eprintln!(
+                "note: {} system turns left out (v1's template, which the model was trained on, has none)",
+                plan.system_turns
+            );
+        }
     }
     // This worker's shards, each with a fingerprint of its images as the source holds them now.
     let mine: Vec<usize> = (0..n_shards)
         .filter(|i| i % opts.workers == opts.worker)
         .collect();
     let inputs: Vec<String> = {
-        let mut source = ImageSource::open(&cfg.images, cfg.image_limits.max_bytes)?;
+        let mut source = ImageSource::for_input(cfg)?;
         (0..n_shards)
             .map(|i| match mine.contains(&i) {
                 true => source.fingerprint(
@@ -466,6 +511,7 @@ mod tests {
             val_from: 0,
             record_rejects: Vec::new(),
             placeholders_repaired: 0,
+            system_turns: 0,
             plan_id: "p".into(),
         };
         manifest::write_done(&out, &done(1)).unwrap();

@@ -187,7 +187,7 @@ pub fn process(
 fn read_stage(ctx: &Ctx, pending: &[usize], size: u32, tx: Sender<Result<Prepared>>) {
     let (cfg, rows) = (ctx.cfg, ctx.cfg.rows_per_shard);
     let result = (|| -> Result<()> {
-        let mut source = ImageSource::open(&cfg.images, cfg.image_limits.max_bytes)?;
+        let mut source = ImageSource::for_input(cfg)?;
         let mut seq = 0;
         for &shard in pending {
             let groups = ctx.plan.shard(shard, rows);
@@ -225,12 +225,7 @@ fn prepare(
 ) -> Vec<RowImages> {
     let bytes: Vec<_> = groups
         .iter()
-        .map(|g| {
-            g.images
-                .iter()
-                .map(|name| source.read(name))
-                .collect::<std::result::Result<Vec<_>, _>>()
-        })
+        .map(|g| source.read_set(g.first_record, &g.images))
         .collect();
     bytes
         .into_par_iter()

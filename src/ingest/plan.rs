@@ -7,8 +7,10 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::config::IngestConfig;
+use crate::config::{IngestConfig, InputFormat};
 use crate::error::{IoContext, Result};
+use crate::ingest::input_format;
+use crate::ingest::parquet_input::ParquetInput;
 use crate::ingest::records::{parse_records, ImageNaming};
 use crate::shards::reject::Reject;
 use crate::shards::Sample;
@@ -44,6 +46,8 @@ pub struct Plan {
     /// Rejects found before any image is read.
     pub record_rejects: Vec<Reject>,
     pub placeholders_repaired: usize,
+    /// `system` turns of Parquet rows left out of v1's template.
+    pub system_turns: usize,
     pub plan_id: String,
 }
 
@@ -97,11 +101,21 @@ pub fn make_plan(cfg: &IngestConfig, tokenizer: &ChatTokenizer, clip_id: &str) -
         prefix: cfg.image_prefix.clone(),
         max_images: cfg.max_images(),
     };
-    // Read once: the same bytes are hashed (plan identity) and parsed.
-    let bytes = std::fs::read(&cfg.json).at(&cfg.json)?;
-    let json_sha = crate::util::sha256_hex(&bytes);
-    let (records, mut record_rejects) = parse_records(&cfg.json, &bytes, &naming)?;
-    drop(bytes);
+    let (records, mut record_rejects, identity, system_turns) = match input_format(cfg)? {
+        InputFormat::Parquet => {
+            let input = ParquetInput::open(&cfg.input)?;
+            let (records, rejects, system) = input.records(&naming)?;
+            let identity = ("parquet_sha256", input.identity);
+            (records, rejects, identity, system)
+        }
+        _ => {
+            // Read once: the same bytes are hashed (plan identity) and parsed.
+            let bytes = std::fs::read(&cfg.input).at(&cfg.input)?;
+            let identity = ("json_sha256", crate::util::sha256_hex(&bytes));
+            let (records, rejects) = parse_records(&cfg.input, &bytes, &naming)?;
+            (records, rejects, identity, 0)
+        }
+    };
     let records_read = records.len() + record_rejects.len();
 
     let encoded: Vec<_> = records
@@ -161,7 +175,7 @@ pub fn make_plan(cfg: &IngestConfig, tokenizer: &ChatTokenizer, clip_id: &str) -
     let groups = [train, val].concat();
 
     let mut settings = serde_json::json!({
-        "json_sha256": json_sha,
+        identity.0: identity.1,
         "stage": cfg.stage,
         "image_prefix": cfg.image_prefix,
         "max_seq_len": cfg.max_seq_len,
@@ -181,6 +195,7 @@ pub fn make_plan(cfg: &IngestConfig, tokenizer: &ChatTokenizer, clip_id: &str) -
         val_from,
         record_rejects,
         placeholders_repaired,
+        system_turns,
         plan_id,
     })
 }
@@ -203,6 +218,7 @@ mod tests {
             val_from: 7,
             record_rejects: Vec::new(),
             placeholders_repaired: 0,
+            system_turns: 0,
             plan_id: "p".into(),
         };
         assert_eq!(plan.n_shards(3), 4);

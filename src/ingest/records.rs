@@ -98,8 +98,32 @@ fn parse_record(
         Some(v) if !v.is_null() => v.to_string(),
         _ => index.to_string(),
     };
-    let turns = rec.conversations.unwrap_or_default();
-    let Some(image_key) = rec.image else {
+    make_record(
+        index,
+        id,
+        rec.image,
+        rec.conversations.unwrap_or_default(),
+        naming,
+    )
+}
+
+/// A record from its fields, whatever the input format: `image` is v1's field (names joined by
+/// `", "`), absent for a text-only record.
+pub fn make_record(
+    index: usize,
+    id: String,
+    image: Option<String>,
+    turns: Vec<Turn>,
+    naming: &ImageNaming,
+) -> std::result::Result<Record, Reject> {
+    let reject = |reason, id: String, image: String, detail: String| Reject {
+        reason,
+        record: index,
+        ids: vec![id],
+        image,
+        detail,
+    };
+    let Some(image_key) = image else {
         // Text only: a sample without image features, unless its text expects an image.
         if turns
             .iter()
@@ -109,7 +133,7 @@ fn parse_record(
                 Reason::NoImage,
                 id,
                 String::new(),
-                "record has no \"image\" field, but its text has <image>".into(),
+                "record has no image, but its text has <image>".into(),
             ));
         }
         if turns.is_empty() {

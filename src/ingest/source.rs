@@ -14,6 +14,8 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Component, Path, PathBuf};
 
+use super::parquet_input::{ParquetInput, RowImages};
+use crate::config::{IngestConfig, InputFormat};
 use crate::error::{bad_file, IoContext, Result};
 use crate::shards::reject::Reason;
 
@@ -34,6 +36,8 @@ pub struct ImageSource {
 
 enum Kind {
     Zip(Box<zip::ZipArchive<BufReader<File>>>),
+    /// Parquet rows carrying their images (upstream's later format), read by row.
+    Rows(Box<RowImages>),
     /// One per file found under the root.
     Dir(Vec<DirEntry>),
 }
@@ -45,6 +49,20 @@ enum DirEntry {
 }
 
 impl ImageSource {
+    /// Where the images of `cfg`'s input are: the zip or directory of `images` for v1's JSON, the
+    /// rows themselves for Parquet.
+    pub fn for_input(cfg: &IngestConfig) -> Result<Self> {
+        match super::input_format(cfg)? {
+            InputFormat::Parquet => Ok(Self {
+                root: cfg.input.clone(),
+                kind: Kind::Rows(Box::new(RowImages::new(ParquetInput::open(&cfg.input)?))),
+                index: HashMap::new(),
+                max_bytes: cfg.image_limits.max_bytes,
+            }),
+            _ => Self::open(&cfg.images, cfg.image_limits.max_bytes),
+        }
+    }
+
     /// The zip or directory at `path`; images over `max_bytes` (as stored, or inflated) are
     /// refused.
     pub fn open(path: &Path, max_bytes: u64) -> Result<Self> {
@@ -72,10 +90,49 @@ impl ImageSource {
     }
 
     pub fn describe(&self) -> String {
-        match self.kind {
+        match &self.kind {
             Kind::Zip(_) => format!("zip {}", self.root.display()),
             Kind::Dir(_) => format!("directory {}", self.root.display()),
+            Kind::Rows(r) => r.describe(),
         }
+    }
+
+    /// The images `names` of the record at `record` (its row, where the rows hold the images).
+    pub fn read_set(
+        &mut self,
+        record: usize,
+        names: &[String],
+    ) -> std::result::Result<Vec<Vec<u8>>, Unreadable> {
+        let Kind::Rows(rows) = &mut self.kind else {
+            return names.iter().map(|n| self.read(n)).collect();
+        };
+        let images = rows
+            .read(record)
+            .map_err(|e| (Reason::CorruptImage, format!("row {record}: {e}")))?;
+        if images.len() != names.len() {
+            let detail = format!(
+                "row {record} holds {} images, not {}",
+                images.len(),
+                names.len()
+            );
+            return Err((Reason::MissingImage, detail));
+        }
+        for (bytes, name) in images.iter().zip(names) {
+            if bytes.len() as u64 > self.max_bytes {
+                return Err((
+                    Reason::ImageTooLarge,
+                    format!(
+                        "{name}: {} bytes, over the limit of {} (max_image_bytes)",
+                        bytes.len(),
+                        self.max_bytes
+                    ),
+                ));
+            }
+            if bytes.is_empty() {
+                return Err((Reason::EmptyImage, format!("{name} has zero bytes")));
+            }
+        }
+        Ok(images)
     }
 
     /// The raw bytes of one image, or why there are none.
@@ -95,6 +152,7 @@ impl ImageSource {
             )
         };
         let bytes = match &mut self.kind {
+            Kind::Rows(_) => unreachable!("rows are read by record (read_set)"),
             Kind::Dir(entries) => {
                 let path = match &entries[i] {
                     DirEntry::File(p) => p,
@@ -150,6 +208,8 @@ impl ImageSource {
         for name in names {
             let i = self.index.get(name).copied();
             let line = match (&mut self.kind, i) {
+                // The rows are part of the input, whose identity the plan holds.
+                (Kind::Rows(_), _) => return String::new(),
                 (_, None) => "absent".to_string(),
                 (Kind::Zip(archive), Some(i)) => match archive.by_index_raw(i) {
                     Ok(e) => format!("{:08x} {} {}", e.crc32(), e.compressed_size(), e.size()),

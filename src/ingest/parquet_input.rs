@@ -1,0 +1,520 @@
+//! Upstream's later dataset format: Parquet rows of `conversations` (a JSON text, or a list of
+//! `{role, content}` structs) and `image_bytes` (one binary, or a list of them), the images
+//! inside the rows. Reads a file or every `*.parquet` in a directory (in name order), row group by
+//! row group, as records (for the plan) and as image bytes by row (for the pipeline).
+//!
+//! The model is v1's, so the turns go into v1's template: `user` becomes v1's `human`, `assistant`
+//! its `gpt`, and `system` turns are left out (v1's template has no system prompt). Optional
+//! columns: `id` (else the row's position), and `image` — v1's image names, so that a dataset
+//! converted from v1 keeps its names and makes the same shards. Without `image` an image is
+//! named by its bytes (`sha256:` and the first 16 hex digits of their SHA-256), so that rows
+//! holding the same image share a shard row and one CLIP pass.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::DataType;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::ProjectionMask;
+use serde::Deserialize;
+
+use super::records::{make_record, ImageNaming, Record};
+use crate::error::{bad_file, IoContext, Result};
+use crate::shards::reject::{Reason, Reject};
+use crate::text::Turn;
+
+const CONVERSATIONS: &str = "conversations";
+const IMAGE_BYTES: &str = "image_bytes";
+const ID: &str = "id";
+const NAMES: &str = "image";
+
+/// Rows decoded at a time.
+const BATCH_ROWS: usize = 256;
+
+/// Whether `path` is Parquet: a file starting with Parquet's magic, or a directory holding
+/// `*.parquet` files.
+pub fn is_parquet(path: &Path) -> Result<bool> {
+    if path.is_dir() {
+        return Ok(!list_files(path)?.is_empty());
+    }
+    let mut magic = [0u8; 4];
+    let mut f = File::open(path).at(path)?;
+    Ok(f.read_exact(&mut magic).is_ok() && &magic == b"PAR1")
+}
+
+fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .at(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet") && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// One file of the input: where its rows begin among all the input's rows, and its row groups'
+/// sizes.
+#[derive(Debug, Clone)]
+struct Part {
+    path: PathBuf,
+    first_row: usize,
+    row_groups: Vec<usize>,
+}
+
+/// The Parquet files of one input, their rows numbered across them in order.
+#[derive(Debug, Clone)]
+pub struct ParquetInput {
+    parts: Vec<Part>,
+    pub rows: usize,
+    /// SHA-256 over each file's name, size and footer (row counts, column chunk offsets and
+    /// statistics): the input's identity for the plan, without reading the images.
+    pub identity: String,
+}
+
+impl ParquetInput {
+    pub fn open(path: &Path) -> Result<Self> {
+        let files = match path.is_dir() {
+            true => list_files(path)?,
+            false => vec![path.to_path_buf()],
+        };
+        if files.is_empty() {
+            return Err(bad_file(path, "no *.parquet files in this directory"));
+        }
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        let mut parts = Vec::with_capacity(files.len());
+        let mut rows = 0;
+        for file in files {
+            let builder = builder(&file)?;
+            check_schema(&file, builder.schema())?;
+            let row_groups: Vec<usize> = builder
+                .metadata()
+                .row_groups()
+                .iter()
+                .map(|g| g.num_rows() as usize)
+                .collect();
+            h.update(file.file_name().unwrap_or_default().as_encoded_bytes());
+            h.update(footer(&file)?);
+            parts.push(Part {
+                path: file,
+                first_row: rows,
+                row_groups: row_groups.clone(),
+            });
+            rows += row_groups.iter().sum::<usize>();
+        }
+        Ok(Self {
+            parts,
+            rows,
+            identity: hex::encode(h.finalize()),
+        })
+    }
+
+    /// Every row as a record, or a reject, in row order; `system` turns left out are counted.
+    pub fn records(&self, naming: &ImageNaming) -> Result<(Vec<Record>, Vec<Reject>, usize)> {
+        let (mut records, mut rejects, mut system) = (Vec::new(), Vec::new(), 0);
+        for part in &self.parts {
+            let reader = batches(&part.path, &[CONVERSATIONS, IMAGE_BYTES, ID, NAMES], None)?;
+            let mut row = part.first_row;
+            for batch in reader {
+                let batch = batch.map_err(|e| bad_file(&part.path, e.to_string()))?;
+                let cols = Columns::of(&batch);
+                for i in 0..batch.num_rows() {
+                    match cols.record(row, i, naming) {
+                        Ok((r, s)) => {
+                            records.push(r);
+                            system += s;
+                        }
+                        Err(r) => rejects.push(r),
+                    }
+                    row += 1;
+                }
+            }
+        }
+        Ok((records, rejects, system))
+    }
+}
+
+/// The images of rows, read forward through the files: the pipeline asks for rows in rising
+/// order (a shard's rows, then the next shard's), so one reader per row group serves them.
+pub struct RowImages {
+    input: ParquetInput,
+    cursor: Option<Cursor>,
+}
+
+struct Cursor {
+    part: usize,
+    group: usize,
+    reader: ParquetRecordBatchReader,
+    /// The batch read last, and the input row its first row is.
+    batch: Option<(ArrayRef, usize)>,
+    next_row: usize,
+}
+
+impl RowImages {
+    pub fn new(input: ParquetInput) -> Self {
+        Self {
+            input,
+            cursor: None,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let first = &self.input.parts[0].path;
+        format!("Parquet {} ({} rows)", first.display(), self.input.rows)
+    }
+
+    /// The images of input row `row`, in order.
+    pub fn read(&mut self, row: usize) -> std::result::Result<Vec<Vec<u8>>, String> {
+        let (part, group, group_start) = self.locate(row)?;
+        let reusable = self.cursor.as_ref().is_some_and(|c| {
+            c.part == part
+                && c.group == group
+                && c.batch.as_ref().map_or(c.next_row, |b| b.1) <= row
+        });
+        if !reusable {
+            let path = &self.input.parts[part].path;
+            let reader = batches(path, &[IMAGE_BYTES], Some(group)).map_err(|e| e.to_string())?;
+            self.cursor = Some(Cursor {
+                part,
+                group,
+                reader,
+                batch: None,
+                next_row: group_start,
+            });
+        }
+        let c = self.cursor.as_mut().expect("cursor");
+        loop {
+            if let Some((col, start)) = &c.batch {
+                if row < start + col.len() {
+                    return binaries(col, row - start).map(Option::unwrap_or_default);
+                }
+            }
+            let batch = c
+                .reader
+                .next()
+                .ok_or_else(|| format!("row {row} is past the end of its row group"))?
+                .map_err(|e| e.to_string())?;
+            let col = batch.column(0).clone();
+            c.batch = Some((col, c.next_row));
+            c.next_row += batch.num_rows();
+        }
+    }
+
+    /// The file, row group, and that group's first input row holding `row`.
+    fn locate(&self, row: usize) -> std::result::Result<(usize, usize, usize), String> {
+        let part = self
+            .input
+            .parts
+            .iter()
+            .rposition(|p| p.first_row <= row)
+            .ok_or_else(|| format!("no row {row}"))?;
+        let mut start = self.input.parts[part].first_row;
+        for (g, &n) in self.input.parts[part].row_groups.iter().enumerate() {
+            if row < start + n {
+                return Ok((part, g, start));
+            }
+            start += n;
+        }
+        Err(format!("no row {row} (the input has {})", self.input.rows))
+    }
+}
+
+fn builder(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+    let file = File::open(path).at(path)?;
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| bad_file(path, format!("not a readable Parquet file: {e}")))
+}
+
+/// The columns `names` (those the file has) of `path`, one row group or all, in batches.
+fn batches(path: &Path, names: &[&str], group: Option<usize>) -> Result<ParquetRecordBatchReader> {
+    let builder = builder(path)?;
+    let roots: Vec<usize> = builder
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| names.contains(&f.name().as_str()))
+        .map(|(i, _)| i)
+        .collect();
+    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+    let mut builder = builder.with_projection(mask).with_batch_size(BATCH_ROWS);
+    if let Some(g) = group {
+        builder = builder.with_row_groups(vec![g]);
+    }
+    builder
+        .build()
+        .map_err(|e| bad_file(path, format!("cannot read its rows: {e}")))
+}
+
+/// The file's footer: its metadata, as written.
+fn footer(path: &Path) -> Result<Vec<u8>> {
+    let mut f = File::open(path).at(path)?;
+    let len = f.metadata().at(path)?.len();
+    let mut tail = [0u8; 8];
+    f.seek(SeekFrom::End(-8)).at(path)?;
+    f.read_exact(&mut tail).at(path)?;
+    let n = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")) as u64;
+    if n + 8 > len {
+        return Err(bad_file(path, "its footer length is past the file's start"));
+    }
+    let mut meta = vec![0u8; n as usize];
+    f.seek(SeekFrom::End(-8 - n as i64)).at(path)?;
+    f.read_exact(&mut meta).at(path)?;
+    meta.extend_from_slice(&len.to_le_bytes());
+    Ok(meta)
+}
+
+/// The columns a file must have, of types we read; anything else fails before a long run.
+fn check_schema(path: &Path, schema: &arrow_schema::Schema) -> Result<()> {
+    let hint = "HINT: upstream's later format has `conversations` (JSON text, or a list of {role, content}) and `image_bytes` (binary, or a list of binary); optional `id` and `image` (v1's image names)";
+    let field = |name: &str| {
+        schema
+            .field_with_name(name)
+            .ok()
+            .map(|f| f.data_type().clone())
+    };
+    let fail = |what: String| Err(bad_file(path, format!("{what}\n{hint}")));
+    match field(CONVERSATIONS) {
+        None => return fail(format!("no `{CONVERSATIONS}` column")),
+        Some(t) if is_text(&t) || turn_struct(&t).is_some() => {}
+        Some(t) => return fail(format!("`{CONVERSATIONS}` is {t}")),
+    }
+    match field(IMAGE_BYTES) {
+        None => return fail(format!("no `{IMAGE_BYTES}` column")),
+        Some(t) if is_binary(&t) || list_item(&t).is_some_and(is_binary) => {}
+        Some(t) => return fail(format!("`{IMAGE_BYTES}` is {t}")),
+    }
+    if let Some(t) = field(NAMES).filter(|t| !is_text(t)) {
+        return fail(format!("`{NAMES}` is {t}, not text"));
+    }
+    match field(ID) {
+        Some(t) if !is_text(&t) && !t.is_integer() => fail(format!("`{ID}` is {t}")),
+        _ => Ok(()),
+    }
+}
+
+fn is_text(t: &DataType) -> bool {
+    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
+fn is_binary(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+    )
+}
+
+fn list_item(t: &DataType) -> Option<&DataType> {
+    match t {
+        DataType::List(f) | DataType::LargeList(f) => Some(f.data_type()),
+        _ => None,
+    }
+}
+
+/// A list of structs with text `role` and `content`.
+fn turn_struct(t: &DataType) -> Option<()> {
+    let DataType::Struct(fields) = list_item(t)? else {
+        return None;
+    };
+    let text = |name| {
+        fields
+            .iter()
+            .any(|f| f.name() == name && is_text(f.data_type()))
+    };
+    (text("role") && text("content")).then_some(())
+}
+
+/// One batch's columns.
+struct Columns {
+    conversations: ArrayRef,
+    images: ArrayRef,
+    id: Option<ArrayRef>,
+    names: Option<ArrayRef>,
+}
+
+impl Columns {
+    fn of(batch: &RecordBatch) -> Self {
+        let col = |name| batch.column_by_name(name).cloned();
+        Self {
+            conversations: col(CONVERSATIONS).expect("checked"),
+            images: col(IMAGE_BYTES).expect("checked"),
+            id: col(ID),
+            names: col(NAMES),
+        }
+    }
+
+    /// Row `i` of the batch, input row `row`: a record and the system turns it left out.
+    fn record(
+        &self,
+        row: usize,
+        i: usize,
+        naming: &ImageNaming,
+    ) -> std::result::Result<(Record, usize), Reject> {
+        let id = match &self.id {
+            Some(c) if c.is_valid(i) => text(c, i).unwrap_or_else(|| integer(c, i)),
+            _ => row.to_string(),
+        };
+        let malformed = |detail: String| Reject {
+            reason: Reason::MalformedRecord,
+            record: row,
+            ids: vec![id.clone()],
+            image: String::new(),
+            detail,
+        };
+        let turns = turns(&self.conversations, i).map_err(malformed)?;
+        let images = binaries(&self.images, i)
+            .map_err(malformed)?
+            .unwrap_or_default();
+        let named = self.names.as_ref().and_then(|c| text(c, i));
+        let (image, naming) = match (named, images.is_empty()) {
+            (Some(names), _) => (Some(names), naming.clone()),
+            (None, true) => (None, naming.clone()),
+            // Named by their bytes; `image_prefix` is for names.
+            (None, false) => {
+                let names: Vec<String> = images.iter().map(|b| content_name(b)).collect();
+                let naming = ImageNaming {
+                    prefix: String::new(),
+                    ..naming.clone()
+                };
+                (Some(names.join(", ")), naming)
+            }
+        };
+        let (turns, system) = v1_turns(turns);
+        let record = make_record(row, id.clone(), image, turns, &naming)?;
+        if record.images.len() != images.len() {
+            let detail = format!(
+                "{} names in `{NAMES}`, {} images in `{IMAGE_BYTES}`",
+                record.images.len(),
+                images.len()
+            );
+            return Err(Reject {
+                image: record.image_key,
+                ..malformed(detail)
+            });
+        }
+        Ok((record, system))
+    }
+}
+
+/// An image's name from its bytes.
+pub fn content_name(bytes: &[u8]) -> String {
+    format!("sha256:{}", &crate::util::sha256_hex(bytes)[..16])
+}
+
+/// Upstream's roles in v1's terms; `system` turns are left out and counted.
+fn v1_turns(turns: Vec<(String, String)>) -> (Vec<Turn>, usize) {
+    let n = turns.len();
+    let kept: Vec<Turn> = turns
+        .into_iter()
+        .filter(|(role, _)| role != "system")
+        .map(|(role, value)| Turn {
+            from: match role.as_str() {
+                "user" => "human".into(),
+                "assistant" => "gpt".into(),
+                _ => role,
+            },
+            value,
+        })
+        .collect();
+    let system = n - kept.len();
+    (kept, system)
+}
+
+fn text(col: &ArrayRef, i: usize) -> Option<String> {
+    if col.is_null(i) {
+        return None;
+    }
+    Some(match col.data_type() {
+        DataType::Utf8 => col.as_string::<i32>().value(i).to_string(),
+        DataType::LargeUtf8 => col.as_string::<i64>().value(i).to_string(),
+        DataType::Utf8View => col.as_string_view().value(i).to_string(),
+        _ => return None,
+    })
+}
+
+/// An integer cell as text (the `id` column may be any integer type).
+fn integer(col: &ArrayRef, i: usize) -> String {
+    use arrow_array::types::*;
+    macro_rules! int {
+        ($($t:ident => $p:ty),*) => {
+            match col.data_type() {
+                $(DataType::$t => col.as_primitive::<$p>().value(i).to_string(),)*
+                _ => i.to_string(),
+            }
+        };
+    }
+    int!(Int8 => Int8Type, Int16 => Int16Type, Int32 => Int32Type, Int64 => Int64Type,
+         UInt8 => UInt8Type, UInt16 => UInt16Type, UInt32 => UInt32Type, UInt64 => UInt64Type)
+}
+
+/// The `(role, content)` turns of row `i`: a JSON text or a list of structs.
+fn turns(col: &ArrayRef, i: usize) -> std::result::Result<Vec<(String, String)>, String> {
+    #[derive(Deserialize)]
+    struct JsonTurn {
+        role: String,
+        #[serde(default)]
+        content: Option<String>,
+    }
+    if col.is_null(i) {
+        return Ok(Vec::new());
+    }
+    if let Some(json) = text(col, i) {
+        let turns: Vec<JsonTurn> = serde_json::from_str(&json).map_err(|e| {
+            format!("`{CONVERSATIONS}` is not a JSON list of {{role, content}}: {e}")
+        })?;
+        return Ok(turns
+            .into_iter()
+            .map(|t| (t.role, t.content.unwrap_or_default()))
+            .collect());
+    }
+    let list = list_value(col, i).ok_or("`conversations` is neither text nor a list")?;
+    let s = list.as_struct();
+    let (role, content) = (
+        s.column_by_name("role").expect("checked"),
+        s.column_by_name("content").expect("checked"),
+    );
+    (0..s.len())
+        .map(|k| {
+            let role = text(role, k).ok_or(format!("turn {k} has no role"))?;
+            Ok((role, text(content, k).unwrap_or_default()))
+        })
+        .collect()
+}
+
+fn list_value(col: &ArrayRef, i: usize) -> Option<ArrayRef> {
+    match col.data_type() {
+        DataType::List(_) => Some(col.as_list::<i32>().value(i)),
+        DataType::LargeList(_) => Some(col.as_list::<i64>().value(i)),
+        _ => None,
+    }
+}
+
+/// The images of row `i`: none when null, one binary, or a list of them.
+fn binaries(col: &ArrayRef, i: usize) -> std::result::Result<Option<Vec<Vec<u8>>>, String> {
+    if col.is_null(i) {
+        return Ok(None);
+    }
+    let one = |c: &ArrayRef, k: usize| -> Option<Vec<u8>> {
+        Some(match c.data_type() {
+            DataType::Binary => c.as_binary::<i32>().value(k).to_vec(),
+            DataType::LargeBinary => c.as_binary::<i64>().value(k).to_vec(),
+            DataType::BinaryView => c.as_binary_view().value(k).to_vec(),
+            _ => return None,
+        })
+    };
+    if let Some(b) = one(col, i) {
+        return Ok(Some(vec![b]));
+    }
+    let list: Arc<dyn Array> = list_value(col, i).ok_or("`image_bytes` is not binary")?;
+    (0..list.len())
+        .map(|k| match list.is_null(k) {
+            true => Err(format!("image {k} of `{IMAGE_BYTES}` is null")),
+            false => one(&list, k).ok_or_else(|| "`image_bytes` is not binary".to_string()),
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map(Some)
+}
