@@ -489,3 +489,102 @@ fn parquet_mistakes_are_named() {
         &["no_images.parquet", "no `image_bytes` column", "HINT"],
     );
 }
+
+/// A corpus planned in windows of 50 rows (row groups of 25): every sample is written once with
+/// the tokens and features the JSON gives it, images shared by rows of one window share a row
+/// (one row per image and window), held-out shards follow each window's training ones, the
+/// directory verifies, and a rerun finds every shard done.
+#[test]
+fn windows_plan_a_corpus_piece_by_piece_and_cover_every_sample_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = dataset(tmp.path(), false);
+    let (json, images, prefix) = synth::stage_files(&ds, Stage::Sft);
+    let v1 = read_v1(&json, &images, prefix);
+    let pq = tmp.path().join("sft.parquet");
+    write_parquet(
+        &v1,
+        Shape {
+            lists: false,
+            names: false,
+        },
+        tmp.path(),
+        1,
+        25,
+    );
+    std::fs::rename(tmp.path().join("part-000.parquet"), &pq).unwrap();
+    let settings = "val_fraction = 0.3\nplan_window = 50\n";
+    let from_pq = ingest(
+        tmp.path(),
+        "pq",
+        Stage::Sft,
+        &format!("input = {pq:?}"),
+        settings,
+    );
+    let from_json = ingest(
+        tmp.path(),
+        "json",
+        Stage::Sft,
+        &format!("json = {json:?}\nimages = {images:?}\nimage_prefix = \"{prefix}\""),
+        "val_fraction = 0.3\n",
+    );
+
+    type Sample = (Vec<u16>, Vec<u8>, Vec<Vec<u8>>);
+    let samples = |out: &Path| -> (BTreeMap<String, Sample>, Vec<String>) {
+        let (mut all, mut files) = (BTreeMap::new(), Vec::new());
+        let mut paths = list_shards(out).unwrap();
+        paths.extend(list_shards(&out.join("val")).unwrap_or_default());
+        for f in paths {
+            files.push(f.file_name().unwrap().to_string_lossy().to_string());
+            for row in read_shard(&f).unwrap().1 {
+                for s in row.samples {
+                    let v = (s.input_ids, s.loss_mask, row.features.clone());
+                    assert!(all.insert(s.id, v).is_none(), "a sample written twice");
+                }
+            }
+        }
+        files.sort();
+        (all, files)
+    };
+    let ((a, _), (b, files)) = (samples(&from_json), samples(&from_pq));
+    assert_eq!(b.len(), v1.len());
+    assert!(a == b, "a sample differs from the JSON's");
+    let want: Vec<String> = (0..files.len())
+        .map(|i| format!("shard-{i:05}.parquet"))
+        .collect();
+    assert_eq!(files, want, "shard indices run on across windows");
+
+    // One row per distinct image within each window of 50 rows.
+    let per_window: usize = v1
+        .chunks(50)
+        .map(|w| {
+            let names: std::collections::HashSet<&Vec<u8>> =
+                w.iter().map(|r| &r.images[0]).collect();
+            names.len()
+        })
+        .sum();
+    let m = read_manifest(&from_pq).unwrap();
+    assert!(per_window > 60, "images recur across windows: {per_window}");
+    assert_eq!(
+        (m.rows, m.samples_written, m.samples_rejected),
+        (per_window, v1.len(), 0)
+    );
+    assert!(m.samples_val > 0 && m.samples_val < v1.len());
+    let verify = Command::new(common::bin())
+        .args(["inspect", from_pq.to_str().unwrap(), "--verify"])
+        .output()
+        .unwrap();
+    common::assert_ok(&verify);
+
+    let again = Command::new(common::bin())
+        .args([
+            "ingest",
+            tmp.path().join("pq.toml").to_str().unwrap(),
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .unwrap();
+    common::assert_ok(&again);
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(text.contains("0 written now"), "{text}");
+}

@@ -31,6 +31,11 @@ pub struct IngestArgs {
     /// the CPU). The shards are the same whatever it is.
     #[arg(long, default_value_t = 0)]
     clip_streams: usize,
+    /// Read, tokenize and plan the input, print what the shards would hold (records, samples,
+    /// rows, shards, rejects found before reading images) and the time and memory it took;
+    /// write nothing.
+    #[arg(long)]
+    plan_only: bool,
 }
 
 impl IngestArgs {
@@ -42,6 +47,10 @@ impl IngestArgs {
             self.overrides.push(format!("ingest.max_reject_rate={r:?}"));
         }
         let cfg = config::load_section(&self.pipeline, &self.overrides, "ingest", |p| p.ingest)?;
+        if self.plan_only {
+            print!("{}", ingest::plan_only(&cfg)?);
+            return Ok(());
+        }
         let opts = ingest::IngestOptions {
             workers: self.workers,
             worker: self.worker,

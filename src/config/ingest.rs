@@ -66,6 +66,12 @@ pub struct IngestConfig {
     /// image set's key, so the split does not depend on the order or number of records. 0: none.
     #[serde(default)]
     pub val_fraction: f64,
+    /// Parquet input is planned in windows of this many rows (whole row groups), so that
+    /// planning holds one window, whatever the corpus size. Rows that share an image share a
+    /// shard row (one CLIP pass) within a window; the held-out split is drawn per window.
+    /// v1's JSON is one window.
+    #[serde(default = "default_plan_window")]
+    pub plan_window: usize,
 }
 
 /// What `input` holds.
@@ -96,6 +102,9 @@ fn default_rows_per_shard() -> usize {
 fn default_max_reject_rate() -> f64 {
     0.5
 }
+fn default_plan_window() -> usize {
+    1 << 18
+}
 fn default_clip_batch() -> usize {
     32
 }
@@ -113,8 +122,8 @@ impl IngestConfig {
         if self.max_seq_len == 0 || self.max_seq_len > u16::MAX as usize {
             return fail("max_seq_len must be in 1..=65535");
         }
-        if self.rows_per_shard == 0 || self.clip_batch == 0 {
-            return fail("rows_per_shard and clip_batch must be positive");
+        if self.rows_per_shard == 0 || self.clip_batch == 0 || self.plan_window == 0 {
+            return fail("rows_per_shard, clip_batch and plan_window must be positive");
         }
         if self.max_images() == 0 {
             return fail("max_images must be positive");
@@ -153,6 +162,7 @@ impl IngestConfig {
             image_limits: ImageLimits::default(),
             max_reject_rate: default_max_reject_rate(),
             val_fraction: 0.0,
+            plan_window: default_plan_window(),
         }
     }
 }

@@ -32,6 +32,7 @@ pub const KEYS: &[Key] = &[
     k("ingest.rows_per_shard", "rows (unique image sets) per Parquet shard"),
     k("ingest.max_reject_rate", "share of records that may be rejected before the run fails"),
     k("ingest.val_fraction", "share of image sets held out into out/val/ (train's default val_shards); 0: none"),
+    k("ingest.plan_window", "Parquet rows planned together (whole row groups): planning memory; images are deduplicated within one"),
     k("ingest.image_limits.max_side", "largest image width or height, checked from the header before decoding"),
     k("ingest.image_limits.max_pixels", "largest image area in pixels"),
     k("ingest.image_limits.max_bytes", "largest image file in bytes"),

@@ -136,6 +136,72 @@ pub fn input_format(cfg: &IngestConfig) -> Result<InputFormat> {
     }
 }
 
+/// What a plan holds, for `ingest --plan-only`.
+#[derive(Debug, Clone, Default)]
+pub struct PlanSummary {
+    pub windows: usize,
+    pub records_read: usize,
+    pub rows: usize,
+    pub rows_val: usize,
+    pub samples: usize,
+    pub images: usize,
+    pub shards: usize,
+    pub rejects_by_reason: BTreeMap<String, usize>,
+    pub system_turns: usize,
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for PlanSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "planned in {:.1} s: {} records → {} samples in {} rows ({} held out) with {} images, {} shards; {} window{}",
+            self.seconds, self.records_read, self.samples, self.rows, self.rows_val, self.images, self.shards,
+            self.windows, if self.windows == 1 { "" } else { "s" }
+        )?;
+        for (reason, n) in &self.rejects_by_reason {
+            writeln!(f, "  rejected before reading images, {reason}: {n}")?;
+        }
+        if self.system_turns > 0 {
+            writeln!(f, "  system turns left out: {}", self.system_turns)?;
+        }
+        if let Some(rss) = crate::bench::peak_rss() {
+            writeln!(f, "peak resident memory {:.0} MB", rss as f64 / 1e6)?;
+        }
+        writeln!(f, "nothing written (--plan-only); images are decoded, and may be rejected, when the shards are made")
+    }
+}
+
+/// Read, tokenize and plan `cfg`'s input, writing nothing: what the shards would hold.
+pub fn plan_only(cfg: &IngestConfig) -> Result<PlanSummary> {
+    cfg.validate()?;
+    input_format(cfg)?;
+    let tokenizer = ChatTokenizer::load(&cfg.tokenizer)?;
+    let started = std::time::Instant::now();
+    let mut planner = plan::Planner::open(cfg, &tokenizer, &cfg.clip)?;
+    let mut sum = PlanSummary {
+        windows: planner.n_windows,
+        ..PlanSummary::default()
+    };
+    for k in 0..planner.n_windows {
+        let plan = planner.window(k, cfg, &tokenizer, sum.shards)?;
+        for r in &plan.record_rejects {
+            *sum.rejects_by_reason
+                .entry(r.reason.as_str().to_string())
+                .or_insert(0) += r.ids.len();
+        }
+        sum.records_read += plan.records_read;
+        sum.rows += plan.groups.len();
+        sum.rows_val += plan.groups.len() - plan.val_from;
+        sum.samples += plan.groups.iter().map(|g| g.samples.len()).sum::<usize>();
+        sum.images += plan.groups.iter().map(|g| g.images.len()).sum::<usize>();
+        sum.shards += plan.n_shards(cfg.rows_per_shard);
+        sum.system_turns += plan.system_turns;
+    }
+    sum.seconds = started.elapsed().as_secs_f64();
+    Ok(sum)
+}
+
 pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
     cfg.validate()?;
     if opts.workers == 0 || opts.worker >= opts.workers {
@@ -202,34 +268,134 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
         ClipPrecision::F32 => cfg.clip.clone(),
         p => format!("{}+{}", cfg.clip, p.as_str()),
     };
-    let planning = std::time::Instant::now();
-    if opts.progress {
-        eprintln!("planning: reading and tokenizing {}", cfg.input.display());
-    }
-    let plan = plan::make_plan(cfg, &tokenizer, &clip_id)?;
-    let n_shards = plan.n_shards(cfg.rows_per_shard);
-    if opts.progress {
-        eprintln!(
-            "planned in {:.1} s: {} records → {} rows (unique image sets) in {n_shards} shards; {} records rejected so far",
-            planning.elapsed().as_secs_f64(),
-            plan.records_read,
-            plan.groups.len(),
-            plan.record_rejects.len()
-        );
-        if plan.system_turns > 0 {
-            eprintln!(
-                "note: {} system turns left out (v1's template, which the model was trained on, has none)",
-                plan.system_turns
-            );
+    let mut planner = plan::Planner::open(cfg, &tokenizer, &clip_id)?;
+    let mut totals = Totals {
+        plan_id: planner.plan_id.clone(),
+        ..Totals::default()
+    };
+    let (mut written, mut skipped, mut images_processed) = (0, 0, 0);
+    let mut timing: Option<Timing> = None;
+    let mut clip_random = matches!(clip_source, ClipSource::Random { .. });
+    // Loaded when the first shard to write comes up: a finished ingest needs no tower.
+    let mut towers: Option<(ClipTower, Vec<ClipTower>, ShardMeta)> = None;
+    for k in 0..planner.n_windows {
+        let planning = std::time::Instant::now();
+        if opts.progress {
+            match planner.rows() {
+                Some((total, rows)) => eprintln!(
+                    "planning window {}/{}: reading and tokenizing {} of {total} rows",
+                    k + 1,
+                    planner.n_windows,
+                    rows[k]
+                ),
+                None => eprintln!("planning: reading and tokenizing {}", cfg.input.display()),
+            }
         }
+        let plan = planner.window(k, cfg, &tokenizer, totals.shards)?;
+        let shards = plan.shards(cfg.rows_per_shard);
+        if opts.progress {
+            eprintln!(
+                "planned in {:.1} s: {} records → {} rows (unique image sets) in {} shards; {} records rejected so far",
+                planning.elapsed().as_secs_f64(),
+                plan.records_read,
+                plan.groups.len(),
+                shards.len(),
+                plan.record_rejects.len()
+            );
+            if plan.system_turns > 0 {
+                eprintln!(
+                    "note: {} system turns left out (v1's template, which the model was trained on, has none)",
+                    plan.system_turns
+                );
+            }
+        }
+        let (pending, done) = pending_shards(cfg, opts, &plan)?;
+        skipped += done;
+        if !pending.0.is_empty() {
+            if towers.is_none() {
+                let tower =
+                    ClipTower::load_as(&clip_source, &opts.device, precision.tower_dtype())?;
+                clip_random = tower.is_random();
+                let meta = shard_meta(cfg, &tower, &tokenizer, precision);
+                let more = more_streams(&tower, opts.clip_streams)?;
+                towers = Some((tower, more, meta));
+            }
+            let (tower, more, meta) = towers.as_ref().expect("loaded");
+            let (n, t) = crate::device::with_tf32(precision == ClipPrecision::Tf32, || {
+                pipeline::process(
+                    cfg,
+                    &plan,
+                    &pending.0,
+                    (tower, more),
+                    meta,
+                    &pending.1,
+                    opts.progress,
+                )
+            })?;
+            written += pending.0.len();
+            images_processed += n;
+            timing = Some(match timing {
+                Some(before) => before.add(&t),
+                None => t,
+            });
+        }
+        totals.add(plan, cfg.rows_per_shard);
     }
-    // This worker's shards, each with a fingerprint of its images as the source holds them now.
-    let mine: Vec<usize> = (0..n_shards)
+
+    let manifest = finalize(cfg, &totals)?;
+    if let Some(m) = &manifest {
+        check_reject_rate(cfg, m)?;
+    }
+    Ok(Summary {
+        records_read: totals.records_read,
+        shards_total: totals.shards,
+        shards_written: written,
+        shards_skipped: skipped,
+        images_processed,
+        clip_random,
+        timing,
+        manifest,
+    })
+}
+
+/// What the windows of a plan add up to, for the manifest.
+#[derive(Debug, Default)]
+struct Totals {
+    plan_id: String,
+    records_read: usize,
+    shards: usize,
+    record_rejects: Vec<Reject>,
+    placeholders_repaired: usize,
+}
+
+impl Totals {
+    fn add(&mut self, plan: Plan, rows_per_shard: usize) {
+        self.records_read += plan.records_read;
+        self.shards += plan.n_shards(rows_per_shard);
+        self.record_rejects.extend(plan.record_rejects);
+        self.placeholders_repaired += plan.placeholders_repaired;
+    }
+}
+
+/// Pending = this worker's shards of `plan` still to write, with the fingerprints of their
+/// images as the source holds them now (indexed from the window's first shard); and how many of
+/// its shards are already done.
+type Pending = (Vec<usize>, Vec<String>);
+
+fn pending_shards(
+    cfg: &IngestConfig,
+    opts: &IngestOptions,
+    plan: &Plan,
+) -> Result<(Pending, usize)> {
+    let shards = plan.shards(cfg.rows_per_shard);
+    let mine: Vec<usize> = shards
+        .clone()
         .filter(|i| i % opts.workers == opts.worker)
         .collect();
     let inputs: Vec<String> = {
         let mut source = ImageSource::for_input(cfg)?;
-        (0..n_shards)
+        shards
+            .clone()
             .map(|i| match mine.contains(&i) {
                 true => source.fingerprint(
                     plan.shard(i, cfg.rows_per_shard)
@@ -243,6 +409,7 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
     let mut pending = Vec::new();
     let mut skipped = 0;
     for &i in &mine {
+        let input = &inputs[i - shards.start];
         match manifest::read_done(&cfg.out, i)? {
             Some(done) if done.plan_id == plan.plan_id => {
                 let shard = cfg.out.join(&done.file);
@@ -254,7 +421,7 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
                         shard.display()
                     );
                     pending.push(i);
-                } else if !done.inputs.is_empty() && done.inputs != inputs[i] {
+                } else if !done.inputs.is_empty() && done.inputs != *input {
                     eprintln!(
                         "{}: its images changed in {} since it was written: redoing it",
                         shard.display(),
@@ -269,7 +436,7 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
                 return Err(bad_file(
                     &cfg.out,
                     format!(
-                        "holds shards of another plan ({} ≠ {}: different input JSON or settings)\nHINT: delete the directory or set another `out`",
+                        "holds shards of another plan ({} ≠ {}: different input or settings)\nHINT: delete the directory or set another `out`",
                         done.plan_id, plan.plan_id
                     ),
                 ))
@@ -277,44 +444,7 @@ pub fn run(cfg: &IngestConfig, opts: &IngestOptions) -> Result<Summary> {
             None => pending.push(i),
         }
     }
-
-    let mut images_processed = 0;
-    let mut timing = None;
-    let mut clip_random = matches!(clip_source, ClipSource::Random { .. });
-    if !pending.is_empty() {
-        let tower = ClipTower::load_as(&clip_source, &opts.device, precision.tower_dtype())?;
-        clip_random = tower.is_random();
-        let meta = shard_meta(cfg, &tower, &tokenizer, precision);
-        let more = more_streams(&tower, opts.clip_streams)?;
-        let (n, t) = crate::device::with_tf32(precision == ClipPrecision::Tf32, || {
-            pipeline::process(
-                cfg,
-                &plan,
-                &pending,
-                (&tower, &more),
-                &meta,
-                &inputs,
-                opts.progress,
-            )
-        })?;
-        images_processed = n;
-        timing = Some(t);
-    }
-
-    let manifest = finalize(cfg, &plan, n_shards)?;
-    if let Some(m) = &manifest {
-        check_reject_rate(cfg, m)?;
-    }
-    Ok(Summary {
-        records_read: plan.records_read,
-        shards_total: n_shards,
-        shards_written: pending.len(),
-        shards_skipped: skipped,
-        images_processed,
-        clip_random,
-        timing,
-        manifest,
-    })
+    Ok(((pending, inputs), skipped))
 }
 
 fn shard_meta(
@@ -382,9 +512,9 @@ fn check_reject_rate(cfg: &IngestConfig, m: &Manifest) -> Result<()> {
 }
 
 /// Write `manifest.json` and `rejects.jsonl` if every shard of the plan is done.
-fn finalize(cfg: &IngestConfig, plan: &Plan, n_shards: usize) -> Result<Option<Manifest>> {
-    let mut dones = Vec::with_capacity(n_shards);
-    for i in 0..n_shards {
+fn finalize(cfg: &IngestConfig, plan: &Totals) -> Result<Option<Manifest>> {
+    let mut dones = Vec::with_capacity(plan.shards);
+    for i in 0..plan.shards {
         match manifest::read_done(&cfg.out, i)? {
             Some(d) if d.plan_id == plan.plan_id => dones.push(d),
             _ => return Ok(None),
@@ -409,7 +539,7 @@ fn finalize(cfg: &IngestConfig, plan: &Plan, n_shards: usize) -> Result<Option<M
         samples_written: dones.iter().map(|d| d.samples).sum(),
         samples_val: dones
             .iter()
-            .filter(|d| plan.is_val(d.index, cfg.rows_per_shard))
+            .filter(|d| d.file.starts_with(&format!("{}/", sh::VAL_DIR)))
             .map(|d| d.samples)
             .sum(),
         samples_rejected: rejects.iter().map(|r| r.ids.len()).sum(),
@@ -505,20 +635,17 @@ mod tests {
             longest_sample: 2,
             inputs: String::new(),
         };
-        let plan = |records_read| Plan {
-            records_read,
-            groups: Vec::new(),
-            val_from: 0,
-            record_rejects: Vec::new(),
-            placeholders_repaired: 0,
-            system_turns: 0,
+        let plan = |records_read| Totals {
             plan_id: "p".into(),
+            records_read,
+            shards: 1,
+            ..Totals::default()
         };
         manifest::write_done(&out, &done(1)).unwrap();
-        assert!(finalize(&cfg, &plan(1), 1).unwrap().is_some());
+        assert!(finalize(&cfg, &plan(1)).unwrap().is_some());
         std::fs::remove_file(out.join("manifest.json")).unwrap();
 
-        let err = finalize(&cfg, &plan(3), 1).unwrap_err().to_string();
+        let err = finalize(&cfg, &plan(3)).unwrap_err().to_string();
         assert!(
             err.contains("ingest sft_multi")
                 && err.contains("records read 3 ≠ samples written 1 + samples rejected 0"),

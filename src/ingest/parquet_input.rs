@@ -65,6 +65,15 @@ struct Part {
     row_groups: Vec<usize>,
 }
 
+/// Consecutive row groups planned together: rows `first_row..first_row + rows` of the input.
+#[derive(Debug, Clone)]
+pub struct Window {
+    pub first_row: usize,
+    pub rows: usize,
+    /// (file, row group in it, the group's first input row).
+    groups: Vec<(usize, usize, usize)>,
+}
+
 /// The Parquet files of one input, their rows numbered across them in order.
 #[derive(Debug, Clone)]
 pub struct ParquetInput {
@@ -113,12 +122,46 @@ impl ParquetInput {
         })
     }
 
-    /// Every row as a record, or a reject, in row order; `system` turns left out are counted.
-    pub fn records(&self, naming: &ImageNaming) -> Result<(Vec<Record>, Vec<Reject>, usize)> {
+    /// The input cut at row-group boundaries into windows of at least `rows` rows (the last may
+    /// hold fewer).
+    pub fn windows(&self, rows: usize) -> Vec<Window> {
+        let mut windows: Vec<Window> = Vec::new();
+        let mut row = 0;
+        for (p, part) in self.parts.iter().enumerate() {
+            for (g, &n) in part.row_groups.iter().enumerate() {
+                match windows.last_mut() {
+                    Some(w) if w.rows < rows => {
+                        w.rows += n;
+                        w.groups.push((p, g, row));
+                    }
+                    _ => windows.push(Window {
+                        first_row: row,
+                        rows: n,
+                        groups: vec![(p, g, row)],
+                    }),
+                }
+                row += n;
+            }
+        }
+        windows
+    }
+
+    /// The rows of `window` as records, or rejects, in row order; `system` turns left out are
+    /// counted.
+    pub fn records(
+        &self,
+        window: &Window,
+        naming: &ImageNaming,
+    ) -> Result<(Vec<Record>, Vec<Reject>, usize)> {
         let (mut records, mut rejects, mut system) = (Vec::new(), Vec::new(), 0);
-        for part in &self.parts {
-            let reader = batches(&part.path, &[CONVERSATIONS, IMAGE_BYTES, ID, NAMES], None)?;
-            let mut row = part.first_row;
+        for &(p, g, first_row) in &window.groups {
+            let part = &self.parts[p];
+            let reader = batches(
+                &part.path,
+                &[CONVERSATIONS, IMAGE_BYTES, ID, NAMES],
+                Some(g),
+            )?;
+            let mut row = first_row;
             for batch in reader {
                 let batch = batch.map_err(|e| bad_file(&part.path, e.to_string()))?;
                 let cols = Columns::of(&batch);

@@ -38,6 +38,19 @@ pub struct Timing {
     pub wait_writer_s: f64,
 }
 
+impl Timing {
+    /// Two runs of the pipeline (windows of one ingest) as one.
+    pub fn add(&self, other: &Timing) -> Timing {
+        Timing {
+            wall_s: self.wall_s + other.wall_s,
+            clip_streams: self.clip_streams,
+            clip_s: self.clip_s + other.clip_s,
+            wait_images_s: self.wait_images_s + other.wait_images_s,
+            wait_writer_s: self.wait_writer_s + other.wait_writer_s,
+        }
+    }
+}
+
 impl std::fmt::Display for Timing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let share = |s: f64| 100.0 * s / (self.wall_s * self.clip_streams as f64).max(1e-9);
@@ -85,7 +98,8 @@ struct Ctx<'a> {
     cfg: &'a IngestConfig,
     plan: &'a Plan,
     meta: &'a ShardMeta,
-    /// Per shard: the fingerprint of its images (`ImageSource::fingerprint`).
+    /// Per shard of the plan's window, from its first: the fingerprint of its images
+    /// (`ImageSource::fingerprint`).
     inputs: &'a [String],
     pb: Progress,
     /// Set by the first stage that fails, so that the others stop too.
@@ -424,7 +438,7 @@ fn write_one(ctx: &Ctx, index: usize, rows: Vec<ShardRow>, rejects: Vec<Reject>)
         sha256,
         rejects,
         longest_sample,
-        inputs: ctx.inputs[index].clone(),
+        inputs: ctx.inputs[index - ctx.plan.first_shard].clone(),
     };
     manifest::write_done(&ctx.cfg.out, &done)
 }

@@ -10,8 +10,8 @@ use rayon::prelude::*;
 use crate::config::{IngestConfig, InputFormat};
 use crate::error::{IoContext, Result};
 use crate::ingest::input_format;
-use crate::ingest::parquet_input::ParquetInput;
-use crate::ingest::records::{parse_records, ImageNaming};
+use crate::ingest::parquet_input::{ParquetInput, Window};
+use crate::ingest::records::{parse_records, ImageNaming, Record};
 use crate::shards::reject::Reject;
 use crate::shards::Sample;
 use crate::text::ChatTokenizer;
@@ -48,11 +48,18 @@ pub struct Plan {
     pub placeholders_repaired: usize,
     /// `system` turns of Parquet rows left out of v1's template.
     pub system_turns: usize,
+    /// The global index of this window's first shard.
+    pub first_shard: usize,
     pub plan_id: String,
 }
 
 impl Plan {
-    /// Training shards, then held-out ones: shard indices are global, file names unique.
+    /// This window's shards: training ones, then held-out ones. Indices are global (the
+    /// windows' shards one after the other), and so file names unique.
+    pub fn shards(&self, rows_per_shard: usize) -> Range<usize> {
+        self.first_shard..self.first_shard + self.n_shards(rows_per_shard)
+    }
+
     pub fn n_shards(&self, rows_per_shard: usize) -> usize {
         self.n_train_shards(rows_per_shard)
             + (self.groups.len() - self.val_from).div_ceil(rows_per_shard)
@@ -64,12 +71,15 @@ impl Plan {
 
     /// Whether shard `index` belongs to the held-out split.
     pub fn is_val(&self, index: usize, rows_per_shard: usize) -> bool {
-        index >= self.n_train_shards(rows_per_shard)
+        index - self.first_shard >= self.n_train_shards(rows_per_shard)
     }
 
     /// The positions in `groups` of shard `index`'s rows.
     pub fn shard_range(&self, index: usize, rows_per_shard: usize) -> Range<usize> {
-        let train = self.n_train_shards(rows_per_shard);
+        let (train, index) = (
+            self.n_train_shards(rows_per_shard),
+            index - self.first_shard,
+        );
         let (base, end, i) = match index < train {
             true => (0, self.val_from, index),
             false => (self.val_from, self.groups.len(), index - train),
@@ -96,108 +106,192 @@ pub fn held_out(image_key: &str, fraction: f64) -> bool {
     x < fraction
 }
 
-pub fn make_plan(cfg: &IngestConfig, tokenizer: &ChatTokenizer, clip_id: &str) -> Result<Plan> {
-    let naming = ImageNaming {
-        prefix: cfg.image_prefix.clone(),
-        max_images: cfg.max_images(),
-    };
-    let (records, mut record_rejects, identity, system_turns) = match input_format(cfg)? {
-        InputFormat::Parquet => {
-            let input = ParquetInput::open(&cfg.input)?;
-            let (records, rejects, system) = input.records(&naming)?;
-            let identity = ("parquet_sha256", input.identity);
-            (records, rejects, identity, system)
-        }
-        _ => {
-            // Read once: the same bytes are hashed (plan identity) and parsed.
-            let bytes = std::fs::read(&cfg.input).at(&cfg.input)?;
-            let identity = ("json_sha256", crate::util::sha256_hex(&bytes));
-            let (records, rejects) = parse_records(&cfg.input, &bytes, &naming)?;
-            (records, rejects, identity, 0)
-        }
-    };
-    let records_read = records.len() + record_rejects.len();
+/// The input, read one window at a time: v1's JSON is one window (it is one document), Parquet
+/// is cut at row-group boundaries into windows of about `plan_window` rows, so that planning
+/// holds one window's records, never the corpus. Deduplication and the held-out split work
+/// within a window; a window's shards follow the previous window's.
+pub struct Planner {
+    input: Input,
+    pub n_windows: usize,
+    pub plan_id: String,
+    naming: ImageNaming,
+}
 
+enum Input {
+    /// The file's bytes, until the one window is planned.
+    Json(Option<Vec<u8>>),
+    Parquet(ParquetInput, Vec<Window>),
+}
+
+impl Planner {
+    pub fn open(cfg: &IngestConfig, tokenizer: &ChatTokenizer, clip_id: &str) -> Result<Self> {
+        let (input, identity) = match input_format(cfg)? {
+            InputFormat::Parquet => {
+                let parquet = ParquetInput::open(&cfg.input)?;
+                let windows = parquet.windows(cfg.plan_window);
+                let identity = ("parquet_sha256", parquet.identity.clone());
+                (Input::Parquet(parquet, windows), identity)
+            }
+            _ => {
+                // Read once: the same bytes are hashed (plan identity) and parsed.
+                let bytes = std::fs::read(&cfg.input).at(&cfg.input)?;
+                let identity = ("json_sha256", crate::util::sha256_hex(&bytes));
+                (Input::Json(Some(bytes)), identity)
+            }
+        };
+        let mut settings = serde_json::json!({
+            identity.0: identity.1,
+            "stage": cfg.stage,
+            "image_prefix": cfg.image_prefix,
+            "max_seq_len": cfg.max_seq_len,
+            "max_images": cfg.max_images(),
+            "rows_per_shard": cfg.rows_per_shard,
+            "tokenizer_sha256": tokenizer.sha256,
+            "clip": clip_id,
+        });
+        // Only when set, so plans (and directories) made before the split keep their identity.
+        if cfg.val_fraction > 0.0 {
+            settings["val_fraction"] = cfg.val_fraction.into();
+        }
+        let n_windows = match &input {
+            Input::Json(_) => 1,
+            Input::Parquet(_, windows) => {
+                settings["plan_window"] = cfg.plan_window.into();
+                windows.len()
+            }
+        };
+        Ok(Self {
+            input,
+            n_windows,
+            plan_id: crate::util::sha256_hex(settings.to_string().as_bytes())[..16].to_string(),
+            naming: ImageNaming {
+                prefix: cfg.image_prefix.clone(),
+                max_images: cfg.max_images(),
+            },
+        })
+    }
+
+    /// The rows the windows hold, where known before reading them (Parquet).
+    pub fn rows(&self) -> Option<(usize, Vec<usize>)> {
+        match &self.input {
+            Input::Json(_) => None,
+            Input::Parquet(p, w) => Some((p.rows, w.iter().map(|w| w.rows).collect())),
+        }
+    }
+
+    /// Window `k`'s plan, its shards numbered from `first_shard`. Windows are planned in order.
+    pub fn window(
+        &mut self,
+        k: usize,
+        cfg: &IngestConfig,
+        tokenizer: &ChatTokenizer,
+        first_shard: usize,
+    ) -> Result<Plan> {
+        let (records, rejects, system_turns) = match &mut self.input {
+            Input::Json(bytes) => {
+                let bytes = bytes.take().expect("one window");
+                let (records, rejects) = parse_records(&cfg.input, &bytes, &self.naming)?;
+                (records, rejects, 0)
+            }
+            Input::Parquet(p, windows) => p.records(&windows[k], &self.naming)?,
+        };
+        let mut plan = group(cfg, tokenizer, records, rejects);
+        plan.system_turns = system_turns;
+        plan.first_shard = first_shard;
+        plan.plan_id = self.plan_id.clone();
+        Ok(plan)
+    }
+}
+
+/// Tokenize `records` and gather them into rows of unique image sets, training ones first.
+fn group(
+    cfg: &IngestConfig,
+    tokenizer: &ChatTokenizer,
+    records: Vec<Record>,
+    mut record_rejects: Vec<Reject>,
+) -> Plan {
+    let records_read = records.len() + record_rejects.len();
+    // Each record's text is dropped once it is tokenized.
     let encoded: Vec<_> = records
-        .par_iter()
-        .map(|r| tokenizer.encode_sample(cfg.stage, &r.turns, r.images.len(), cfg.max_seq_len))
+        .into_par_iter()
+        .map(|r| {
+            let enc = tokenizer.encode_sample(cfg.stage, &r.turns, r.images.len(), cfg.max_seq_len);
+            let sample = enc.map(|e| {
+                let sample = Sample {
+                    id: r.id.clone(),
+                    input_ids: e.input_ids.iter().map(|&t| t as u16).collect(),
+                    loss_mask: e.loss_mask,
+                };
+                (sample, e.repaired)
+            });
+            let Record {
+                index,
+                id,
+                image_key,
+                images,
+                ..
+            } = r;
+            (index, id, image_key, images, sample)
+        })
         .collect();
 
     let mut groups: Vec<Group> = Vec::new();
     let mut by_key: HashMap<String, usize> = HashMap::new();
     let mut placeholders_repaired = 0;
-    for (r, enc) in records.iter().zip(encoded) {
-        let enc = match enc {
+    for (index, id, image_key, images, enc) in encoded {
+        let (sample, repaired) = match enc {
             Ok(e) => e,
             Err((reason, detail)) => {
                 record_rejects.push(Reject {
                     reason,
-                    record: r.index,
-                    ids: vec![r.id.clone()],
-                    image: r.image_key.clone(),
+                    record: index,
+                    ids: vec![id],
+                    image: image_key,
                     detail,
                 });
                 continue;
             }
         };
-        placeholders_repaired += enc.repaired as usize;
-        let sample = Sample {
-            id: r.id.clone(),
-            input_ids: enc.input_ids.iter().map(|&t| t as u16).collect(),
-            loss_mask: enc.loss_mask,
-        };
-        let group = || Group {
-            image_key: r.image_key.clone(),
-            images: r.images.clone(),
-            first_record: r.index,
-            samples: Vec::new(),
-        };
+        placeholders_repaired += repaired as usize;
         // Samples sharing an image set share a row; a text-only sample has a row of its own (so
         // that rows stay small and spread over shards).
-        let g = match r.images.is_empty() {
-            true => {
-                groups.push(group());
-                groups.len() - 1
-            }
-            false => *by_key.entry(r.image_key.clone()).or_insert_with(|| {
-                groups.push(group());
-                groups.len() - 1
-            }),
+        let g = match images.is_empty() {
+            true => None,
+            false => by_key.get(&image_key).copied(),
         };
+        let g = g.unwrap_or_else(|| {
+            if !images.is_empty() {
+                by_key.insert(image_key.clone(), groups.len());
+            }
+            groups.push(Group {
+                image_key,
+                images,
+                first_record: index,
+                samples: Vec::new(),
+            });
+            groups.len() - 1
+        });
         groups[g].samples.push(sample);
     }
+    drop(by_key);
     record_rejects.sort_by_key(|r| r.record);
     // Held-out image sets go last, each part in source order.
     let (train, val): (Vec<Group>, Vec<Group>) = groups
         .into_iter()
         .partition(|g| !held_out(&g.split_key(), cfg.val_fraction));
     let val_from = train.len();
-    let groups = [train, val].concat();
-
-    let mut settings = serde_json::json!({
-        identity.0: identity.1,
-        "stage": cfg.stage,
-        "image_prefix": cfg.image_prefix,
-        "max_seq_len": cfg.max_seq_len,
-        "max_images": cfg.max_images(),
-        "rows_per_shard": cfg.rows_per_shard,
-        "tokenizer_sha256": tokenizer.sha256,
-        "clip": clip_id,
-    });
-    // Only when set, so plans (and directories) made before the split keep their identity.
-    if cfg.val_fraction > 0.0 {
-        settings["val_fraction"] = cfg.val_fraction.into();
-    }
-    let plan_id = crate::util::sha256_hex(settings.to_string().as_bytes())[..16].to_string();
-    Ok(Plan {
+    let mut groups = train;
+    groups.extend(val);
+    Plan {
         records_read,
         groups,
         val_from,
         record_rejects,
         placeholders_repaired,
-        system_turns,
-        plan_id,
-    })
+        system_turns: 0,
+        first_shard: 0,
+        plan_id: String::new(),
+    }
 }
 
 #[cfg(test)]
@@ -219,6 +313,7 @@ mod tests {
             record_rejects: Vec::new(),
             placeholders_repaired: 0,
             system_turns: 0,
+            first_shard: 0,
             plan_id: "p".into(),
         };
         assert_eq!(plan.n_shards(3), 4);
