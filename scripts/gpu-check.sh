@@ -69,7 +69,7 @@ cd "$WORK"
 cat > ingest.toml <<EOF
 [ingest]
 stage = "pretrain"
-json = "ds/LLaVA-Pretrain/chat-translated.json"
+input = "ds/LLaVA-Pretrain/chat-translated.json"
 images = "ds/pretrain_images.zip"
 out = "shards"
 tokenizer = "$ROOT/assets/tokenizer"

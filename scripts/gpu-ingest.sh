@@ -53,7 +53,7 @@ for precision in f32 tf32 f16; do
         cat > "$name.toml" <<EOF
 [ingest]
 stage = "pretrain"
-json = "ds/LLaVA-Pretrain/chat-translated.json"
+input = "ds/LLaVA-Pretrain/chat-translated.json"
 images = "ds/pretrain_images.zip"
 out = "shards-$name"
 tokenizer = "$ROOT/assets/tokenizer"

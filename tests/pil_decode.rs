@@ -2,7 +2,8 @@
 //! pixels PIL's `Image.open(f).convert('RGB')` and `.resize((224, 224))` give, and the Pillow and
 //! libjpeg-turbo versions in `meta.json`): JPEG baseline and progressive with 4:4:4, 4:2:2 and
 //! 4:2:0 chroma, an odd size, grayscale and Adobe CMYK; PNG RGBA, palette (with and without
-//! transparency) and gray + alpha. Decoding and resizing must equal PIL's byte for byte.
+//! transparency) and gray + alpha; 16-bit PNG gray (which PIL clips at 255), gray + alpha, RGB and
+//! RGBA (PIL keeps the high byte). Decoding and resizing must equal PIL's byte for byte.
 
 mod common;
 
@@ -29,7 +30,7 @@ fn cases() -> Vec<String> {
 fn decoding_and_resizing_equal_pil_byte_for_byte() {
     let limits = ImageLimits::default();
     let names = cases();
-    assert!(names.len() >= 11, "{names:?}");
+    assert!(names.len() >= 16, "{names:?}");
     let mut failures = Vec::new();
     for name in &names {
         let bytes = std::fs::read(fixtures().join(name)).unwrap();
@@ -76,4 +77,24 @@ fn the_fixtures_tell_another_jpeg_decoder_from_pils() {
         .map(|(&x, &y)| x.abs_diff(y))
         .max();
     assert!(worst > Some(1), "{worst:?}");
+}
+
+/// The 16-bit fixtures can tell PIL's conversion from another: the `image` crate's own
+/// `into_rgb8` (v / 257, rounded; no clipping) differs from PIL's on every one of them.
+#[test]
+fn the_16_bit_fixtures_tell_a_scaling_conversion_from_pils() {
+    let sixteen: Vec<String> = cases().into_iter().filter(|n| n.contains("16")).collect();
+    assert_eq!(sixteen.len(), 5, "{sixteen:?}");
+    for name in &sixteen {
+        let bytes = std::fs::read(fixtures().join(name)).unwrap();
+        let scaled = image::load_from_memory(&bytes).unwrap().into_rgb8();
+        let pil = png_rgb(&format!("{name}.pil.decoded.png"));
+        let differ = scaled
+            .as_raw()
+            .iter()
+            .zip(pil.as_raw())
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(differ > 0, "{name}: a scaling conversion passes as PIL's");
+    }
 }

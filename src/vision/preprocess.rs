@@ -120,7 +120,35 @@ pub fn decode_rgb(
     guard.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
     decoder.limits(guard);
     let img = decoder.decode().map_err(|e| corrupt(&e))?;
-    Ok(img.into_rgb8())
+    Ok(to_rgb8_as_pil(img))
+}
+
+/// `convert('RGB')` as PIL does it. 8-bit images convert as the `image` crate converts them (alpha
+/// dropped, gray replicated). 16-bit ones do not: PIL reads 16-bit RGB, RGBA and gray + alpha
+/// PNGs as 8-bit keeping each sample's high byte, where the `image` crate rounds v / 257; and it
+/// opens 16-bit gray as `I;16`, whose conversion to 8 bits CLIPS at 255 (1000 → 255, so most of a
+/// 16-bit gray photo turns white). Odd, but it is what upstream's model saw; we do the same.
+fn to_rgb8_as_pil(img: image::DynamicImage) -> image::RgbImage {
+    use image::DynamicImage as D;
+    let rgb = |w, h, f: &dyn Fn(u32, u32) -> [u8; 3]| {
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb(f(x, y)))
+    };
+    let high = |v: u16| (v >> 8) as u8;
+    match img {
+        D::ImageLuma16(g) => rgb(g.width(), g.height(), &|x, y| {
+            let v = g.get_pixel(x, y)[0].min(255) as u8;
+            [v; 3]
+        }),
+        D::ImageLumaA16(g) => rgb(g.width(), g.height(), &|x, y| {
+            [high(g.get_pixel(x, y)[0]); 3]
+        }),
+        D::ImageRgb16(c) => rgb(c.width(), c.height(), &|x, y| c.get_pixel(x, y).0.map(high)),
+        D::ImageRgba16(c) => rgb(c.width(), c.height(), &|x, y| {
+            let [r, g, b, _] = c.get_pixel(x, y).0;
+            [high(r), high(g), high(b)]
+        }),
+        other => other.into_rgb8(),
+    }
 }
 
 /// A JPEG decoded by libjpeg-turbo with its defaults — accurate integer IDCT, "fancy" chroma
