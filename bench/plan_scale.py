@@ -12,6 +12,11 @@ Writes, under --work (default /tmp/plan_scale):
 For each it runs `minimind-v ingest <pipeline> --plan-only` and prints the plan line, the wall time
 and the peak resident memory (the process's VmHWM, which the program prints). Needs pyarrow for
 the Parquet inputs.
+
+`--ingest N ...` runs whole ingests (decode, the random-initialised small CLIP tower, shard writes)
+of N Parquet rows holding real 128×128 JPEGs (from `minimind-v synth`, each row its own name, so
+nothing is deduplicated), planned in windows of `--window` rows, and prints each run's wall time
+and peak resident memory (the child's ru_maxrss, from wait4).
 """
 
 import argparse
@@ -84,12 +89,56 @@ def plan(bin_path, work, name, input_line):
     print(f"{name}: {[l for l in lines if 'peak resident' in l][0].strip()}; wall {wall:.1f} s")
 
 
+def ingest(bin_path, work, n, window):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    synth = os.path.join(work, "synth")
+    if not os.path.exists(synth):
+        subprocess.run([bin_path, "synth", "--out", synth, "--pretrain", "500", "--sft", "0", "--multi", "0"],
+                       check=True, capture_output=True)
+    with zipfile.ZipFile(os.path.join(synth, "pretrain_images.zip")) as z:
+        jpegs = [z.read(name) for name in sorted(z.namelist()) if name.endswith(".jpg")]
+    path = os.path.join(work, f"jpegs-{n}.parquet")
+    if not os.path.exists(path):
+        schema = pa.schema([("image", pa.string()), ("conversations", pa.string()), ("image_bytes", pa.binary())])
+        with pq.ParquetWriter(path, schema) as w:
+            for start in range(0, n, 1000):
+                rows = range(start, min(n, start + 1000))
+                conv = json.dumps([{"role": "user", "content": "<image>\n简要描述这幅图像。"},
+                                   {"role": "assistant", "content": "一个红色的圆形。"}], ensure_ascii=False)
+                w.write_table(pa.table({
+                    "image": [f"img{i:08d}.jpg" for i in rows],
+                    "conversations": [conv] * len(rows),
+                    "image_bytes": [jpegs[i % len(jpegs)] for i in rows],
+                }, schema=schema))
+    name = f"ingest-{n}"
+    out = os.path.join(work, f"out-{name}")
+    subprocess.run(["rm", "-rf", out], check=True)
+    pipeline = os.path.join(work, f"{name}.toml")
+    with open(pipeline, "w") as f:
+        f.write(f'[ingest]\nstage = "pretrain"\ninput = "{path}"\nout = "{out}"\nclip = "random-small:0"\nplan_window = {window}\n')
+    log = os.path.join(work, f"{name}.log")
+    t = time.time()
+    with open(log, "w") as f:
+        child = subprocess.Popen([bin_path, "ingest", pipeline, "--device", "cpu"], stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+    wall = time.time() - t
+    text = open(log).read()
+    if status != 0:
+        raise SystemExit(f"{name}: ingest failed:\n{text}")
+    written = [l for l in text.splitlines() if l.startswith("records read")][0]
+    print(f"{name}: {written}; window {window}; wall {wall:.1f} s; peak RSS {usage.ru_maxrss / 1e3:.0f} MB")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/minimind-v")
     ap.add_argument("--work", default="/tmp/plan_scale")
     ap.add_argument("--json", type=int, nargs="*", default=[595_000])
     ap.add_argument("--parquet", type=int, nargs="*", default=[])
+    ap.add_argument("--ingest", type=int, nargs="*", default=[])
+    ap.add_argument("--window", type=int, default=5000)
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     zip_path = os.path.join(args.work, "empty.zip")
@@ -104,6 +153,8 @@ def main():
         if not os.path.exists(path):
             write_parquet(path, n)
         plan(args.bin, args.work, f"parquet-{n}", f'input = "{path}"')
+    for n in args.ingest:
+        ingest(args.bin, args.work, n, args.window)
 
 
 if __name__ == "__main__":

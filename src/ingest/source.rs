@@ -1,4 +1,5 @@
-//! Reads image bytes straight out of upstream's zip (no unzip to disk) or from a directory.
+//! Reads image bytes straight out of upstream's zip (no unzip to disk), from a directory, or from
+//! the Parquet rows that carry them (upstream's later format).
 //! Reading is sequential and cheap; decoding happens in parallel elsewhere.
 //!
 //! Datasets come from strangers, so a name resolves only inside the images root: a name with a
@@ -152,7 +153,8 @@ impl ImageSource {
             )
         };
         let bytes = match &mut self.kind {
-            Kind::Rows(_) => unreachable!("rows are read by record (read_set)"),
+            // Rows have no names to look up (`read_set` reads them by record).
+            Kind::Rows(_) => return Err((Reason::MissingImage, format!("{name}: read by row"))),
             Kind::Dir(entries) => {
                 let path = match &entries[i] {
                     DirEntry::File(p) => p,
