@@ -1,7 +1,7 @@
 //! minimind-v: train MiniMind-V (a tiny vision-language model) fast by doing the frozen work once.
 //!
 //! Stages, each a module reading the previous stage's files:
-//! `ingest` (JSON + zip → CLIP features + tokens → Parquet shards) → `train` (shards → checkpoint)
+//! `ingest` (JSON + zip, or Parquet rows → CLIP features + tokens → Parquet shards) → `train` (shards → checkpoint)
 //! → `generate` and `serve` (checkpoint → answers, in a terminal or over HTTP); `inspect` shows
 //! what shards hold (Polars).
 //!

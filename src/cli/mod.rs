@@ -11,7 +11,7 @@ use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Upstream dataset (JSON + zip of images) → deduplicated CLIP-feature Parquet shards.
+    /// Upstream dataset (v1 JSON + zip of images, or the later Parquet with the images in its rows) → deduplicated CLIP-feature Parquet shards.
     Ingest(data::IngestArgs),
     /// Offline demo, no downloads: synthetic dataset → ingest (all three stages) → inspect →
     /// train (captions, then instructions) → score held-out answers; writes <out>/report.md.

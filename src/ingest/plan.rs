@@ -2,7 +2,7 @@
 //! The plan is a pure function of the inputs and settings, which is what makes an interrupted
 //! ingest resumable: a re-run computes the same shards and skips the finished ones.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -292,6 +292,72 @@ fn group(
         first_shard: 0,
         plan_id: String::new(),
     }
+}
+
+/// What a plan holds, for `ingest --plan-only`.
+#[derive(Debug, Clone, Default)]
+pub struct PlanSummary {
+    pub windows: usize,
+    pub records_read: usize,
+    pub rows: usize,
+    pub rows_val: usize,
+    pub samples: usize,
+    pub images: usize,
+    pub shards: usize,
+    pub rejects_by_reason: BTreeMap<String, usize>,
+    pub system_turns: usize,
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for PlanSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "planned in {:.1} s: {} records → {} samples in {} rows ({} held out) with {} images, {} shards; {} window{}",
+            self.seconds, self.records_read, self.samples, self.rows, self.rows_val, self.images, self.shards,
+            self.windows, if self.windows == 1 { "" } else { "s" }
+        )?;
+        for (reason, n) in &self.rejects_by_reason {
+            writeln!(f, "  rejected before reading images, {reason}: {n}")?;
+        }
+        if self.system_turns > 0 {
+            writeln!(f, "  system turns left out: {}", self.system_turns)?;
+        }
+        if let Some(rss) = crate::bench::peak_rss() {
+            writeln!(f, "peak resident memory {:.0} MB", rss as f64 / 1e6)?;
+        }
+        writeln!(f, "nothing written (--plan-only); images are decoded, and may be rejected, when the shards are made")
+    }
+}
+
+/// Read, tokenize and plan `cfg`'s input, writing nothing: what the shards would hold.
+pub fn plan_only(cfg: &IngestConfig) -> Result<PlanSummary> {
+    cfg.validate()?;
+    input_format(cfg)?;
+    let tokenizer = ChatTokenizer::load(&cfg.tokenizer)?;
+    let started = std::time::Instant::now();
+    let mut planner = Planner::open(cfg, &tokenizer, &cfg.clip)?;
+    let mut sum = PlanSummary {
+        windows: planner.n_windows,
+        ..PlanSummary::default()
+    };
+    for k in 0..planner.n_windows {
+        let plan = planner.window(k, cfg, &tokenizer, sum.shards)?;
+        for r in &plan.record_rejects {
+            *sum.rejects_by_reason
+                .entry(r.reason.as_str().to_string())
+                .or_insert(0) += r.ids.len();
+        }
+        sum.records_read += plan.records_read;
+        sum.rows += plan.groups.len();
+        sum.rows_val += plan.groups.len() - plan.val_from;
+        sum.samples += plan.groups.iter().map(|g| g.samples.len()).sum::<usize>();
+        sum.images += plan.groups.iter().map(|g| g.images.len()).sum::<usize>();
+        sum.shards += plan.n_shards(cfg.rows_per_shard);
+        sum.system_turns += plan.system_turns;
+    }
+    sum.seconds = started.elapsed().as_secs_f64();
+    Ok(sum)
 }
 
 #[cfg(test)]
