@@ -152,20 +152,49 @@ fn batch(records: &[V1], shape: Shape) -> RecordBatch {
     RecordBatch::try_from_iter(cols).unwrap()
 }
 
-/// Write `records` as Parquet: into `files` files, row groups of `group_rows`.
+/// Write `records` as Parquet: into `files` files in the directory `out`, row groups of
+/// `group_rows`.
 fn write_parquet(records: &[V1], shape: Shape, out: &Path, files: usize, group_rows: usize) {
     std::fs::create_dir_all(out).unwrap();
     let per_file = records.len().div_ceil(files);
     for (k, part) in records.chunks(per_file).enumerate() {
-        let b = batch(part, shape);
-        let props = WriterProperties::builder()
-            .set_max_row_group_row_count(Some(group_rows))
-            .build();
-        let file = std::fs::File::create(out.join(format!("part-{k:03}.parquet"))).unwrap();
-        let mut w = ArrowWriter::try_new(file, b.schema(), Some(props)).unwrap();
-        w.write(&b).unwrap();
-        w.close().unwrap();
+        write_file(
+            part,
+            shape,
+            &out.join(format!("part-{k:03}.parquet")),
+            group_rows,
+        );
     }
+}
+
+fn write_file(records: &[V1], shape: Shape, path: &Path, group_rows: usize) {
+    let b = batch(records, shape);
+    let props = WriterProperties::builder()
+        .set_max_row_group_row_count(Some(group_rows))
+        .build();
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = ArrowWriter::try_new(file, b.schema(), Some(props)).unwrap();
+    w.write(&b).unwrap();
+    w.close().unwrap();
+}
+
+/// Every sample of an ingest (training and held-out shards) by id: its tokens, loss mask and its
+/// row's features. A sample written twice fails.
+type Sample = (Vec<u16>, Vec<u8>, Vec<Vec<u8>>);
+
+fn samples_by_id(out: &Path) -> BTreeMap<String, Sample> {
+    let mut all = BTreeMap::new();
+    let mut paths = list_shards(out).unwrap();
+    paths.extend(list_shards(&out.join("val")).unwrap_or_default());
+    for f in paths {
+        for row in read_shard(&f).unwrap().1 {
+            for s in row.samples {
+                let v = (s.input_ids, s.loss_mask, row.features.clone());
+                assert!(all.insert(s.id, v).is_none(), "a sample written twice");
+            }
+        }
+    }
+    all
 }
 
 fn ingest(dir: &Path, name: &str, stage: Stage, input: &str, extra: &str) -> PathBuf {
@@ -226,17 +255,11 @@ fn v1_converted_to_parquet_makes_the_same_shards_byte_for_byte() {
     let (json, images, prefix) = synth::stage_files(&ds, Stage::Pretrain);
     let v1 = read_v1(&json, &images, prefix);
     let pq = tmp.path().join("pretrain.parquet");
-    write_parquet(
-        &v1,
-        Shape {
-            lists: false,
-            names: true,
-        },
-        tmp.path(),
-        1,
-        64,
-    );
-    std::fs::rename(tmp.path().join("part-000.parquet"), &pq).unwrap();
+    let shape = Shape {
+        lists: false,
+        names: true,
+    };
+    write_file(&v1, shape, &pq, 64);
 
     let split = "val_fraction = 0.2\n";
     let from_json = ingest(
@@ -388,20 +411,7 @@ fn rows_without_names_dedup_by_content_and_leave_system_turns_out() {
         &format!("input = {pq:?}\nformat = \"parquet\""),
         "",
     );
-    type Sample = (Vec<u16>, Vec<u8>, Vec<Vec<u8>>);
-    let samples = |out: &Path| -> BTreeMap<String, Sample> {
-        let mut all = BTreeMap::new();
-        for f in list_shards(out).unwrap() {
-            for row in read_shard(&f).unwrap().1 {
-                for s in row.samples {
-                    let v = (s.input_ids, s.loss_mask, row.features.clone());
-                    assert!(all.insert(s.id, v).is_none(), "one sample, one row");
-                }
-            }
-        }
-        all
-    };
-    let (a, b) = (samples(&from_json), samples(&from_pq));
+    let (a, b) = (samples_by_id(&from_json), samples_by_id(&from_pq));
     assert_eq!(a.len(), v1.len());
     assert!(a == b, "a sample differs");
     let (ma, mb) = (
@@ -428,17 +438,12 @@ fn parquet_mistakes_are_named() {
     let ds = dataset(tmp.path(), false);
     let (json, images, _) = synth::stage_files(&ds, Stage::Pretrain);
     let v1 = read_v1(&json, &images, "");
-    write_parquet(
-        &v1[..5],
-        Shape {
-            lists: false,
-            names: false,
-        },
-        tmp.path(),
-        1,
-        64,
-    );
-    let pq = tmp.path().join("part-000.parquet");
+    let pq = tmp.path().join("five.parquet");
+    let shape = Shape {
+        lists: false,
+        names: false,
+    };
+    write_file(&v1[..5], shape, &pq, 64);
     let no_images = tmp.path().join("no_images.parquet");
     {
         let b = batch(
@@ -501,17 +506,11 @@ fn windows_plan_a_corpus_piece_by_piece_and_cover_every_sample_once() {
     let (json, images, prefix) = synth::stage_files(&ds, Stage::Sft);
     let v1 = read_v1(&json, &images, prefix);
     let pq = tmp.path().join("sft.parquet");
-    write_parquet(
-        &v1,
-        Shape {
-            lists: false,
-            names: false,
-        },
-        tmp.path(),
-        1,
-        25,
-    );
-    std::fs::rename(tmp.path().join("part-000.parquet"), &pq).unwrap();
+    let shape = Shape {
+        lists: false,
+        names: false,
+    };
+    write_file(&v1, shape, &pq, 25);
     let settings = "val_fraction = 0.3\nplan_window = 50\n";
     let from_pq = ingest(
         tmp.path(),
@@ -528,24 +527,14 @@ fn windows_plan_a_corpus_piece_by_piece_and_cover_every_sample_once() {
         "val_fraction = 0.3\n",
     );
 
-    type Sample = (Vec<u16>, Vec<u8>, Vec<Vec<u8>>);
-    let samples = |out: &Path| -> (BTreeMap<String, Sample>, Vec<String>) {
-        let (mut all, mut files) = (BTreeMap::new(), Vec::new());
-        let mut paths = list_shards(out).unwrap();
-        paths.extend(list_shards(&out.join("val")).unwrap_or_default());
-        for f in paths {
-            files.push(f.file_name().unwrap().to_string_lossy().to_string());
-            for row in read_shard(&f).unwrap().1 {
-                for s in row.samples {
-                    let v = (s.input_ids, s.loss_mask, row.features.clone());
-                    assert!(all.insert(s.id, v).is_none(), "a sample written twice");
-                }
-            }
-        }
-        files.sort();
-        (all, files)
-    };
-    let ((a, _), (b, files)) = (samples(&from_json), samples(&from_pq));
+    let mut files: Vec<String> = list_shards(&from_pq)
+        .unwrap()
+        .into_iter()
+        .chain(list_shards(&from_pq.join("val")).unwrap())
+        .map(|f| f.file_name().unwrap().to_string_lossy().to_string())
+        .collect();
+    files.sort();
+    let (a, b) = (samples_by_id(&from_json), samples_by_id(&from_pq));
     assert_eq!(b.len(), v1.len());
     assert!(a == b, "a sample differs from the JSON's");
     let want: Vec<String> = (0..files.len())

@@ -78,20 +78,12 @@ fn parse_record(
     raw: &RawValue,
     naming: &ImageNaming,
 ) -> std::result::Result<Record, Reject> {
-    let reject = |reason, id: String, image: String, detail: String| Reject {
-        reason,
+    let rec: RawRecord = serde_json::from_str(raw.get()).map_err(|e| Reject {
+        reason: Reason::MalformedRecord,
         record: index,
-        ids: vec![id],
-        image,
-        detail,
-    };
-    let rec: RawRecord = serde_json::from_str(raw.get()).map_err(|e| {
-        reject(
-            Reason::MalformedRecord,
-            index.to_string(),
-            String::new(),
-            e.to_string(),
-        )
+        ids: vec![index.to_string()],
+        image: String::new(),
+        detail: e.to_string(),
     })?;
     let id = match rec.id {
         Some(serde_json::Value::String(s)) => s,
