@@ -8,14 +8,22 @@ autocast. Prints a Markdown table like the Rust bench, for docs/BENCHMARKS.md.
     python3 bench/torch_baseline.py --batch-size 64 --steps 30
     python3 bench/torch_baseline.py --check-reference ../shared/reference/tiny_llm   # model check
 
-Status: written without PyTorch at hand (the build machine has none); --check-reference is the
-first thing to run where PyTorch is, to show this model computes upstream's numbers.
+On the CPU, side by side with minimind-v in one run (the two interleaved, `--rounds` times each,
+same model, batch, lengths and thread count; prints both rates and their ratio):
+
+    python3 bench/torch_baseline.py --device cpu --vs target/release/minimind-v \
+        --model minimind_512 --batch-size 8 --mean-len 100 --steps 10 --rounds 3
+
+`--model demo` is the offline demo's dim-96 model. `--masked-logits` computes the output head
+only at the loss positions, as minimind-v does; by default PyTorch computes it everywhere, as
+upstream does.
 """
 import argparse
 import json
 import math
 import os
 import random
+import subprocess
 import time
 
 import torch
@@ -23,6 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PLACEHOLDER = [30] * 25 + [32] * 25
+
+# Presets of `minimind-v bench train --model` (demo: the offline demo's model over the
+# random-initialised demo tower's 192-wide features).
+MODELS = {
+    "minimind_512": dict(dim=512, n_layers=8, n_heads=16, n_kv_heads=8),
+    "demo": dict(dim=96, n_layers=4, n_heads=4, n_kv_heads=2, vision_dim=192),
+}
 
 
 class Config:
@@ -233,47 +248,95 @@ def collate(rows, feats, pad_to, device):
     return x.to(device), y.to(device), m.to(device), f.to(device), [[4]] * len(rows)
 
 
-def bench(args):
-    device = torch.device(args.device)
-    cfg = Config()
-    rows = []
-    for pad_to in (None, 512):
-        for precision in ("f32", "bf16"):
-            torch.manual_seed(0)
-            model = MiniMindV(cfg).to(device)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-            data, feats = batches(cfg, args.batch_size, args.mean_len, args.steps + 1, 3)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            tokens = 0
-            for i, b in enumerate(data):
-                x, y, m, f, starts = collate(b, feats, pad_to, device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    loss = model.loss(x, f, starts, y, m, masked_logits=args.masked_logits)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                if i == 0:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    t0 = time.time()
-                else:
-                    tokens += sum(len(r[0]) for r in b)
+def measure(cfg, args, pad_to, precision, device):
+    """(real tokens/s, samples/s, peak GPU GiB, last loss) of args.steps steps after one warm-up."""
+    torch.manual_seed(0)
+    model = MiniMindV(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    data, feats = batches(cfg, args.batch_size, args.mean_len, args.steps + 1, 3)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tokens = 0
+    for i, b in enumerate(data):
+        x, y, m, f, starts = collate(b, feats, pad_to, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model.loss(x, f, starts, y, m, masked_logits=args.masked_logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if i == 0:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            secs = time.time() - t0
-            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            rows.append((pad_to, precision, tokens / secs, args.steps * args.batch_size / secs, mem,
-                         loss.item()))
-    head = "logits at masked positions" if args.masked_logits else "logits everywhere (upstream)"
-    print(f"PyTorch {torch.__version__}, {device}, minimind_512, batch {args.batch_size}, "
-          f"mean len {args.mean_len}, {head}\n")
+            t0 = time.time()
+        else:
+            tokens += sum(len(r[0]) for r in b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    secs = time.time() - t0
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    last = loss.item()
+    if not math.isfinite(last):
+        raise SystemExit(f"PyTorch: a step's loss is {last}")
+    return tokens / secs, args.steps * args.batch_size / secs, mem, last
+
+
+def head(args, device):
+    logits = "logits at masked positions" if args.masked_logits else "logits everywhere (upstream)"
+    return (f"PyTorch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
+            f"{args.model}, batch {args.batch_size}, mean len {args.mean_len}, {logits}")
+
+
+def bench(args):
+    device = torch.device(args.device)
+    cfg = Config(**MODELS[args.model])
+    pads = {"dynamic": (None,), "both": (None, 512)}[args.padding]
+    precisions = {"f32": ("f32",), "bf16": ("bf16",), "both": ("f32", "bf16")}[args.precision]
+    rows = [(p, q, *measure(cfg, args, p, q, device)) for p in pads for q in precisions]
+    print(head(args, device) + "\n")
     print("| padding | precision | tokens/s (real) | samples/s | peak GPU GiB | last loss |")
     print("|---|---|---|---|---|---|")
     for pad_to, precision, tps, sps, mem, last in rows:
         pad = "dynamic" if pad_to is None else f"pad to {pad_to}"
         print(f"| {pad} | {precision} | {tps:.0f} | {sps:.1f} | {mem:.2f} | {last:.4f} |")
+
+
+def ours(args):
+    """minimind-v's f32 dynamic-padding rate (real tokens/s) on the same model and batches."""
+    cmd = [args.vs, "bench", "train", "--device", "cpu", "--model", args.model,
+           "--batch-size", str(args.batch_size), "--mean-len", str(args.mean_len),
+           "--steps", str(args.steps), "--padding", "dynamic", "--precision", "f32"]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(torch.get_num_threads()))
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout}{out.stderr}")
+    row = next((l for l in out.stdout.splitlines() if l.startswith("| dynamic")), None)
+    if row is None:
+        raise SystemExit(f"no dynamic row in the output of {' '.join(cmd)}:\n{out.stdout}")
+    return float(row.split("|")[6])
+
+
+def side_by_side(args):
+    """Interleaved rounds of PyTorch and minimind-v on the CPU; fails on a failed or NaN row."""
+    if args.device != "cpu":
+        raise SystemExit("--vs compares CPU steps: use --device cpu")
+    cfg = Config(**MODELS[args.model])
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                if l.startswith("model name")), "unknown CPU")
+    print(head(args, "cpu") + f"; {cpu}; minimind-v: {args.vs}\n")
+    print("| round | PyTorch tokens/s | minimind-v tokens/s | ratio |")
+    print("|---|---|---|---|")
+    theirs, mine = [], []
+    for r in range(args.rounds):
+        t = measure(cfg, args, None, "f32", torch.device("cpu"))[0]
+        m = ours(args)
+        if not (math.isfinite(t) and math.isfinite(m) and t > 0 and m > 0):
+            raise SystemExit(f"round {r + 1}: a rate is not a positive number ({t}, {m})")
+        theirs.append(t)
+        mine.append(m)
+        print(f"| {r + 1} | {t:.0f} | {m:.0f} | {m / t:.2f}× |", flush=True)
+    mt, mm = sorted(theirs)[len(theirs) // 2], sorted(mine)[len(mine) // 2]
+    print(f"| median | {mt:.0f} | {mm:.0f} | {mm / mt:.2f}× |")
 
 
 def main():
@@ -283,11 +346,22 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--mean-len", type=int, default=94)
     p.add_argument("--masked-logits", action="store_true")
+    p.add_argument("--model", choices=sorted(MODELS), default="minimind_512")
+    p.add_argument("--padding", choices=("dynamic", "both"), default="both")
+    p.add_argument("--precision", choices=("f32", "bf16", "both"), default="both")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, the core count)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--vs", metavar="MINIMIND_V", help="side by side with this minimind-v binary")
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.check_reference:
         raise SystemExit(0 if check_reference(args.check_reference) else 1)
-    bench(args)
+    if args.vs:
+        side_by_side(args)
+    else:
+        bench(args)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,8 @@ use crate::train::{self, RunOptions};
 /// The small model the demo trains on CPU.
 pub fn demo_model(vision_dim: usize) -> ModelConfig {
     ModelConfig {
-        dim: 96,
-        n_layers: 4,
-        n_heads: 4,
-        n_kv_heads: 2,
         vision_dim,
-        max_seq_len: 512,
-        ..ModelConfig::tiny()
+        ..ModelConfig::demo()
     }
 }
 

@@ -1,13 +1,14 @@
-//! `bench parity` (the first check on a GPU machine) runs end to end; on CPU against CPU every
-//! difference must be exactly zero (the device's forms of the model's operations are the portable
-//! ones there), and bf16 must stay within its tolerance.
+//! `bench parity` (the first check on a GPU machine) runs end to end; on CPU against CPU the
+//! CLIP features, the f32 loss curve and the embedding are exactly equal (the same code), the
+//! CPU kernels (causal softmax, RMSNorm, SwiGLU) agree with the portable forms to f32 rounding,
+//! and bf16 stays within its tolerance.
 
 mod common;
 
 use std::process::Command;
 
 #[test]
-fn parity_on_cpu_is_exact_and_bf16_within_tolerance() {
+fn parity_on_cpu_is_exact_where_the_code_is_shared_and_bf16_within_tolerance() {
     let out = Command::new(common::bin())
         .args([
             "bench",
@@ -35,16 +36,25 @@ fn parity_on_cpu_is_exact_and_bf16_within_tolerance() {
     // CLIP, 5 kernel checks × (f32, bf16), the f32 curve, bf16 vs f32.
     assert_eq!(rows.len(), 13, "{text}");
     let row = |what: &str| *rows.iter().find(|r| r.contains(what)).expect(what);
-    for exact in [
-        "CLIP",
-        "f32 steps",
+    for exact in ["CLIP", "f32 steps", "embedding 50×16, 2×7 ids, f32"] {
+        assert!(row(exact).contains("| 0.000e0 |"), "{}", row(exact));
+    }
+    // The CPU kernels against the portable forms: within 1e-6 of the largest value (the rows'
+    // own tolerance is 1e-4), summed in another order.
+    for kernel in [
         "causal softmax 2×3×5×8, f32",
         "causal softmax 2×3×(2·5)×8, grouped heads, f32",
         "RMSNorm 2×5×64, f32",
         "SwiGLU 3×40, f32",
-        "embedding 50×16, 2×7 ids, f32",
     ] {
-        assert!(row(exact).contains("| 0.000e0 |"), "{}", row(exact));
+        let diff: f64 = row(kernel)
+            .split('|')
+            .nth(3)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(diff < 1e-6, "{}", row(kernel));
     }
     // bf16 inputs and arithmetic against f32: close, not equal.
     assert!(!row("RMSNorm 2×5×64, bf16").contains("| 0.000e0 |"));

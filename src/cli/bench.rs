@@ -11,7 +11,7 @@ pub enum BenchWhat {
     /// (f32, within 1e-3), then bf16 vs f32 on --device (within 2%). Exits non-zero when a check
     /// misses its tolerance or is not finite (NaN, infinity).
     Parity {
-        /// minimind_512, minimind_768 or tiny.
+        /// minimind_512, minimind_768, demo or tiny.
         #[arg(long, default_value = "minimind_512")]
         model: String,
         #[arg(long, default_value = "random:0")]
@@ -99,7 +99,7 @@ pub enum BenchWhat {
 /// The model and step that `bench train` and `bench breakdown` time.
 #[derive(Args)]
 pub struct StepShape {
-    /// minimind_512, minimind_768 or tiny.
+    /// minimind_512, minimind_768, demo (the offline demo's dim-96 model) or tiny.
     #[arg(long, default_value = "minimind_512")]
     model: String,
     #[arg(long, default_value_t = 5)]

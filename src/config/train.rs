@@ -22,7 +22,7 @@ pub enum ModelChoice {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// minimind_512, minimind_768 or tiny.
+    /// minimind_512, minimind_768, demo or tiny.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,8 +77,9 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
         "minimind_512" => Ok(ModelConfig::minimind_512()),
         "minimind_768" => Ok(ModelConfig::minimind_768()),
         "tiny" => Ok(ModelConfig::tiny()),
+        "demo" => Ok(ModelConfig::demo()),
         other => Err(Error::Config(format!(
-            "model {other:?}: expected minimind_512, minimind_768, tiny or a [train.model] table"
+            "model {other:?}: expected minimind_512, minimind_768, demo, tiny or a [train.model] table"
         ))),
     }
 }

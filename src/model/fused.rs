@@ -9,8 +9,9 @@
 //!
 //! The model calls the operations here, never candle's directly: `rms_norm`, `attention_probs`,
 //! `swiglu` and `embedding` pick this crate's own CUDA kernels (`model::cuda`, one pass each way)
-//! for tensors on a CUDA device and the portable `*_portable` forms elsewhere, so CPU results
-//! are those the reference tests and the demo were measured with.
+//! for tensors on a CUDA device, its CPU kernels (`model::cpu`) for f32 tensors on the CPU, and
+//! the portable `*_portable` forms elsewhere (bf16 on the CPU); tests hold each device form to
+//! the portable one.
 
 use std::sync::Mutex;
 
@@ -148,16 +149,72 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if on_cuda(x) {
         return super::cuda::rms_norm(x, w, eps);
     }
+    if super::cpu::takes(&[x, w]) {
+        return rms_norm_cpu(x, w, eps);
+    }
     rms_norm_portable(x, w, eps)
 }
 
-/// SwiGLU's gate `silu(a) ⊙ b`: one kernel each way on CUDA, else candle's ops.
+/// [`rms_norm`] on the CPU: candle-nn's fused forward, backward in one pass
+/// (`model::cpu::RmsNormBwd`).
+pub fn rms_norm_cpu(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, &w.detach(), eps as f32)?;
+    if !x.track_op() && !w.track_op() {
+        return Ok(y);
+    }
+    x.apply_op2(
+        w,
+        Attach2 {
+            name: "cpu-rms-norm",
+            value: Mutex::new(Some(y)),
+            bwd: Box::new(move |x, w, g| {
+                let (n, c) = (x.elem_count() / w.elem_count(), w.elem_count());
+                let op = super::cpu::RmsNormBwd { eps: eps as f32 };
+                let both = x.contiguous()?.apply_op3_no_bwd(w, &g.contiguous()?, &op)?;
+                Ok((
+                    both.narrow(0, 0, n)?.reshape(x.shape())?,
+                    both.get(n)?.reshape(c)?,
+                ))
+            }),
+        },
+    )
+}
+
+/// SwiGLU's gate `silu(a) ⊙ b`: one kernel each way on CUDA, one pass each way on the CPU
+/// (f32), else candle's ops.
 pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if on_cuda(a) {
         return super::cuda::swiglu(a, b);
     }
+    if super::cpu::takes(&[a, b]) {
+        return swiglu_cpu(a, b);
+    }
     swiglu_portable(a, b)
+}
+
+/// [`swiglu`] on the CPU (`model::cpu::Swiglu`, `SwigluBwd`).
+pub fn swiglu_cpu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (a_, b_) = (a.detach().contiguous()?, b.detach().contiguous()?);
+    let y = a_.apply_op2_no_bwd(&b_, &super::cpu::Swiglu)?;
+    if !a.track_op() && !b.track_op() {
+        return Ok(y);
+    }
+    a.apply_op2(
+        b,
+        Attach2 {
+            name: "cpu-swiglu",
+            value: Mutex::new(Some(y)),
+            bwd: Box::new(|a, b, g| {
+                let both = a.contiguous()?.apply_op3_no_bwd(
+                    &b.contiguous()?,
+                    &g.contiguous()?,
+                    &super::cpu::SwigluBwd,
+                )?;
+                Ok((both.get(0)?, both.get(1)?))
+            }),
+        },
+    )
 }
 
 /// [`swiglu`] from candle's ops, on any device.
@@ -181,7 +238,30 @@ pub fn attention_probs(
     if on_cuda(scores) {
         return super::cuda::causal_softmax(scores, t, 1.0 / sqrt_hd)?.to_dtype(out);
     }
+    if super::cpu::takes(&[scores]) {
+        return causal_softmax_cpu(scores, t, 1.0 / sqrt_hd)?.to_dtype(out);
+    }
     attention_probs_portable(scores, t, sqrt_hd, mask, out)
+}
+
+/// Causal softmax of `scale · scores` (B, G, R·T, S) on the CPU, one pass each way
+/// (`model::cpu::CausalSoftmax`, `SoftmaxBwd`); the mask is derived from the shape.
+pub fn causal_softmax_cpu(scores: &Tensor, t: usize, scale: f64) -> Result<Tensor> {
+    let scale = scale as f32;
+    let y = scores
+        .detach()
+        .contiguous()?
+        .apply_op1_no_bwd(&super::cpu::CausalSoftmax { t, scale })?;
+    if !scores.track_op() {
+        return Ok(y);
+    }
+    scores.apply_op1(Attach1 {
+        name: "cpu-causal-softmax",
+        value: Mutex::new(Some(y)),
+        bwd: Box::new(move |y, g| {
+            y.apply_op2_no_bwd(&g.contiguous()?, &super::cpu::SoftmaxBwd { scale })
+        }),
+    })
 }
 
 /// [`attention_probs`] from candle's ops and [`softmax_last_dim`], on any device.

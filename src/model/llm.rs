@@ -133,8 +133,9 @@ impl Attention {
 
     /// Causal attention of (B, H, T, hd) queries over (B, KV, S, hd) keys and values →
     /// (B, H, T, hd). `grouped`: each KV head's n_rep query heads as one (n_rep·T)-row matrix
-    /// against that head's keys, so k and v are never copied n_rep times (the CUDA form);
-    /// otherwise upstream's repeat_kv, the CPU's form (the demo's numbers were measured with it).
+    /// against that head's keys, so k and v are never copied n_rep times and the products are
+    /// fewer and larger (the model's form on every device); otherwise upstream's repeat_kv, which
+    /// a test holds it equal to.
     fn attend(
         &self,
         q: &Tensor,
@@ -191,7 +192,7 @@ impl Attention {
             }
             *cache = Some((k.clone(), v.clone()));
         }
-        let out = self.attend(&q, &k, &v, mask, super::fused::on_cuda(&q))?; // (B, H, T, hd)
+        let out = self.attend(&q, &k, &v, mask, true)?; // (B, H, T, hd)
         out.transpose(1, 2)?
             .reshape((b, t, self.n_heads * self.head_dim))?
             .apply(&self.wo)

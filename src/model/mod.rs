@@ -2,6 +2,7 @@
 //! the splice of projected image features into placeholder positions, the masked loss, and strict
 //! weight loading under upstream's parameter names (safetensors or upstream `*.pth`).
 
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod fused;
@@ -62,6 +63,17 @@ impl ModelConfig {
     /// Upstream's larger model: 109M parameters.
     pub fn minimind_768() -> Self {
         Self::preset(768, 16, 16, 8)
+    }
+
+    /// The offline demo's model: dim 96, 4 layers, 4 heads over 2 KV heads, reading the
+    /// random-initialised demo tower's 192-wide features (`demo_eval::demo_model` sets the width
+    /// of a real CLIP's instead when there is one).
+    pub fn demo() -> Self {
+        Self {
+            max_seq_len: 512,
+            vision_dim: 192,
+            ..Self::preset(96, 4, 4, 2)
+        }
     }
 
     /// For tests: the shape of `../shared/reference/tiny_llm`.

@@ -173,8 +173,14 @@ impl Vlm {
     }
 }
 
-/// Mean cross-entropy of (N, V) logits against (N,) u32 targets, in f32.
+/// Mean cross-entropy of (N, V) logits against (N,) u32 targets, in f32: one pass each way on
+/// the CPU (`model::cpu::CrossEntropy`), else candle's ops.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if super::cpu::takes(&[logits]) && targets.dtype() == DType::U32 {
+        return logits
+            .contiguous()?
+            .apply_op2(&targets.contiguous()?, super::cpu::CrossEntropy::default());
+    }
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     picked.mean_all()?.neg()

@@ -1,0 +1,569 @@
+//! The CPU forms of the model's causal softmax, RMSNorm backward and SwiGLU gate: one pass over
+//! the data each way, rows split across the cores, f32 only.
+//!
+//! In candle's portable forms (`fused::*_portable`) each of these is a chain of elementwise ops,
+//! every one a pass over memory into a fresh tensor and a round through the thread pool: the
+//! causal softmax is a scale, a mask add and a fused softmax forward and four ops back; RMSNorm's
+//! backward is a dozen; SwiGLU's gate is silu and a product, and silu's backward five more. On a
+//! 2-core CPU those passes, not the matrix products, were most of a small model's step.
+//! `model::fused` picks these for f32 tensors on the CPU; tests check them against the portable
+//! forms in value and gradient.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Elements per rayon task, about: small enough to split a layer's work across two cores,
+/// large enough that scheduling stays a small part of it.
+const GRAIN: usize = 1 << 14;
+
+/// The contiguous f32 values of `s` under `l`.
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("minimind CPU kernel: {what} must be contiguous")
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(&v[a..b]),
+        s => candle_core::bail!("minimind CPU kernel: {what} is {:?}, not f32", s.dtype()),
+    }
+}
+
+/// Rows of `width` per task for rows of that width.
+fn rows_per_task(width: usize) -> usize {
+    (GRAIN / width.max(1)).max(1)
+}
+
+/// `(B, G, R·T, S)` scores → causal softmax of `scale · scores`: row r of a head is query
+/// i = r mod T, which sees keys ≤ i + S − T (the others get probability 0).
+pub struct CausalSoftmax {
+    /// Queries per block of rows.
+    pub t: usize,
+    pub scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "minimind-cpu-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, _, rt, k) = l.shape().dims4()?;
+        let t = self.t;
+        if t == 0 || rt % t != 0 || t > k {
+            candle_core::bail!("causal_softmax: {rt} rows per head, {t} queries, {k} keys")
+        }
+        let x = f32s(s, l, "scores")?;
+        let mut y = vec![0f32; x.len()];
+        let per = rows_per_task(k);
+        let scale = self.scale;
+        y.par_chunks_mut(per * k)
+            .zip(x.par_chunks(per * k))
+            .enumerate()
+            .for_each(|(task, (y, x))| {
+                for (r, (y, x)) in y.chunks_mut(k).zip(x.chunks(k)).enumerate() {
+                    let i = (task * per + r) % rt % t;
+                    let seen = i + k - t + 1; // keys 0..seen
+                    let (y, x) = (&mut y[..seen], &x[..seen]);
+                    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+                    let mut sum = 0f32;
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x * scale - max).exp();
+                        sum += *y;
+                    }
+                    let inv = 1.0 / sum;
+                    y.iter_mut().for_each(|y| *y *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+}
+
+/// Softmax's backward from its output y: `dx = scale · y ⊙ (g − Σ g ⊙ y)` per row.
+pub struct SoftmaxBwd {
+    pub scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "minimind-cpu-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let k = yl.shape().dims().last().copied().unwrap_or(1);
+        let (y, g) = (f32s(ys, yl, "y")?, f32s(gs, gl, "grad")?);
+        if y.len() != g.len() {
+            candle_core::bail!(
+                "softmax backward: {} outputs, {} gradients",
+                y.len(),
+                g.len()
+            )
+        }
+        let mut dx = vec![0f32; y.len()];
+        let per = rows_per_task(k) * k;
+        let scale = self.scale;
+        dx.par_chunks_mut(per)
+            .zip(y.par_chunks(per).zip(g.par_chunks(per)))
+            .for_each(|(dx, (y, g))| {
+                for ((dx, y), g) in dx.chunks_mut(k).zip(y.chunks(k)).zip(g.chunks(k)) {
+                    let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                    for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                        *dx = scale * y * (g - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), yl.shape().clone()))
+    }
+}
+
+/// RMSNorm's backward for x (…, C), w (C), g like x: (N + 1, C) holding dx's N rows, then dw.
+/// With x̂ = x·r, r = 1/sqrt(mean(x²) + eps): `dx = r (g⊙w − x̂ · mean(g⊙w⊙x̂))`,
+/// `dw = Σ_rows g⊙x̂`.
+pub struct RmsNormBwd {
+    pub eps: f32,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "minimind-cpu-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, g) = (
+            f32s(xs, xl, "x")?,
+            f32s(ws, wl, "w")?,
+            f32s(gs, gl, "grad")?,
+        );
+        let c = w.len();
+        if c == 0 || x.len() % c != 0 || g.len() != x.len() {
+            candle_core::bail!(
+                "rms_norm backward: {} values, {} gradients, width {c}",
+                x.len(),
+                g.len()
+            )
+        }
+        let n = x.len() / c;
+        let mut out = vec![0f32; (n + 1) * c];
+        let (dx, dw) = out.split_at_mut(n * c);
+        let per = rows_per_task(c) * c;
+        let eps = self.eps;
+        // Each task's share of dw, summed in task order (a fixed order: the same bits each run).
+        let parts: Vec<Vec<f32>> = dx
+            .par_chunks_mut(per)
+            .zip(x.par_chunks(per).zip(g.par_chunks(per)))
+            .map(|(dx, (x, g))| {
+                let mut dw = vec![0f32; c];
+                let mut gw = vec![0f32; c];
+                for ((dx, x), g) in dx.chunks_mut(c).zip(x.chunks(c)).zip(g.chunks(c)) {
+                    let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
+                    let r = 1.0 / (ms + eps).sqrt();
+                    let mut dot = 0f32;
+                    for (((gw, &g), &w), &x) in gw.iter_mut().zip(g).zip(w).zip(x) {
+                        *gw = g * w;
+                        dot += *gw * (x * r);
+                    }
+                    let dot = dot / c as f32;
+                    for ((((dx, dw), &gw), &g), &x) in
+                        dx.iter_mut().zip(dw.iter_mut()).zip(&gw).zip(g).zip(x)
+                    {
+                        let xhat = x * r;
+                        *dx = (gw - xhat * dot) * r;
+                        *dw += g * xhat;
+                    }
+                }
+                dw
+            })
+            .collect();
+        for part in parts {
+            dw.iter_mut().zip(part).for_each(|(d, p)| *d += p);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n + 1, c))))
+    }
+}
+
+/// SwiGLU's gate `silu(a) ⊙ b`, silu(a) = a / (1 + e^−a).
+pub struct Swiglu;
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "minimind-cpu-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if al.shape() != bl.shape() {
+            candle_core::bail!("swiglu: shapes {:?} and {:?}", al.shape(), bl.shape())
+        }
+        let (a, b) = (f32s(as_, al, "a")?, f32s(bs, bl, "b")?);
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(GRAIN)
+            .zip(a.par_chunks(GRAIN).zip(b.par_chunks(GRAIN)))
+            .for_each(|(y, (a, b))| {
+                for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+                    *y = a / (1.0 + (-a).exp()) * b;
+                }
+            });
+        Ok((CpuStorage::F32(y), al.shape().clone()))
+    }
+}
+
+/// SwiGLU's backward: (2, …) holding `da = g·b·s(1 + a(1 − s))` (s = sigmoid(a)), then
+/// `db = g·silu(a)`.
+pub struct SwigluBwd;
+
+impl CustomOp3 for SwigluBwd {
+    fn name(&self) -> &'static str {
+        "minimind-cpu-swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b, g) = (
+            f32s(as_, al, "a")?,
+            f32s(bs, bl, "b")?,
+            f32s(gs, gl, "grad")?,
+        );
+        let n = a.len();
+        if b.len() != n || g.len() != n {
+            candle_core::bail!("swiglu backward: {n}, {} and {} values", b.len(), g.len())
+        }
+        let mut out = vec![0f32; 2 * n];
+        let (da, db) = out.split_at_mut(n);
+        da.par_chunks_mut(GRAIN)
+            .zip(db.par_chunks_mut(GRAIN))
+            .zip(
+                a.par_chunks(GRAIN)
+                    .zip(b.par_chunks(GRAIN).zip(g.par_chunks(GRAIN))),
+            )
+            .for_each(|((da, db), (a, (b, g)))| {
+                for ((((da, db), &a), &b), &g) in
+                    da.iter_mut().zip(db.iter_mut()).zip(a).zip(b).zip(g)
+                {
+                    let s = 1.0 / (1.0 + (-a).exp());
+                    *da = g * b * s * (1.0 + a * (1.0 - s));
+                    *db = g * a * s;
+                }
+            });
+        let mut dims = vec![2];
+        dims.extend_from_slice(al.shape().dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// Mean cross-entropy of (N, V) f32 logits against (N,) u32 targets: `mean(lse(x) − x[target])`,
+/// a scalar. Backward: `(softmax(x) − onehot(target)) · g / N`, from the probabilities the
+/// forward pass keeps ([`CrossEntropyBwd`] recomputes them if they are gone). candle's form
+/// (log_softmax, gather, mean) makes about fifteen passes over the N × V logits each way.
+#[derive(Default)]
+pub struct CrossEntropy {
+    probs: Mutex<Option<Vec<f32>>>,
+}
+
+/// The row's maximum and `Σ e^(x − max)`.
+fn max_and_sum(x: &[f32]) -> (f32, f32) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    (max, x.iter().map(|&v| (v - max).exp()).sum())
+}
+
+fn targets_of<'a>(s: &'a CpuStorage, l: &Layout, rows: usize, v: usize) -> Result<&'a [u32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("cross_entropy: targets must be contiguous")
+    };
+    let CpuStorage::U32(t) = s else {
+        candle_core::bail!("cross_entropy: targets are {:?}, not u32", s.dtype())
+    };
+    let t = &t[a..b];
+    if t.len() != rows {
+        candle_core::bail!("cross_entropy: {rows} rows of logits, {} targets", t.len())
+    }
+    if let Some(bad) = t.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("cross_entropy: target {bad} outside the vocabulary of {v}")
+    }
+    Ok(t)
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "minimind-cpu-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = xl.shape().dims2()?;
+        let x = f32s(xs, xl, "logits")?;
+        let t = targets_of(ts, tl, n, v)?;
+        let per = rows_per_task(v);
+        let mut probs = vec![0f32; x.len()];
+        // Each task's sum of its rows' −log p, added in task order.
+        let parts: Vec<f32> = probs
+            .par_chunks_mut(per * v)
+            .zip(x.par_chunks(per * v).zip(t.par_chunks(per)))
+            .map(|(p, (x, t))| {
+                let mut nll = 0f32;
+                for ((p, x), &t) in p.chunks_mut(v).zip(x.chunks(v)).zip(t) {
+                    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let mut sum = 0f32;
+                    for (p, &x) in p.iter_mut().zip(x) {
+                        *p = (x - max).exp();
+                        sum += *p;
+                    }
+                    let inv = 1.0 / sum;
+                    p.iter_mut().for_each(|p| *p *= inv);
+                    nll += sum.ln() - (x[t as usize] - max);
+                }
+                nll
+            })
+            .collect();
+        *self.probs.lock().expect("probs lock") = Some(probs);
+        let loss = parts.iter().sum::<f32>() / n.max(1) as f32;
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let probs = self.probs.lock().expect("probs lock").take();
+        let (Some(mut dx), Ok(targets)) = (probs, t.to_vec1::<u32>()) else {
+            let dx = x
+                .detach()
+                .apply_op3_no_bwd(&t.detach(), &grad.detach(), &CrossEntropyBwd)?;
+            return Ok((Some(dx), None));
+        };
+        let (n, v) = x.dims2()?;
+        let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? / n.max(1) as f32;
+        dx.par_chunks_mut(rows_per_task(v) * v)
+            .for_each(|dx| dx.iter_mut().for_each(|d| *d *= g));
+        for (r, &t) in targets.iter().enumerate() {
+            dx[r * v + t as usize] -= g;
+        }
+        Ok((Some(Tensor::from_vec(dx, (n, v), x.device())?), None))
+    }
+}
+
+/// [`CrossEntropy`]'s backward: (logits, targets, scalar gradient) → (N, V).
+pub struct CrossEntropyBwd;
+
+impl CustomOp3 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "minimind-cpu-cross-entropy-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = xl.shape().dims2()?;
+        let x = f32s(xs, xl, "logits")?;
+        let t = targets_of(ts, tl, n, v)?;
+        let g = match f32s(gs, gl, "grad")? {
+            [g] => *g / n.max(1) as f32,
+            g => candle_core::bail!("cross_entropy backward: {} gradient values", g.len()),
+        };
+        let mut dx = vec![0f32; x.len()];
+        let per = rows_per_task(v);
+        dx.par_chunks_mut(per * v)
+            .zip(x.par_chunks(per * v).zip(t.par_chunks(per)))
+            .for_each(|(dx, (x, t))| {
+                for ((dx, x), &t) in dx.chunks_mut(v).zip(x.chunks(v)).zip(t) {
+                    let (max, sum) = max_and_sum(x);
+                    let inv = 1.0 / sum;
+                    for (dx, &x) in dx.iter_mut().zip(x) {
+                        *dx = (x - max).exp() * inv * g;
+                    }
+                    dx[t as usize] -= g;
+                }
+            });
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+}
+
+/// Whether `ts` are all f32 tensors on the CPU (what the kernels here take).
+pub fn takes(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fused;
+    use candle_core::{DType, Device, Tensor, Var};
+
+    fn var(shape: &[usize], scale: f32) -> Var {
+        let t = (Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap() * scale as f64).unwrap();
+        Var::from_tensor(&t).unwrap()
+    }
+
+    /// Value and every input gradient of the CPU form within `tol` (absolute) of the portable
+    /// form's; a non-finite value on either side fails. The CPU kernels sum in another order,
+    /// so results agree to f32 rounding, not bit for bit.
+    fn agree(
+        xs: &[&Var],
+        cpu: impl Fn(&[&Tensor]) -> candle_core::Result<Tensor>,
+        portable: impl Fn(&[&Tensor]) -> candle_core::Result<Tensor>,
+        tol: f64,
+        what: &str,
+    ) {
+        let xs: Vec<&Tensor> = xs.iter().map(|v| v.as_tensor()).collect();
+        let a = fused::weighted_value_and_grads(&xs, cpu).unwrap();
+        let b = fused::weighted_value_and_grads(&xs, portable).unwrap();
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            let part = if i == 0 {
+                "value".to_string()
+            } else {
+                format!("d/dx{}", i - 1)
+            };
+            crate::compare::Diff::of(x, y)
+                .check_abs(tol, &format!("{what}: {part}, CPU kernel vs portable"))
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn causal_softmax_matches_the_portable_form_in_value_and_gradient() {
+        // Four queries per head over 4 keys (training) and over 9 (after 5 cached keys),
+        // and one query over 6 keys (decoding: no mask).
+        for (t, s) in [(4, 4), (4, 9), (1, 6)] {
+            let scores = var(&[2, 3, t, s], 3.0);
+            let mask = (t > 1).then(|| crate::model::llm::causal_mask(t, s, &Device::Cpu).unwrap());
+            let sqrt_hd = 8f64.sqrt();
+            agree(
+                &[&scores],
+                |x| fused::causal_softmax_cpu(x[0], t, 1.0 / sqrt_hd),
+                |x| fused::attention_probs_portable(x[0], t, sqrt_hd, mask.as_ref(), DType::F32),
+                1e-6,
+                &format!("causal softmax {t}×{s}"),
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_backward_matches_the_portable_form() {
+        // Enough rows (3 × 700 of width 40) for several tasks' shares of dw to be summed.
+        let (x, w) = (var(&[3, 700, 40], 2.0), var(&[40], 1.0));
+        agree(
+            &[&x, &w],
+            |v| fused::rms_norm_cpu(v[0], v[1], 1e-5),
+            |v| fused::rms_norm_portable(v[0], v[1], 1e-5),
+            // dw sums 2,100 rows of magnitude ~1: f32 rounding of that order.
+            1e-3,
+            "RMSNorm",
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_the_portable_form_in_value_and_gradients() {
+        // More values than one task takes, large inputs included (e^−a overflow for a ≪ 0).
+        let (a, b) = (var(&[5, 9000], 8.0), var(&[5, 9000], 1.0));
+        agree(
+            &[&a, &b],
+            |v| fused::swiglu_cpu(v[0], v[1]),
+            |v| fused::swiglu_portable(v[0], v[1]),
+            1e-5,
+            "SwiGLU",
+        );
+    }
+
+    #[test]
+    fn cross_entropy_matches_candles_form_in_value_and_gradient() {
+        // 37 rows over a vocabulary of 300 (several tasks), logits large enough to need the
+        // max subtracted.
+        let x = var(&[37, 300], 20.0);
+        let targets: Vec<u32> = (0..37).map(|i| (i * 41 % 300) as u32).collect();
+        let t = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+        let portable = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let logp = candle_nn::ops::log_softmax(x, candle_core::D::Minus1)?;
+            logp.gather(&t.unsqueeze(1)?, 1)?
+                .squeeze(1)?
+                .mean_all()?
+                .neg()
+        };
+        agree(
+            &[&x],
+            |v| v[0].apply_op2(&t, super::CrossEntropy::default()),
+            |v| portable(v[0]),
+            1e-4,
+            "cross-entropy",
+        );
+        // The backward without the kept probabilities (recomputed) gives the same gradient.
+        let loss = x
+            .as_tensor()
+            .apply_op2(&t, super::CrossEntropy::default())
+            .unwrap();
+        let kept = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let one = Tensor::new(1f32, &Device::Cpu).unwrap();
+        let again = x
+            .as_tensor()
+            .apply_op3_no_bwd(&t, &one, &super::CrossEntropyBwd)
+            .unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        crate::compare::Diff::of(&flat(&kept), &flat(&again))
+            .check_abs(
+                1e-7,
+                "cross-entropy backward: kept vs recomputed probabilities",
+            )
+            .unwrap();
+        let bad = Tensor::new(&[300u32], &Device::Cpu).unwrap();
+        let one = Tensor::zeros((1, 300), DType::F32, &Device::Cpu).unwrap();
+        let e = one
+            .apply_op2_no_bwd(&bad, &super::CrossEntropy::default())
+            .unwrap_err();
+        assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    }
+
+    #[test]
+    fn the_kernels_refuse_what_they_do_not_take() {
+        // bf16 and non-f32 tensors go to the portable forms; the kernels say why they refuse.
+        let x = Tensor::zeros((2, 2, 3, 3), DType::BF16, &Device::Cpu).unwrap();
+        assert!(!super::takes(&[&x]));
+        let e = x
+            .apply_op1_no_bwd(&super::CausalSoftmax { t: 3, scale: 1.0 })
+            .unwrap_err();
+        assert!(e.to_string().contains("not f32"), "{e}");
+        let y = Tensor::zeros((2, 2, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        let e = y
+            .apply_op1_no_bwd(&super::CausalSoftmax { t: 2, scale: 1.0 })
+            .unwrap_err();
+        assert!(e.to_string().contains("2 queries"), "{e}");
+    }
+}
