@@ -8,8 +8,9 @@ autocast. Prints a Markdown table like the Rust bench, for docs/BENCHMARKS.md.
     python3 bench/torch_baseline.py --batch-size 64 --steps 30
     python3 bench/torch_baseline.py --check-reference ../shared/reference/tiny_llm   # model check
 
-On the CPU, side by side with minimind-v in one run (the two interleaved, `--rounds` times each,
-same model, batch, lengths and thread count; prints both rates and their ratio):
+On the CPU, side by side with minimind-v in one run (interleaved, `--rounds` times each, same
+model, batch, lengths and thread count; prints the rates and each binary's ratio to PyTorch; give
+several binaries to compare builds):
 
     python3 bench/torch_baseline.py --device cpu --vs target/release/minimind-v \
         --model minimind_512 --batch-size 8 --mean-len 100 --steps 10 --rounds 3
@@ -301,9 +302,9 @@ def bench(args):
         print(f"| {pad} | {precision} | {tps:.0f} | {sps:.1f} | {mem:.2f} | {last:.4f} |")
 
 
-def ours(args):
+def ours(args, binary):
     """minimind-v's f32 dynamic-padding rate (real tokens/s) on the same model and batches."""
-    cmd = [args.vs, "bench", "train", "--device", "cpu", "--model", args.model,
+    cmd = [binary, "bench", "train", "--device", "cpu", "--model", args.model,
            "--batch-size", str(args.batch_size), "--mean-len", str(args.mean_len),
            "--steps", str(args.steps), "--padding", "dynamic", "--precision", "f32"]
     env = dict(os.environ, RAYON_NUM_THREADS=str(torch.get_num_threads()))
@@ -317,26 +318,32 @@ def ours(args):
 
 
 def side_by_side(args):
-    """Interleaved rounds of PyTorch and minimind-v on the CPU; fails on a failed or NaN row."""
+    """Interleaved rounds of PyTorch and each minimind-v binary on the CPU; fails on a failed or
+    non-finite row."""
     if args.device != "cpu":
         raise SystemExit("--vs compares CPU steps: use --device cpu")
     cfg = Config(**MODELS[args.model])
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                 if l.startswith("model name")), "unknown CPU")
-    print(head(args, "cpu") + f"; {cpu}; minimind-v: {args.vs}\n")
-    print("| round | PyTorch tokens/s | minimind-v tokens/s | ratio |")
-    print("|---|---|---|---|")
-    theirs, mine = [], []
+    print(head(args, "cpu") + f"; {cpu}\n")
+    names = [os.path.basename(b) for b in args.vs]
+    print("| round | PyTorch tokens/s | " + " | ".join(f"{n} tokens/s | ratio" for n in names) + " |")
+    print("|---|---|" + "---|---|" * len(names))
+    theirs, mine = [], [[] for _ in args.vs]
     for r in range(args.rounds):
-        t = measure(cfg, args, None, "f32", torch.device("cpu"))[0]
-        m = ours(args)
-        if not (math.isfinite(t) and math.isfinite(m) and t > 0 and m > 0):
-            raise SystemExit(f"round {r + 1}: a rate is not a positive number ({t}, {m})")
-        theirs.append(t)
-        mine.append(m)
-        print(f"| {r + 1} | {t:.0f} | {m:.0f} | {m / t:.2f}× |", flush=True)
-    mt, mm = sorted(theirs)[len(theirs) // 2], sorted(mine)[len(mine) // 2]
-    print(f"| median | {mt:.0f} | {mm:.0f} | {mm / mt:.2f}× |")
+        rates = [measure(cfg, args, None, "f32", torch.device("cpu"))[0]]
+        rates += [ours(args, b) for b in args.vs]
+        if not all(math.isfinite(x) and x > 0 for x in rates):
+            raise SystemExit(f"round {r + 1}: a rate is not a positive number: {rates}")
+        theirs.append(rates[0])
+        for m, x in zip(mine, rates[1:]):
+            m.append(x)
+        cells = " | ".join(f"{x:.0f} | {x / rates[0]:.2f}×" for x in rates[1:])
+        print(f"| {r + 1} | {rates[0]:.0f} | {cells} |", flush=True)
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    mt = median(theirs)
+    cells = " | ".join(f"{median(m):.0f} | {median(m) / mt:.2f}×" for m in mine)
+    print(f"| median | {mt:.0f} | {cells} |")
 
 
 def main():
@@ -351,7 +358,8 @@ def main():
     p.add_argument("--precision", choices=("f32", "bf16", "both"), default="both")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, the core count)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--vs", metavar="MINIMIND_V", help="side by side with this minimind-v binary")
+    p.add_argument("--vs", metavar="MINIMIND_V", nargs="+",
+                   help="side by side with these minimind-v binaries (one column each)")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     if args.threads:
