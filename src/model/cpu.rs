@@ -20,12 +20,23 @@ use rayon::prelude::*;
 const GRAIN: usize = 1 << 14;
 
 /// The contiguous f32 values of `s` under `l`.
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+pub fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let Some((a, b)) = l.contiguous_offsets() else {
         candle_core::bail!("minimind CPU kernel: {what} must be contiguous")
     };
     match s {
         CpuStorage::F32(v) => Ok(&v[a..b]),
+        s => candle_core::bail!("minimind CPU kernel: {what} is {:?}, not f32", s.dtype()),
+    }
+}
+
+/// [`f32s`], writable (in-place ops).
+pub fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("minimind CPU kernel: {what} must be contiguous")
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[a..b]),
         s => candle_core::bail!("minimind CPU kernel: {what} is {:?}, not f32", s.dtype()),
     }
 }

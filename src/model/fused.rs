@@ -158,6 +158,31 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// [`rms_norm`] on the CPU: candle-nn's fused forward, backward in one pass
 /// (`model::cpu::RmsNormBwd`).
 pub fn rms_norm_cpu(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    rms_norm_with_backward(
+        x,
+        w,
+        eps,
+        "cpu-rms-norm",
+        Box::new(move |x, w, g| {
+            let (n, c) = (x.elem_count() / w.elem_count(), w.elem_count());
+            let op = super::cpu::RmsNormBwd { eps: eps as f32 };
+            let both = x.contiguous()?.apply_op3_no_bwd(w, &g.contiguous()?, &op)?;
+            Ok((
+                both.narrow(0, 0, n)?.reshape(x.shape())?,
+                both.get(n)?.reshape(c)?,
+            ))
+        }),
+    )
+}
+
+/// candle-nn's fused RMSNorm forward, entering the graph with the backward `bwd(x, w, g)`.
+fn rms_norm_with_backward(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    name: &'static str,
+    bwd: Bwd2,
+) -> Result<Tensor> {
     let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, &w.detach(), eps as f32)?;
     if !x.track_op() && !w.track_op() {
         return Ok(y);
@@ -165,17 +190,9 @@ pub fn rms_norm_cpu(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.apply_op2(
         w,
         Attach2 {
-            name: "cpu-rms-norm",
+            name,
             value: Mutex::new(Some(y)),
-            bwd: Box::new(move |x, w, g| {
-                let (n, c) = (x.elem_count() / w.elem_count(), w.elem_count());
-                let op = super::cpu::RmsNormBwd { eps: eps as f32 };
-                let both = x.contiguous()?.apply_op3_no_bwd(w, &g.contiguous()?, &op)?;
-                Ok((
-                    both.narrow(0, 0, n)?.reshape(x.shape())?,
-                    both.get(n)?.reshape(c)?,
-                ))
-            }),
+            bwd,
         },
     )
 }
@@ -288,33 +305,28 @@ pub fn attention_probs_portable(
 /// Upstream's RMSNorm, `w ⊙ x / sqrt(mean(x²) + eps)`, statistics in f32, on any device.
 /// With x̂ = x·r, r = 1/sqrt(mean(x²)+eps): `dx = r (g⊙w − x̂ · mean(g⊙w⊙x̂))`, `dw = Σ_rows g⊙x̂`.
 pub fn rms_norm_portable(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, &w.detach(), eps as f32)?;
-    if !x.track_op() && !w.track_op() {
-        return Ok(y);
-    }
-    x.apply_op2(
+    rms_norm_with_backward(
+        x,
         w,
-        Attach2 {
-            name: "fused-rms-norm",
-            value: Mutex::new(Some(y)),
-            bwd: Box::new(move |x, w, g| {
-                let c = x.dim(D::Minus1)?;
-                let (xf, gf, wf) = (
-                    x.to_dtype(DType::F32)?,
-                    g.to_dtype(DType::F32)?,
-                    w.to_dtype(DType::F32)?,
-                );
-                let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-                    .sqrt()?
-                    .recip()?;
-                let xhat = xf.broadcast_mul(&r)?;
-                let gw = gf.broadcast_mul(&wf)?;
-                let dot = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
-                let dx = (gw - xhat.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
-                let dw = (gf * xhat)?.reshape(((), c))?.sum(0)?;
-                Ok((dx.to_dtype(x.dtype())?, dw.to_dtype(w.dtype())?))
-            }),
-        },
+        eps,
+        "fused-rms-norm",
+        Box::new(move |x, w, g| {
+            let c = x.dim(D::Minus1)?;
+            let (xf, gf, wf) = (
+                x.to_dtype(DType::F32)?,
+                g.to_dtype(DType::F32)?,
+                w.to_dtype(DType::F32)?,
+            );
+            let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+                .sqrt()?
+                .recip()?;
+            let xhat = xf.broadcast_mul(&r)?;
+            let gw = gf.broadcast_mul(&wf)?;
+            let dot = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+            let dx = (gw - xhat.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
+            let dw = (gf * xhat)?.reshape(((), c))?.sum(0)?;
+            Ok((dx.to_dtype(x.dtype())?, dw.to_dtype(w.dtype())?))
+        }),
     )
 }
 

@@ -8,6 +8,7 @@ use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::model::cpu::{f32s, f32s_mut};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -184,24 +185,6 @@ impl AdamW {
 /// Elements per task of the in-place updates.
 const CHUNK: usize = 1 << 15;
 
-/// The f32 slice of contiguous CPU storage `s` under `l`.
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("AdamW: a non-contiguous operand".into()))?;
-    Ok(&s.as_slice::<f32>()?[start..end])
-}
-
-fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("AdamW: a non-contiguous operand".into()))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&mut v[start..end]),
-        _ => Err(candle_core::Error::Msg("AdamW: not f32".into())),
-    }
-}
-
 /// A moment in place: `m ← m·β + g·(1−β)`, or with `square` `v ← v·β + g²·(1−β)`.
 struct Moment {
     beta: f32,
@@ -220,7 +203,7 @@ impl InplaceOp2 for Moment {
         g: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        let (m, g) = (f32s_mut(dst, dst_l)?, f32s(g, gl)?);
+        let (m, g) = (f32s_mut(dst, dst_l, "moment")?, f32s(g, gl, "gradient")?);
         let (b, square) = (self.beta, self.square);
         m.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
@@ -262,7 +245,11 @@ impl InplaceOp3 for Update {
         v: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<()> {
-        let (theta, m, v) = (f32s_mut(dst, dst_l)?, f32s(m, ml)?, f32s(v, vl)?);
+        let (theta, m, v) = (
+            f32s_mut(dst, dst_l, "parameter")?,
+            f32s(m, ml, "m")?,
+            f32s(v, vl, "v")?,
+        );
         let Update {
             lr,
             bc1,
