@@ -178,17 +178,34 @@ fn regular(cx: f32, cy: f32, radii: &[f32], n: usize) -> Vec<(f32, f32)> {
         .collect()
 }
 
-fn covers(scene: &Scene, x: f32, y: f32) -> bool {
-    let (dx, dy, r) = (x - scene.cx, y - scene.cy, scene.r);
-    match scene.shape {
-        Shape::Circle => dx * dx + dy * dy <= r * r,
-        Shape::Square => dx.abs() <= 0.8 * r && dy.abs() <= 0.8 * r,
-        Shape::Triangle => {
-            inside_polygon(x, y, &regular(scene.cx, scene.cy + 0.2 * r, &[r * 1.1], 3))
-        }
-        Shape::Star => inside_polygon(x, y, &regular(scene.cx, scene.cy, &[r, 0.45 * r], 10)),
-        Shape::Cross => {
-            (dx.abs() <= 0.3 * r && dy.abs() <= r) || (dy.abs() <= 0.3 * r && dx.abs() <= r)
+/// Whether a point is inside the scene's shape; polygons are built once per image, not per
+/// sample point.
+struct Coverage<'a> {
+    scene: &'a Scene,
+    polygon: Vec<(f32, f32)>,
+}
+
+impl<'a> Coverage<'a> {
+    fn new(scene: &'a Scene) -> Self {
+        let (cx, cy, r) = (scene.cx, scene.cy, scene.r);
+        let polygon = match scene.shape {
+            Shape::Triangle => regular(cx, cy + 0.2 * r, &[r * 1.1], 3),
+            Shape::Star => regular(cx, cy, &[r, 0.45 * r], 10),
+            _ => Vec::new(),
+        };
+        Self { scene, polygon }
+    }
+
+    fn covers(&self, x: f32, y: f32) -> bool {
+        let scene = self.scene;
+        let (dx, dy, r) = (x - scene.cx, y - scene.cy, scene.r);
+        match scene.shape {
+            Shape::Circle => dx * dx + dy * dy <= r * r,
+            Shape::Square => dx.abs() <= 0.8 * r && dy.abs() <= 0.8 * r,
+            Shape::Triangle | Shape::Star => inside_polygon(x, y, &self.polygon),
+            Shape::Cross => {
+                (dx.abs() <= 0.3 * r && dy.abs() <= r) || (dy.abs() <= 0.3 * r && dx.abs() <= r)
+            }
         }
     }
 }
@@ -197,10 +214,11 @@ fn covers(scene: &Scene, x: f32, y: f32) -> bool {
 pub fn render(scene: &Scene, size: u32, rng: &mut impl Rng) -> image::RgbImage {
     let fg = COLOURS[scene.colour].rgb;
     let bg = BACKGROUNDS[scene.background].rgb;
+    let coverage = Coverage::new(scene);
     image::RgbImage::from_fn(size, size, |x, y| {
         let mut hits = 0;
         for (ox, oy) in [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)] {
-            hits += covers(scene, x as f32 + ox, y as f32 + oy) as u32;
+            hits += coverage.covers(x as f32 + ox, y as f32 + oy) as u32;
         }
         let noise: i32 = rng.random_range(-8..=8);
         let px = |c: usize| {
