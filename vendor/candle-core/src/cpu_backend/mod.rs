@@ -1478,7 +1478,18 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // gemm with read_dst = false writes every element of dst when k > 0, so dst needs no
+        // zero-fill first (minimind-v change; vendor/README.md).
+        let len = b * m * n;
+        let mut dst = if k == 0 {
+            vec![T::zero(); len]
+        } else {
+            let mut dst = Vec::with_capacity(len);
+            // SAFETY: T is a plain number type; every element is written by gemm below before
+            // anything reads it.
+            unsafe { dst.set_len(len) };
+            dst
+        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
