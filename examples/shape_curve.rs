@@ -37,6 +37,7 @@ fn main() {
         out: &out,
         init: Some(pretrained),
         steps,
+        batch_size: 16,
         lr,
         adam_beta2: SFT_ADAM_BETA2,
     };

@@ -28,6 +28,8 @@ pub struct DemoConfig {
     pub tokenizer: PathBuf,
     pub pretrain_steps: usize,
     pub sft_steps: usize,
+    /// Global batch of both training stages.
+    pub batch_size: usize,
     /// Peak learning rate of the instruction stage (cosine to a tenth after a 5% warmup).
     pub sft_lr: f64,
     /// Adam's β₂ in the instruction stage (the caption stage keeps Adam's 0.999).
@@ -177,8 +179,8 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
     model.validate()?;
     let eval_cache = cfg.out.join("cache/eval");
     eprintln!(
-        "[4/5] train: pretrain {} steps, then SFT {} steps (dim {}, {} layers)",
-        cfg.pretrain_steps, cfg.sft_steps, model.dim, model.n_layers
+        "[4/5] train: pretrain {} steps, then SFT {} steps, batch {} (dim {}, {} layers)",
+        cfg.pretrain_steps, cfg.sft_steps, cfg.batch_size, model.dim, model.n_layers
     );
     let (pre_shards, pre_out) = (cfg.out.join("cache/pretrain"), cfg.out.join("pretrain"));
     let stage = StageRun {
@@ -186,6 +188,7 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         out: &pre_out,
         init: None,
         steps: cfg.pretrain_steps,
+        batch_size: cfg.batch_size,
         lr: 2e-3,
         adam_beta2: 0.999,
     };
@@ -205,6 +208,7 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         out: &sft_out,
         init,
         steps: cfg.sft_steps,
+        batch_size: cfg.batch_size,
         lr: cfg.sft_lr,
         adam_beta2: cfg.sft_adam_beta2,
     };

@@ -37,6 +37,8 @@ pub struct StageRun<'a> {
     pub out: &'a Path,
     pub init: Option<PathBuf>,
     pub steps: usize,
+    /// The global batch (split across data-parallel ranks).
+    pub batch_size: usize,
     pub lr: f64,
     pub adam_beta2: f64,
 }
@@ -52,7 +54,7 @@ pub fn stage_config(stage: &StageRun, val: Option<&Path>, model: &ModelConfig) -
         trainable: Trainable::All,
         steps: Some(steps),
         epochs: None,
-        batch_size: 16,
+        batch_size: stage.batch_size,
         grad_accum: 1,
         lr: stage.lr,
         warmup_steps: steps / 20,
@@ -337,7 +339,10 @@ pub fn evaluate_pairs(
             } else {
                 "shape"
             };
-            let truth = crate::synth::what_differs(kind, &a[kind], &b[kind]);
+            let truth = crate::synth::what_differs(
+                [&a["colour"], &a["shape"]],
+                [&b["colour"], &b["shape"]],
+            );
             let got = answer(&model, tokenizer, &feats, q)?;
             acc.pairs += 1;
             acc.pair_kind_right += got.contains(&format!("The {kind} differs")) as usize;

@@ -575,7 +575,7 @@ fn user_errors_name_the_file_and_the_fix() {
 #[test]
 fn sft_records_sets_the_records_per_instruction_image() {
     let tmp = tempfile::tempdir().unwrap();
-    for per_image in [1, 2] {
+    for per_image in [1, 2, 3] {
         let ds = tmp.path().join(format!("ds{per_image}"));
         let summary = synth::generate(&SynthConfig {
             out: ds.clone(),
@@ -603,12 +603,27 @@ fn sft_records_sets_the_records_per_instruction_image() {
         };
         let first: Vec<Vec<String>> = records[..per_image].iter().map(questions).collect();
         assert!(first.iter().all(|q| q.len() == 4));
-        if per_image == 2 {
+        if per_image >= 2 {
             assert_ne!(first[0], first[1]);
             let (mut a, mut b) = (first[0].clone(), first[1].clone());
             a.sort();
             b.sort();
             assert_eq!(a, b);
+        }
+        // The trained (first) questions: shape in English, shape in Chinese, then colour —
+        // English on even images, Chinese on odd ones.
+        let trained: Vec<Vec<String>> = records
+            .chunks(per_image)
+            .map(|r| r.iter().map(|r| questions(r)[0].clone()).collect())
+            .collect();
+        let colour = ["What colour is the shape?", "图中的形状是什么颜色？"];
+        for (i, t) in trained.iter().enumerate() {
+            let want = [
+                "What shape is in the image?",
+                "图中是什么形状？",
+                colour[i % 2],
+            ];
+            assert_eq!(t[..], want[..per_image], "image {i}");
         }
     }
 }

@@ -98,6 +98,9 @@ pub struct DemoArgs {
     pretrain_steps: usize,
     #[arg(long, default_value_t = 5500)]
     sft_steps: usize,
+    /// Global batch of both training stages (split across --ranks).
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    batch_size: usize,
     /// Peak learning rate of the instruction stage (chosen on the tuning seeds, docs/DEMO.md).
     #[arg(long, default_value_t = 2e-3)]
     sft_lr: f64,
@@ -115,8 +118,8 @@ pub struct DemoArgs {
     require_bar: bool,
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Train each stage as this many data-parallel CPU processes (1, 2, 4, 8 or 16; the
-    /// global batch stays 16). Default: 2 on a CPU with at least 2 cores, else 1.
+    /// Train each stage as this many data-parallel CPU processes (a divisor of --batch-size;
+    /// the global batch stays the same). Default: 2 on a CPU with at least 2 cores, else 1.
     #[arg(long)]
     ranks: Option<usize>,
     /// Width of the model the demo trains (default: the demo model's, 96).
@@ -142,8 +145,9 @@ impl DemoArgs {
             None => 1,
         };
         anyhow::ensure!(
-            ranks >= 1 && 16 % ranks == 0,
-            "--ranks {ranks}: use 1, 2, 4, 8 or 16 (it must divide the batch of 16)"
+            ranks >= 1 && self.batch_size.is_multiple_of(ranks),
+            "--ranks {ranks}: it must divide the batch of {}",
+            self.batch_size
         );
         let cfg = demo::DemoConfig {
             out: self.out.clone(),
@@ -156,6 +160,7 @@ impl DemoArgs {
             tokenizer: config::DEFAULT_TOKENIZER.into(),
             pretrain_steps: self.pretrain_steps,
             sft_steps: self.sft_steps,
+            batch_size: self.batch_size,
             sft_lr: self.sft_lr,
             sft_adam_beta2: self.sft_adam_beta2,
             eval_images: self.eval_images,

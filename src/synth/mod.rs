@@ -128,6 +128,14 @@ fn instructions(s: &Scene) -> Vec<(String, String)> {
     ]
 }
 
+/// Which of `instructions`' four questions record `k` of image `i` asks first: the English and
+/// the Chinese shape question, then the colour questions, starting with English on even images and
+/// Chinese on odd ones (so three records train both shape questions and one colour question).
+fn first_question(i: usize, k: usize) -> usize {
+    let colour = if i % 2 == 0 { [1, 3] } else { [3, 1] };
+    [0, 2, colour[0], colour[1]][k % 4]
+}
+
 fn zip_writer(path: &Path) -> Result<zip::ZipWriter<std::fs::File>> {
     let file = std::fs::File::create(path).at(path)?;
     Ok(zip::ZipWriter::new(file))
@@ -153,11 +161,18 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     crate::util::write_bytes_atomic(path, &serde_json::to_vec_pretty(value)?)
 }
 
-/// The two-image answer: `attribute` is `colour` or `shape`, the values are English words.
-pub fn what_differs(attribute: &str, first: &str, second: &str) -> String {
-    let article = if attribute == "shape" { "a " } else { "" };
+/// The two-image answer for images of (colour, shape) `first` and `second`, which differ in one
+/// of the two: it names both images before it says what differs, so the comparison is between two
+/// words the model has just written rather than made before it writes anything.
+pub fn what_differs(first: [&str; 2], second: [&str; 2]) -> String {
+    let attribute = if first[0] != second[0] {
+        "colour"
+    } else {
+        "shape"
+    };
     format!(
-        "The {attribute} differs: the first is {article}{first}, the second is {article}{second}."
+        "First: {} {}. Second: {} {}. The {attribute} differs.",
+        first[0], first[1], second[0], second[1]
     )
 }
 
@@ -280,11 +295,13 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
         // Every record asks all four questions (shape and colour, English and Chinese), in a
         // rotated order. SFT, as upstream's, trains only a record's first question–answer pair,
         // so the rotation decides which question each record trains: an image's `sft_records`
-        // records train that many of its four questions.
+        // records train that many of its four questions, shape questions first (a model learns
+        // colour in a hundred steps and shape in thousands).
         for k in 0..cfg.sft_records {
+            let first = first_question(i, k);
             let mut conv = Vec::new();
             for j in 0..pairs.len() {
-                let (q, a) = pairs[(i + k + j) % pairs.len()].clone();
+                let (q, a) = pairs[(first + j) % pairs.len()].clone();
                 let q = if j == 0 {
                     q
                 } else {
@@ -327,11 +344,10 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
             std::fs::write(&path, jpeg(&draw::render(scene, IMAGE_SIZE, &mut rng))).at(&path)?;
             labels.insert(format!("sft_multi_images/{name}"), label(scene));
         }
-        let answer = if colour_differs {
-            what_differs("colour", COLOURS[a.colour].en, COLOURS[b.colour].en)
-        } else {
-            what_differs("shape", a.shape.en(), b.shape.en())
-        };
+        let answer = what_differs(
+            [COLOURS[a.colour].en, a.shape.en()],
+            [COLOURS[b.colour].en, b.shape.en()],
+        );
         let mut q = "<image>\n<image>\nWhat differs between the two images?".to_string();
         if cfg.faults && i % 83 == 11 {
             q = "<image>\nWhat differs between the two images?".into();
@@ -351,4 +367,34 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
         &serde_json::to_value(&labels)?,
     )?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_differs_names_both_images_then_the_attribute_that_differs() {
+        assert_eq!(
+            what_differs(["red", "circle"], ["blue", "circle"]),
+            "First: red circle. Second: blue circle. The colour differs."
+        );
+        assert_eq!(
+            what_differs(["red", "star"], ["red", "cross"]),
+            "First: red star. Second: red cross. The shape differs."
+        );
+    }
+
+    #[test]
+    fn the_shape_questions_are_trained_first() {
+        let shape = [0, 2]; // instructions(): shape in English, then in Chinese, at 0 and 2
+        for i in 0..4 {
+            let firsts: Vec<usize> = (0..4).map(|k| first_question(i, k)).collect();
+            assert_eq!(firsts[..2], shape, "image {i}");
+            let mut all = firsts.clone();
+            all.sort();
+            assert_eq!(all, [0, 1, 2, 3], "image {i}: every question once");
+        }
+        assert_ne!(first_question(0, 2), first_question(1, 2));
+    }
 }
