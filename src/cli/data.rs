@@ -90,7 +90,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     sft_records: usize,
     /// Two-image pairs for the "what differs" instructions.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 1000)]
     multi: usize,
     #[arg(long, default_value = config::DEFAULT_CLIP)]
     clip: PathBuf,
