@@ -46,9 +46,10 @@ fn rows_per_task(width: usize) -> usize {
     (GRAIN / width.max(1)).max(1)
 }
 
-/// `e^x` for every value of `xs`, in place: Cephes' `expf` (a degree-7 polynomial after reducing
-/// by ln 2, within a few ulp of the exact value), written without branches or calls so that the loop vectorises. libm's `expf` is a call
-/// per value, and these kernels make millions per training step. Arguments are clamped to
+/// `e^x` for every value of `xs`, in place: Cephes' `expf` (a polynomial after reducing by ln 2,
+/// within a few ulp of the exact value), written without branches or calls so that the loop
+/// vectorises. libm's `expf` is a call per value, and these kernels make millions of them per
+/// training step. Arguments are clamped to
 /// [−87.3, 88.3], so results below 2⁻¹²⁶ come out as about 1.2·10⁻³⁸ instead of subnormal or 0,
 /// and above 2.1·10³⁸ as that instead of ∞; NaN stays NaN (all tested below).
 pub fn exp_in_place(xs: &mut [f32]) {
