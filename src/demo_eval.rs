@@ -217,14 +217,16 @@ fn answer(model: &Vlm, tok: &ChatTokenizer, feats: &Tensor, question: &str) -> R
     let n = feats.dim(0)?;
     let ids = tok.encode_text(&chat_prompt(question, n));
     let imgs = Images::for_rows(&[&ids], std::slice::from_ref(feats), &model.cfg.image_ids)?;
-    let out = generate(
-        model,
-        &ids,
-        imgs.as_ref(),
-        &Sampling::greedy(32),
-        true,
-        |_| true,
-    )?;
+    let out = crate::util::on_pool(|| {
+        generate(
+            model,
+            &ids,
+            imgs.as_ref(),
+            &Sampling::greedy(32),
+            true,
+            |_| true,
+        )
+    })?;
     Ok(tok.decode(&out).trim().to_string())
 }
 

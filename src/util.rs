@@ -170,9 +170,38 @@ impl Drop for LockFile {
     }
 }
 
+/// Run `f` on a thread of rayon's global pool, the caller waiting, unless this thread is one
+/// already. CPU tensor code called from outside the pool hands each parallel operation to a
+/// sleeping pool thread and sleeps until it is done; thousands of small operations (a training
+/// step, a generated token) paid that hand-off every time. On a pool thread they start where
+/// they are. `f` must not wait for other threads that need the pool (it would hold a thread of
+/// it while waiting).
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Off the pool `on_pool` moves to one of its threads; on it, it stays where it is.
+    #[test]
+    fn on_pool_runs_on_a_pool_thread_and_nests_in_place() {
+        assert_eq!(rayon::current_thread_index(), None);
+        let here = std::thread::current().id();
+        let (outer, inner, thread) = on_pool(|| {
+            let outer = rayon::current_thread_index();
+            let inner = on_pool(|| (rayon::current_thread_index(), std::thread::current().id()));
+            (outer, inner.0, inner.1)
+        });
+        assert!(outer.is_some());
+        assert_eq!(inner, outer);
+        assert_ne!(thread, here);
+    }
 
     /// A full disk (here `/dev/full` behind the temporary name): the error names the file, and
     /// neither a temporary file nor a half-written one is left.

@@ -309,7 +309,7 @@ fn featurize(tower: &ClipTower, chunk: Prepared) -> Result<Featured> {
     let per_image = if flat.is_empty() {
         Vec::new()
     } else {
-        tower.features_f16_bytes(&flat)?
+        crate::util::on_pool(|| tower.features_f16_bytes(&flat))?
     };
     let mut it = per_image.into_iter();
     let features = chunk

@@ -69,7 +69,7 @@ pub fn exp_in_place(xs: &mut [f32]) {
         let p = p * r + 8.333_452e-3;
         let p = p * r + 4.166_579_6e-2;
         let p = p * r + 1.666_666_5e-1;
-        let p = p * r + 5.000_000_1e-1;
+        let p = p * r + 0.5; // Cephes: 5.0000001e-1, which is 0.5 in f32
         let e = p * r * r + r + 1.0;
         let k = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
         *x = e * f32::from_bits(((k + 127) << 23) as u32);

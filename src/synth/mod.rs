@@ -132,7 +132,7 @@ fn instructions(s: &Scene) -> Vec<(String, String)> {
 /// the Chinese shape question, then the colour questions, starting with English on even images and
 /// Chinese on odd ones (so three records train both shape questions and one colour question).
 fn first_question(i: usize, k: usize) -> usize {
-    let colour = if i % 2 == 0 { [1, 3] } else { [3, 1] };
+    let colour = if i.is_multiple_of(2) { [1, 3] } else { [3, 1] };
     [0, 2, colour[0], colour[1]][k % 4]
 }
 

@@ -27,6 +27,11 @@ use crate::error::{Error, Result};
 /// Sums equal-length f32 buffers across all ranks; every rank gets the same result.
 pub trait AllReduce: Send + Sync {
     fn sum(&self, rank: usize, data: &Tensor) -> Result<Tensor>;
+
+    /// Whether the ranks are threads of this process that wait for each other.
+    fn threads_of_one_process(&self) -> bool {
+        false
+    }
 }
 
 /// This replica's place in the run and how it talks to the others.
@@ -65,6 +70,13 @@ impl Dist {
             world,
             reduce: Some(reduce),
         })
+    }
+
+    /// Whether the ranks are threads of this process that wait for each other at every step.
+    pub fn threads_of_one_process(&self) -> bool {
+        self.reduce
+            .as_ref()
+            .is_some_and(|r| r.threads_of_one_process())
     }
 
     /// `(rank, world)` from `MMV_RANK`/`MMV_WORLD_SIZE` (or `RANK`/`WORLD_SIZE`); `None` when
@@ -173,6 +185,10 @@ impl ThreadGroup {
 }
 
 impl AllReduce for ThreadGroup {
+    fn threads_of_one_process(&self) -> bool {
+        true
+    }
+
     fn sum(&self, rank: usize, data: &Tensor) -> Result<Tensor> {
         self.slots.lock().expect("lock")[rank] = Some(data.clone());
         self.barrier.wait();
