@@ -76,6 +76,17 @@ pub fn exp_in_place(xs: &mut [f32]) {
     }
 }
 
+/// `out = e^(scale·x − max)` for a row `x` whose scaled maximum is `max`; returns
+/// `(max, Σ out)` — the shared first half of every softmax here.
+fn exp_minus_max(out: &mut [f32], x: &[f32], scale: f32) -> (f32, f32) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = x * scale - max;
+    }
+    exp_in_place(out);
+    (max, out.iter().sum())
+}
+
 /// `(B, G, R·T, S)` scores → causal softmax of `scale · scores`: row r of a head is query
 /// i = r mod T, which sees keys ≤ i + S − T (the others get probability 0).
 pub struct CausalSoftmax {
@@ -107,12 +118,7 @@ impl CustomOp1 for CausalSoftmax {
                     let i = (task * per + r) % rt % t;
                     let seen = i + k - t + 1; // keys 0..seen
                     let (y, x) = (&mut y[..seen], &x[..seen]);
-                    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = x * scale - max;
-                    }
-                    exp_in_place(y);
-                    let sum: f32 = y.iter().sum();
+                    let (_, sum) = exp_minus_max(y, x, scale);
                     let inv = 1.0 / sum;
                     y.iter_mut().for_each(|y| *y *= inv);
                 }
@@ -376,12 +382,7 @@ impl CustomOp2 for CrossEntropy {
             .map(|(p, (x, t))| {
                 let mut nll = 0f32;
                 for ((p, x), &t) in p.chunks_mut(v).zip(x.chunks(v)).zip(t) {
-                    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    for (p, &x) in p.iter_mut().zip(x) {
-                        *p = x - max;
-                    }
-                    exp_in_place(p);
-                    let sum: f32 = p.iter().sum();
+                    let (max, sum) = exp_minus_max(p, x, 1.0);
                     let inv = 1.0 / sum;
                     p.iter_mut().for_each(|p| *p *= inv);
                     nll += sum.ln() - (x[t as usize] - max);
@@ -449,12 +450,8 @@ impl CustomOp3 for CrossEntropyBwd {
             .zip(x.par_chunks(per * v).zip(t.par_chunks(per)))
             .for_each(|(dx, (x, t))| {
                 for ((dx, x), &t) in dx.chunks_mut(v).zip(x.chunks(v)).zip(t) {
-                    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    for (dx, &x) in dx.iter_mut().zip(x) {
-                        *dx = x - max;
-                    }
-                    exp_in_place(dx);
-                    let inv = 1.0 / dx.iter().sum::<f32>();
+                    let (_, sum) = exp_minus_max(dx, x, 1.0);
+                    let inv = 1.0 / sum;
                     for dx in dx.iter_mut() {
                         *dx *= inv * g;
                     }
