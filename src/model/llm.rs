@@ -158,21 +158,30 @@ impl Attention {
         probs.matmul(&v)?.reshape((b, h, t, hd))
     }
 
+    /// Attention of the queries at positions `from..T` of `x` (B, T, C) over every key →
+    /// (B, T − from, C); `mask` is the causal mask of those queries.
     fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        from: usize,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?; // (B, T, C)
+        let tq = t - from;
         let offset = cache
             .as_ref()
             .and_then(|c| c.as_ref())
             .map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
-        let q = x
+        let xq = if from == 0 {
+            x.clone()
+        } else {
+            x.narrow(1, from, tq)?
+        };
+        let q = xq
             .apply(&self.wq)?
-            .reshape((b, t, self.n_heads, self.head_dim))?
+            .reshape((b, tq, self.n_heads, self.head_dim))?
             .transpose(1, 2)?;
         let k = x
             .apply(&self.wk)?
@@ -182,7 +191,7 @@ impl Attention {
             .apply(&self.wv)?
             .reshape((b, t, self.n_kv_heads, self.head_dim))?
             .transpose(1, 2)?;
-        let q = rope.apply(&q.contiguous()?, offset)?;
+        let q = rope.apply(&q.contiguous()?, offset + from)?;
         let mut k = rope.apply(&k.contiguous()?, offset)?;
         let mut v = v.contiguous()?;
         if let Some(cache) = cache {
@@ -194,7 +203,7 @@ impl Attention {
         }
         let out = self.attend(&q, &k, &v, mask, true)?; // (B, H, T, hd)
         out.transpose(1, 2)?
-            .reshape((b, t, self.n_heads * self.head_dim))?
+            .reshape((b, tq, self.n_heads * self.head_dim))?
             .apply(&self.wo)
     }
 }
@@ -250,17 +259,25 @@ impl Block {
         })
     }
 
+    /// The block's output at positions `from..T` of `x` (B, T, C): every position's keys and
+    /// values, the rest only for those positions (`mask`: the causal mask of their queries).
     fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        from: usize,
     ) -> Result<Tensor> {
-        let h =
-            (x + self
-                .attention
-                .forward(&x.apply(&self.attention_norm)?, rope, mask, cache)?)?;
+        let a = self
+            .attention
+            .forward(&x.apply(&self.attention_norm)?, rope, mask, cache, from)?;
+        let x = if from == 0 {
+            x.clone()
+        } else {
+            x.narrow(1, from, a.dim(1)?)?
+        };
+        let h = (x + a)?;
         &h + h.apply(&self.ffn_norm)?.apply(&self.feed_forward)?
     }
 }
@@ -306,8 +323,25 @@ impl MiniMind {
 
     /// Hidden states after the final norm: (B, T, C) → (B, T, C). With a cache, `h` holds only
     /// the new positions and the cache grows by them.
-    pub fn hidden(&self, h: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn hidden(&self, h: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.hidden_from(h, cache, 0)
+    }
+
+    /// [`MiniMind::hidden`] at positions `from..T` only: (B, T, C) → (B, T − from, C). Every
+    /// layer but the last runs on all positions (later positions read their keys and values);
+    /// the last computes keys and values everywhere and the rest — queries, attention output,
+    /// feed-forward, final norm — only where asked. Training asks from the first position that
+    /// has a loss: the values there are the full forward's, for a fraction of the last layer.
+    pub fn hidden_from(
+        &self,
+        h: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        from: usize,
+    ) -> Result<Tensor> {
         let t = h.dim(1)?;
+        if from >= t {
+            candle_core::bail!("hidden_from: position {from} of a {t}-token sequence");
+        }
         let s = t + cache.as_ref().map_or(0, |c| c.len()); // keys: cached + new
         if s > self.cfg.max_seq_len {
             candle_core::bail!(
@@ -318,9 +352,21 @@ impl MiniMind {
         // One mask for every layer (a single query sees every key: none needed).
         let mask = (t > 1).then(|| causal_mask(t, s, h.device())).transpose()?;
         let mut h = h.clone();
+        let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let c = cache.as_mut().map(|c| &mut c.layers[i]);
-            h = layer.forward(&h, &self.rope, mask.as_ref(), c)?;
+            if i == last && from > 0 {
+                // The last layer's queries: positions from..T over all S keys.
+                let mask = (t - from > 1)
+                    .then(|| causal_mask(t - from, s, h.device()))
+                    .transpose()?;
+                h = layer.forward(&h, &self.rope, mask.as_ref(), c, from)?;
+            } else {
+                h = layer.forward(&h, &self.rope, mask.as_ref(), c, 0)?;
+            }
+        }
+        if from > 0 && self.layers.is_empty() {
+            h = h.narrow(1, from, t - from)?;
         }
         h.apply(&self.norm)
     }

@@ -161,9 +161,19 @@ impl Vlm {
         if keep.is_empty() {
             candle_core::bail!("loss mask is all zero: no answer token in the batch");
         }
-        let h = self.llm.hidden(&self.embed(ids, images, 0)?, None)?; // (B, T, C)
-        let (b, t, c) = h.dims3()?;
-        let h = super::fused::select_rows(&h.reshape((b * t, c))?, keep)?;
+        // The model runs its last layer from the first position with a loss on (its output
+        // elsewhere would be thrown away): (B, T − from, C).
+        let t = ids.dim(1)?;
+        let from = keep.iter().map(|&i| i as usize % t).min().unwrap_or(0);
+        let h = self
+            .llm
+            .hidden_from(&self.embed(ids, images, 0)?, None, from)?;
+        let (b, tq, c) = h.dims3()?;
+        let rows: Vec<u32> = keep
+            .iter()
+            .map(|&i| ((i as usize / t) * tq + i as usize % t - from) as u32)
+            .collect();
+        let h = super::fused::select_rows(&h.reshape((b * tq, c))?, &rows)?;
         let keep = Tensor::from_slice(keep, keep.len(), h.device())?;
         let tg = targets
             .flatten_all()?
@@ -201,4 +211,79 @@ pub fn masked_loss_full(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Res
 
 pub fn device_of(v: &Vlm) -> Device {
     v.vision_proj.weight().device().clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    /// The training loss runs the last layer only from the first position with a loss on; its
+    /// value and every parameter's gradient must be the full forward's (logits everywhere, then
+    /// upstream's masked mean). Rows whose losses start at different positions, one of them only
+    /// at the last position, one image each.
+    #[test]
+    fn the_loss_from_the_first_loss_position_equals_the_full_forward() {
+        let cfg = ModelConfig {
+            vision_dim: 16,
+            image_ids: vec![5, 6, 7],
+            ..ModelConfig::tiny()
+        };
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let m = Vlm::new(vb, &cfg).unwrap();
+        let (b, t) = (3, 12);
+        let mut ids: Vec<u32> = (0..(b * t) as u32).map(|i| 10 + i * 7 % 300).collect();
+        for r in 0..b {
+            ids[r * t + 1..r * t + 4].copy_from_slice(&[5, 6, 7]);
+        }
+        let targets: Vec<u32> = ids.iter().map(|i| (i * 3 + 1) % 400).collect();
+        let ids = Tensor::from_vec(ids, (b, t), &dev).unwrap();
+        let targets = Tensor::from_vec(targets, (b, t), &dev).unwrap();
+        let mut mask = vec![0f32; b * t];
+        for (r, first) in [(0, 6), (1, 9), (2, 11)] {
+            mask[r * t + first..(r + 1) * t]
+                .iter_mut()
+                .for_each(|m| *m = 1.0);
+        }
+        let mask = Tensor::from_vec(mask, (b, t), &dev).unwrap();
+        let feats = Tensor::randn(0f32, 1f32, (b, 3, 16), &dev).unwrap();
+        let imgs = Images {
+            feats,
+            slots: (0..b).map(|r| (r, 1)).collect(),
+        };
+        let vars = varmap.all_vars();
+        let run = |fast: bool| -> (f32, Vec<Vec<f32>>) {
+            let loss = if fast {
+                m.loss(&ids, Some(&imgs), &targets, &mask).unwrap()
+            } else {
+                let logits = m.forward(&ids, Some(&imgs)).unwrap();
+                masked_loss_full(&logits, &targets, &mask).unwrap()
+            };
+            let grads = loss.backward().unwrap();
+            let g = vars
+                .iter()
+                .map(|v| {
+                    let g = grads
+                        .get(v.as_tensor())
+                        .expect("every parameter has a gradient");
+                    g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                })
+                .collect();
+            (loss.to_scalar::<f32>().unwrap(), g)
+        };
+        let ((fast, gf), (full, gw)) = (run(true), run(false));
+        assert!(
+            fast.is_finite() && (fast - full).abs() <= 1e-5,
+            "{fast} vs {full}"
+        );
+        // f32 sums in another order (log-softmax over the vocabulary, gradients scattered from
+        // fewer rows): 1e-6 of the largest gradient.
+        for (i, (a, w)) in gf.iter().zip(&gw).enumerate() {
+            crate::compare::Diff::of(a, w)
+                .check_rel(1e-5, &format!("gradient of parameter {i}"))
+                .unwrap();
+        }
+    }
 }
