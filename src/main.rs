@@ -34,7 +34,7 @@ fn main() -> std::process::ExitCode {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     // candle's elementwise pool spins 25,000 rounds after each operation before it sleeps; in
     // ingest those spins took 11% of the CPU from the image decoders beside the tower. A shorter
-    // spin (still tens of microseconds) unless the user chose one; set before the pool starts.
+    // spin unless the user chose one; set before the pool starts.
     if std::env::var_os(SPIN_LIMIT).is_none() {
         std::env::set_var(SPIN_LIMIT, "2000");
     }

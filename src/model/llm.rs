@@ -174,12 +174,8 @@ impl Attention {
             .as_ref()
             .and_then(|c| c.as_ref())
             .map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
-        let xq = if from == 0 {
-            x.clone()
-        } else {
-            x.narrow(1, from, tq)?
-        };
-        let q = xq
+        let q = x
+            .narrow(1, from, tq)?
             .apply(&self.wq)?
             .reshape((b, tq, self.n_heads, self.head_dim))?
             .transpose(1, 2)?;
@@ -272,12 +268,7 @@ impl Block {
         let a = self
             .attention
             .forward(&x.apply(&self.attention_norm)?, rope, mask, cache, from)?;
-        let x = if from == 0 {
-            x.clone()
-        } else {
-            x.narrow(1, from, a.dim(1)?)?
-        };
-        let h = (x + a)?;
+        let h = (x.narrow(1, from, a.dim(1)?)? + a)?;
         &h + h.apply(&self.ffn_norm)?.apply(&self.feed_forward)?
     }
 }
@@ -352,21 +343,19 @@ impl MiniMind {
         // One mask for every layer (a single query sees every key: none needed).
         let mask = (t > 1).then(|| causal_mask(t, s, h.device())).transpose()?;
         let mut h = h.clone();
-        let last = self.layers.len().saturating_sub(1);
+        let last = self.layers.len() - 1; // ModelConfig::validate: at least one layer
         for (i, layer) in self.layers.iter().enumerate() {
             let c = cache.as_mut().map(|c| &mut c.layers[i]);
-            if i == last && from > 0 {
-                // The last layer's queries: positions from..T over all S keys.
-                let mask = (t - from > 1)
-                    .then(|| causal_mask(t - from, s, h.device()))
+            if i == last {
+                // The last layer's queries: positions from..T, the mask's rows for them.
+                let mask = mask
+                    .as_ref()
+                    .map(|m| m.narrow(0, from, t - from))
                     .transpose()?;
                 h = layer.forward(&h, &self.rope, mask.as_ref(), c, from)?;
             } else {
                 h = layer.forward(&h, &self.rope, mask.as_ref(), c, 0)?;
             }
-        }
-        if from > 0 && self.layers.is_empty() {
-            h = h.narrow(1, from, t - from)?;
         }
         h.apply(&self.norm)
     }
