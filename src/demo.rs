@@ -109,7 +109,8 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
     );
     // One synthetic stage → shards under `cfg.out/<cache>`; returns the ingest summary.
     // Shards of at most 512 rows, at least 8 per stage where there are images enough, so that
-    // data-parallel ranks (which read disjoint shards) each get several.
+    // the epoch's shuffled file order has pieces to mix (and ranks that read disjoint shards,
+    // `rank_data = "files"`, each get several).
     let ingest_stage = |root: &Path, stage: Stage, cache: &str, rows: usize| -> Result<String> {
         let (json, images, prefix) = synth::stage_files(root, stage);
         let mut c = IngestConfig::new(stage, json, images, cfg.out.join(cache));

@@ -64,6 +64,7 @@ pub fn stage_config(stage: &StageRun, val: Option<&Path>, model: &ModelConfig) -
         seed: 0,
         shuffle_buffer: 2048,
         bucket_batches: 8,
+        rank_data: Default::default(),
         pad_to: None,
         checkpoint_every: steps,
         val_shards: val.map(Path::to_path_buf),
@@ -89,9 +90,7 @@ pub fn train_stage(
     ranks: usize,
 ) -> Result<()> {
     let mut cfg = stage_config(&stage, Some(val), model);
-    // Every rank needs shards of its own.
-    let ranks = ranks.min(list_shards(stage.shards)?.len()).max(1);
-    if ranks == 1 || !device.is_cpu() {
+    if ranks <= 1 || !device.is_cpu() {
         train::run(
             &cfg,
             &RunOptions {

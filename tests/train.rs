@@ -438,10 +438,11 @@ fn bf16_mixed_precision_tracks_f32_and_trains_every_parameter() {
     }
 }
 
-/// Data parallel through the real trainer, two ranks as threads. (1) Rank 0 streams shard A,
-/// rank 1 a byte copy of A: both see the same batches, the averaged gradient equals each rank's,
-/// so the run must reproduce a one-rank run on A bit for bit, with one metrics line per step
-/// (only rank 0 writes). (2) Ranks on different shards: the replicas must still end identical,
+/// Data parallel through the real trainer, two ranks as threads. (1) Ranks that read their own
+/// files (`rank_data = "files"`): rank 0 streams shard A, rank 1 a byte copy of A: both see the
+/// same batches, the averaged gradient equals each rank's, so the run must reproduce a one-rank
+/// run on A bit for bit, with one metrics line per step (only rank 0 writes). (2) Ranks that
+/// share each batch (the default) see different rows: the replicas must still end identical,
 /// which they would not without the gradient averaging.
 #[test]
 fn two_data_parallel_ranks_average_gradients_and_only_rank_zero_writes() {
@@ -506,7 +507,11 @@ fn two_data_parallel_ranks_average_gradients_and_only_rank_zero_writes() {
         v.sort();
         v
     };
-    let (logs, vms): (Vec<_>, Vec<_>) = two_ranks(config("dp", &two)).into_iter().unzip();
+    let own_files = TrainConfig {
+        rank_data: minimind_v::config::RankData::Files,
+        ..config("dp", &two)
+    };
+    let (logs, vms): (Vec<_>, Vec<_>) = two_ranks(own_files).into_iter().unzip();
     assert_eq!(losses(&logs[0]), losses(&solo), "rank 0 == one rank");
     assert_eq!(losses(&logs[1]), losses(&solo), "rank 1 == one rank");
     let written = read_metrics(&tmp.path().join("dp")).unwrap();
@@ -522,7 +527,7 @@ fn two_data_parallel_ranks_average_gradients_and_only_rank_zero_writes() {
     );
     assert_eq!(params(&vms[0]), params(&vms[1]));
 
-    // Different data on each rank (the whole cache: every other shard each).
+    // Different rows of each batch on each rank.
     let runs = two_ranks(config("dp_split", &cache));
     assert_ne!(losses(&runs[0].0), losses(&solo));
     assert_eq!(losses(&runs[0].0), losses(&runs[1].0));
@@ -596,8 +601,9 @@ fn ranks_as_processes_match_ranks_as_threads() {
     let m = |run: &str| losses(&read_metrics(&tmp.path().join(run)).unwrap());
     assert_eq!(m("world_of_one"), m("solo"));
 
-    // More ranks than shard files: every rank refuses, the launcher names one and stops.
-    let out = train(&p, &["--ranks", "9"]);
+    // Ranks that read their own files, more of them than shard files: every rank refuses, the
+    // launcher names one and stops.
+    let out = train(&p, &["--ranks", "9", "--set", "train.rank_data=files"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot feed 9 ranks"), "{err}");

@@ -8,7 +8,7 @@ use minimind_v::shards::writer::write_shard;
 use minimind_v::shards::{
     f32_to_f16_bytes, ClipPrecision, Sample, ShardMeta, ShardRow, SCHEMA_VERSION,
 };
-use minimind_v::train::data::{check_shards, collate, DataConfig, Stream};
+use minimind_v::train::data::{check_shards, collate, DataConfig, Item, Share, Stream};
 use minimind_v::train::optim::lr_at;
 
 fn meta() -> ShardMeta {
@@ -75,6 +75,7 @@ fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn cfg(bucket: usize) -> DataConfig {
     DataConfig {
         batch_size: 8,
+        share: Share::WHOLE,
         shuffle_buffer: 32,
         bucket_batches: bucket,
         seed: 4,
@@ -140,6 +141,111 @@ fn length_buckets_cut_padding() {
     assert!(
         bucketed * 3.0 < plain,
         "bucketed padding {bucketed:.3} vs unbucketed {plain:.3}"
+    );
+}
+
+/// The epoch's batches of each of `world` ranks reading every shard, until the epoch rolls over.
+fn epoch_shares(dir: &std::path::Path, cfg: &DataConfig, world: usize) -> Vec<Vec<Vec<Item>>> {
+    let mut streams: Vec<Stream> = (0..world)
+        .map(|rank| {
+            let cfg = DataConfig {
+                share: Share { rank, world },
+                ..cfg.clone()
+            };
+            Stream::new(files(dir), cfg).unwrap()
+        })
+        .collect();
+    let mut steps = Vec::new();
+    loop {
+        let step: Vec<Vec<Item>> = streams
+            .iter_mut()
+            .map(|s| s.next_items().unwrap())
+            .collect();
+        if streams[0].epoch() > 0 {
+            assert!(
+                streams.iter().all(|s| s.epoch() > 0),
+                "ranks left the epoch together"
+            );
+            return steps;
+        }
+        steps.push(step);
+    }
+}
+
+/// Ranks that read every shard split each global batch: over an epoch every sample reaches
+/// exactly one rank once, every rank gets rows at every step (an epoch's last batch with fewer
+/// rows than ranks joins the one before: 240 samples over 7 ranks, batch 1, leave 2), the step
+/// count is `steps_per_epoch`'s, and with length buckets the ranks' batches are of nearly equal
+/// length — unlike ranks that read their own files, whose batches differ (each step waits for
+/// the longest).
+#[test]
+fn ranks_reading_every_shard_share_each_batch_evenly() {
+    let (tmp, n) = shard_dir();
+    let train = |batch: usize, rank_data: &str| -> minimind_v::config::TrainConfig {
+        let text = format!(
+            "shards = \"x\"\nout = \"y\"\nepochs = 1\nbatch_size = {batch}\nrank_data = \"{rank_data}\"\n"
+        );
+        toml::from_str(&text).unwrap()
+    };
+    for (world, batch) in [(2, 8), (3, 8), (7, 1)] {
+        let cfg = DataConfig {
+            batch_size: batch,
+            ..cfg(4)
+        };
+        let steps = epoch_shares(tmp.path(), &cfg, world);
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for step in &steps {
+            for share in step {
+                assert!(!share.is_empty() && share.len() <= batch + 1);
+                for it in share {
+                    *seen.entry(it.id.clone()).or_default() += 1;
+                }
+            }
+        }
+        assert_eq!(seen.len(), n, "world {world}");
+        assert!(seen.values().all(|&c| c == 1), "world {world}");
+        assert_eq!(
+            steps.len(),
+            train(batch, "batches").steps_per_epoch(n, world)
+        );
+    }
+    assert_eq!(240 % 7, 2, "the merged last batch is exercised");
+
+    // How far apart the ranks' batch lengths are, summed over an epoch's steps.
+    let spread = |steps: &[Vec<Vec<Item>>]| -> usize {
+        steps
+            .iter()
+            .map(|step| {
+                let longest: Vec<usize> = step
+                    .iter()
+                    .map(|s| s.iter().map(|i| i.ids.len()).max().unwrap())
+                    .collect();
+                longest.iter().max().unwrap() - longest.iter().min().unwrap()
+            })
+            .sum()
+    };
+    let shared = spread(&epoch_shares(tmp.path(), &cfg(4), 2));
+    let own: Vec<Vec<Vec<Item>>> = {
+        let all = files(tmp.path());
+        let mut streams: Vec<Stream> = (0..2)
+            .map(|r| {
+                let mine = all.iter().skip(r).step_by(2).cloned().collect();
+                Stream::new(mine, cfg(4)).unwrap()
+            })
+            .collect();
+        (0..10)
+            .map(|_| {
+                streams
+                    .iter_mut()
+                    .map(|s| s.next_items().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let (shared, own) = (shared as f64 / 15.0, spread(&own) as f64 / 10.0);
+    assert!(
+        shared * 5.0 < own,
+        "mean gap between the ranks' longest samples: shared batches {shared:.1} tokens, own files {own:.1}"
     );
 }
 

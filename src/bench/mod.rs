@@ -464,7 +464,7 @@ pub fn stream(
     per_row: usize,
     batch_size: usize,
 ) -> Result<String> {
-    use crate::train::data::{collate, DataConfig, Stream};
+    use crate::train::data::{collate, DataConfig, Share, Stream};
 
     let rows_total = samples.div_ceil(per_row);
     let meta = bench_meta(
@@ -514,6 +514,7 @@ pub fn stream(
     let files = crate::shards::reader::list_shards(dir)?;
     let cfg = DataConfig {
         batch_size,
+        share: Share::WHOLE,
         shuffle_buffer: 4096,
         bucket_batches: 16,
         seed: 0,

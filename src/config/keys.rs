@@ -70,6 +70,7 @@ pub const KEYS: &[Key] = &[
     k("train.seed", "seed of the initialisation and the data order"),
     k("train.shuffle_buffer", "samples in the shuffle buffer"),
     k("train.bucket_batches", "batches sorted by length together (less padding)"),
+    k("train.rank_data", "batches (every rank reads every shard, takes its share of each batch) or files (each rank its own shards)"),
     k("train.pad_to", "pad every batch to this length (upstream: 512); none: dynamic padding"),
     k("train.checkpoint_every", "steps between checkpoints"),
     k("train.verify_shards", "check each shard's sha256 against its manifest when first opened"),

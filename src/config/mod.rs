@@ -13,7 +13,7 @@ mod train;
 use crate::error::{bad_file, Error, IoContext, Result};
 
 pub use ingest::{IngestConfig, InputFormat};
-pub use train::{check_adam_beta2, ModelChoice, Precision, TrainConfig, Trainable};
+pub use train::{check_adam_beta2, ModelChoice, Precision, RankData, TrainConfig, Trainable};
 
 /// The MiniMind tokenizer, shipped in the repository.
 pub const DEFAULT_TOKENIZER: &str = "assets/tokenizer";

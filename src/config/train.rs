@@ -219,6 +219,9 @@ pub struct TrainConfig {
     pub shuffle_buffer: usize,
     #[serde(default = "default_bucket")]
     pub bucket_batches: usize,
+    /// How data-parallel ranks divide the data (no effect on a run of one).
+    #[serde(default)]
+    pub rank_data: RankData,
     /// Pad every batch to this length (upstream pads to 512); default: dynamic padding.
     #[serde(default)]
     pub pad_to: Option<usize>,
@@ -239,6 +242,21 @@ pub struct TrainConfig {
     /// `f32`, or `bf16`: bf16 compute with f32 master weights and optimizer state.
     #[serde(default)]
     pub precision: Precision,
+}
+
+/// How data-parallel ranks divide the shards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RankData {
+    /// Every rank reads every shard and takes its share of each global batch (`world ×
+    /// batch_size` samples, length-sorted when bucketing): equal work per step, so no rank waits
+    /// for another's longer batch. Each rank reads all the features, `world` times the reading.
+    #[default]
+    Batches,
+    /// Each rank reads its own shard files (every `world`-th): each file is read once, but the
+    /// ranks' batches differ in length and every step waits for the longest. For many ranks on
+    /// data whose reading costs more than that wait.
+    Files,
 }
 
 /// The dtype the forward and backward passes compute in. Weights, gradients as the optimizer
@@ -319,16 +337,28 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Optimizer steps in one pass over `samples` samples shared by `world` ranks: each rank
-    /// draws its share in batches (the last one short, as upstream's loader with
-    /// `drop_last=False`), `grad_accum` batches a step. With one rank and no accumulation this is
-    /// upstream's `iter_per_epoch = len(train_loader)`.
+    /// Optimizer steps in one pass over `samples` samples shared by `world` ranks, `grad_accum`
+    /// batches a step. With `rank_data = "batches"` the ranks draw global batches of `world ×
+    /// batch_size` (the last one short, as upstream's loader with `drop_last=False`; one with fewer
+    /// rows than ranks joins the batch before it); with `"files"` each rank draws its share in
+    /// batches of its own. With one rank and no accumulation this is upstream's `iter_per_epoch =
+    /// len(train_loader)`.
     pub fn steps_per_epoch(&self, samples: usize, world: usize) -> usize {
-        let per_rank = samples.div_ceil(world.max(1));
-        per_rank
-            .div_ceil(self.batch_size)
-            .div_ceil(self.grad_accum)
-            .max(1)
+        let world = world.max(1);
+        let batches = match self.rank_data {
+            RankData::Batches => {
+                let global = self.batch_size * world;
+                let n = samples.div_ceil(global);
+                let last = samples % global;
+                if n > 1 && last > 0 && last < world {
+                    n - 1
+                } else {
+                    n
+                }
+            }
+            RankData::Files => samples.div_ceil(world).div_ceil(self.batch_size),
+        };
+        batches.div_ceil(self.grad_accum).max(1)
     }
 
     /// The run's length in optimizer steps: `steps`, or `epochs` passes over `samples` (which

@@ -27,9 +27,26 @@ pub struct Item {
     pub features: Arc<Vec<Vec<u8>>>,
 }
 
+/// Which rows of each global batch this stream hands out: with `world` data-parallel ranks each
+/// reading every shard, rank `r` takes rows `r`, `r + world`, … of a batch of `world ×
+/// batch_size` samples. Length bucketing sorts a batch's rows, so the shares are of equal length
+/// and no rank waits for another's longer batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Share {
+    /// Every row: a run of one, or a rank that reads only its own files.
+    pub const WHOLE: Share = Share { rank: 0, world: 1 };
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataConfig {
+    /// Samples per batch of this stream's share.
     pub batch_size: usize,
+    pub share: Share,
     pub shuffle_buffer: usize,
     /// Batches sorted by length together; 1 disables bucketing.
     pub bucket_batches: usize,
@@ -127,23 +144,42 @@ impl Stream {
         }
     }
 
-    /// Fill the next group of length-sorted batches.
+    /// Read samples until the shuffle buffer holds `want` (or the epoch's files run out).
+    fn top_up(&mut self, want: usize) -> Result<bool> {
+        while self.buffer.len() < want {
+            match self.next_item()? {
+                Some(item) => self.buffer.push(item),
+                None => return Ok(true),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Fill the next group of length-sorted global batches.
     fn refill(&mut self) -> Result<()> {
-        let group = self.cfg.batch_size * self.cfg.bucket_batches.max(1);
+        let world = self.cfg.share.world;
+        let global = self.cfg.batch_size * world;
+        let group = global * self.cfg.bucket_batches.max(1);
         let mut picked = Vec::with_capacity(group);
         let mut exhausted = false;
         while picked.len() < group {
-            while !exhausted && self.buffer.len() < self.cfg.shuffle_buffer.max(1) {
-                match self.next_item()? {
-                    Some(item) => self.buffer.push(item),
-                    None => exhausted = true,
-                }
-            }
+            exhausted = self.top_up(self.cfg.shuffle_buffer.max(1))?;
             if self.buffer.is_empty() {
                 break;
             }
             let i = self.rng.random_range(0..self.buffer.len());
             picked.push(self.buffer.swap_remove(i));
+        }
+        // Fewer samples left in the epoch than ranks: they join this group, so that every
+        // global batch gives each rank at least one row.
+        if !exhausted && world > 1 {
+            exhausted = self.top_up(self.cfg.shuffle_buffer.max(world))?;
+        }
+        if exhausted && self.buffer.len() < world {
+            while !self.buffer.is_empty() {
+                let i = self.rng.random_range(0..self.buffer.len());
+                picked.push(self.buffer.swap_remove(i));
+            }
         }
         if picked.is_empty() {
             return Ok(());
@@ -154,19 +190,31 @@ impl Stream {
         let mut batches: Vec<Vec<Item>> = Vec::new();
         let mut iter = picked.into_iter().peekable();
         while iter.peek().is_some() {
-            batches.push(iter.by_ref().take(self.cfg.batch_size).collect());
+            batches.push(iter.by_ref().take(global).collect());
+        }
+        // An epoch's last batch with fewer rows than ranks joins the one before it.
+        if batches.len() > 1 && batches.last().is_some_and(|b| b.len() < world) {
+            let short = batches.pop().expect("more than one batch");
+            batches.last_mut().expect("one left").extend(short);
         }
         batches.shuffle(&mut self.rng);
         self.ready.extend(batches);
         Ok(())
     }
 
-    /// The next batch of items; epochs roll over.
+    /// This stream's share of the next batch; epochs roll over.
     pub fn next_items(&mut self) -> Result<Vec<Item>> {
+        let Share { rank, world } = self.cfg.share;
         for _ in 0..3 {
             if let Some(b) = self.ready.pop_front() {
                 self.position += 1;
-                return Ok(b);
+                if b.len() < world {
+                    return Err(crate::Error::Data(format!(
+                        "the shards hold {} sample(s) in an epoch, fewer than the {world} data-parallel ranks\nHINT: train on fewer ranks",
+                        b.len()
+                    )));
+                }
+                return Ok(b.into_iter().skip(rank).step_by(world).collect());
             }
             self.refill()?;
             if self.ready.is_empty() {

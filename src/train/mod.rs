@@ -22,7 +22,7 @@ use candle_core::Device;
 use candle_nn::VarMap;
 
 use crate::checkpoint::{self, Checkpoint, TrainState};
-use crate::config::TrainConfig;
+use crate::config::{RankData, TrainConfig};
 use crate::error::{IoContext, Result};
 use crate::model::{vlm::Vlm, weights, ModelConfig};
 use crate::shards::ShardMeta;
@@ -56,7 +56,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
 }
 
 /// One replica of a data-parallel run (`Dist::solo()`: the whole run). Every rank trains on its
-/// share of the shard files and applies the rank-averaged gradients; rank 0 writes. Returns the
+/// share of the data (`[train] rank_data`) and applies the rank-averaged gradients; rank 0 writes. Returns the
 /// step logs and this replica's parameters.
 pub fn run_dist(
     cfg: &TrainConfig,
@@ -165,7 +165,16 @@ impl<'a> Run<'a> {
         let total = cfg.total_steps(samples, dist.world)?;
         let per_epoch = samples.map(|n| cfg.steps_per_epoch(n, dist.world));
         let total_files = files.len();
-        let files = dist.partition(files)?;
+        let (files, share) = match cfg.rank_data {
+            RankData::Batches => (
+                files,
+                data::Share {
+                    rank: dist.rank,
+                    world: dist.world,
+                },
+            ),
+            RankData::Files => (dist.partition(files)?, data::Share::WHOLE),
+        };
         let main = dist.is_main();
         if meta.clip_random && main {
             eprintln!(
@@ -215,6 +224,7 @@ impl<'a> Run<'a> {
             files,
             DataConfig {
                 batch_size: cfg.batch_size,
+                share,
                 shuffle_buffer: cfg.shuffle_buffer,
                 bucket_batches: cfg.bucket_batches,
                 seed: cfg.seed,

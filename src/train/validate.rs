@@ -33,6 +33,7 @@ pub fn evaluate(
 ) -> Result<f32> {
     let cfg = DataConfig {
         batch_size,
+        share: data::Share::WHOLE,
         shuffle_buffer: 1,
         bucket_batches: 1,
         seed: 0,
