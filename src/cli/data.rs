@@ -89,8 +89,9 @@ pub struct DemoArgs {
     /// question–answer pair only.
     #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     sft_records: usize,
-    /// Two-image pairs for the "what differs" instructions.
-    #[arg(long, default_value_t = 1000)]
+    /// Two-image pairs for the "what differs" instructions (2,000 chosen on the tuning seeds:
+    /// docs/DEMO.md).
+    #[arg(long, default_value_t = 2000)]
     multi: usize,
     #[arg(long, default_value = config::DEFAULT_CLIP)]
     clip: PathBuf,
