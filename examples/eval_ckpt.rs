@@ -1,4 +1,5 @@
-//! Score a checkpoint on a demo directory's held-out images (colour and shape), as the demo does.
+//! Score a checkpoint on a demo directory's held-out images (colour and shape) and pairs, as the
+//! demo does, and print the demo's report of it.
 //! For experiments that retrain one stage by hand (`minimind-v train <dir>/sft.toml …`).
 //!
 //! cargo run --release --example eval_ckpt -- <demo dir> <checkpoint dir>
@@ -13,9 +14,5 @@ fn main() {
     let root = PathBuf::from(&a[0]);
     let tok = ChatTokenizer::load(&PathBuf::from("assets/tokenizer")).unwrap();
     let acc = evaluate_demo_dir(&root, &PathBuf::from(&a[1]), &tok).unwrap();
-    println!(
-        "colour {:.1}% shape {:.1}%",
-        acc.colour_pct(),
-        acc.shape_pct()
-    );
+    print!("{}", acc.report());
 }

@@ -297,17 +297,28 @@ pub fn evaluate(
     Ok(acc)
 }
 
-/// `evaluate` on the held-out set of a demo directory (`root`, the demo's `--out`), on the CPU:
-/// for experiments that retrain a stage by hand and score the checkpoint as the demo would.
+/// `evaluate` and `evaluate_pairs` on the held-out sets of a demo directory (`root`, the demo's
+/// `--out`), on the CPU, as the demo scores its own: for experiments that retrain a stage by hand
+/// and score the checkpoint.
 pub fn evaluate_demo_dir(root: &Path, ckpt: &Path, tokenizer: &ChatTokenizer) -> Result<Accuracy> {
-    evaluate(
+    let labels = root.join("eval/labels.json");
+    let mut acc = evaluate(
         ckpt,
         &root.join("cache/eval"),
-        &root.join("eval/labels.json"),
+        &labels,
         tokenizer,
         200,
         &Device::Cpu,
-    )
+    )?;
+    evaluate_pairs(
+        ckpt,
+        &root.join("cache/eval_multi"),
+        &labels,
+        tokenizer,
+        &mut acc,
+        &Device::Cpu,
+    )?;
+    Ok(acc)
 }
 
 /// Ask every held-out pair what differs; the truth is the sentence the data teaches.
