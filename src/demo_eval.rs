@@ -243,58 +243,88 @@ pub fn evaluate(
 ) -> Result<Accuracy> {
     let model = crate::generate::load_model(ckpt, None, device)?;
     let labels = read_labels(labels)?;
-    let mut acc = Accuracy::default();
     let questions = [
         ("What colour is the shape?", "colour"),
         ("What shape is in the image?", "shape"),
     ];
-    for file in list_shards(eval_shards)? {
+    let mut rows = Vec::new();
+    'files: for file in list_shards(eval_shards)? {
         let reader = ShardReader::open(&file)?;
         let [tok, hid] = reader.meta.feature_shape;
         for row in reader {
             let row = row?;
-            if acc.images >= limit {
-                return Ok(acc);
+            if rows.len() >= limit {
+                break 'files;
             }
             let Some(label) = labels.get(&row.images[0]) else {
                 continue;
             };
             let feats =
                 Tensor::from_vec(f16_bytes_to_f32(&row.features[0]), (1, tok, hid), device)?;
-            let blind = feats.zeros_like()?;
-            acc.images += 1;
-            for (q, field) in questions {
-                let a = answer(&model, tokenizer, &feats, q)?;
-                let without = answer(&model, tokenizer, &blind, q)?;
-                let truth = &label[field];
-                let vocabulary = match field {
-                    "colour" => colour_words(),
-                    _ => shape_words(),
-                };
-                let right = names_exactly(&a, truth, &vocabulary) as usize;
-                let right_blind = names_exactly(&without, truth, &vocabulary) as usize;
-                match field {
-                    "colour" => {
-                        acc.colour_right += right;
-                        acc.colour_right_no_image += right_blind;
-                    }
-                    _ => {
-                        acc.shape_right += right;
-                        acc.shape_right_no_image += right_blind;
-                    }
+            rows.push((row.images, label, feats));
+        }
+    }
+    // Each question's answer, with the image and with its features zeroed.
+    let answers = each_in_order(&rows, device, |(_, _, feats)| {
+        let blind = feats.zeros_like()?;
+        questions
+            .iter()
+            .map(|(q, _)| {
+                Ok((
+                    answer(&model, tokenizer, feats, q)?,
+                    answer(&model, tokenizer, &blind, q)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let mut acc = Accuracy::default();
+    for ((images, label, _), answers) in rows.iter().zip(answers) {
+        acc.images += 1;
+        for ((q, field), (a, without)) in questions.iter().zip(answers) {
+            let truth = &label[*field];
+            let vocabulary = match *field {
+                "colour" => colour_words(),
+                _ => shape_words(),
+            };
+            let right = names_exactly(&a, truth, &vocabulary) as usize;
+            let right_blind = names_exactly(&without, truth, &vocabulary) as usize;
+            match *field {
+                "colour" => {
+                    acc.colour_right += right;
+                    acc.colour_right_no_image += right_blind;
                 }
-                if acc.examples.len() < 8 {
-                    acc.examples.push(Example {
-                        images: row.images.clone(),
-                        question: q.to_string(),
-                        answer: a,
-                        truth: truth.clone(),
-                    });
+                _ => {
+                    acc.shape_right += right;
+                    acc.shape_right_no_image += right_blind;
                 }
+            }
+            if acc.examples.len() < 8 {
+                acc.examples.push(Example {
+                    images: images.clone(),
+                    question: q.to_string(),
+                    answer: a,
+                    truth: truth.clone(),
+                });
             }
         }
     }
     Ok(acc)
+}
+
+/// `f` of every item, in the items' order. On the CPU the items are worked on in parallel: a
+/// greedy answer of the demo's small model is thousands of operations too small to use both
+/// cores, and answers are independent (each the same as asked alone).
+fn each_in_order<T: Sync, R: Send>(
+    items: &[T],
+    device: &Device,
+    f: impl Fn(&T) -> Result<R> + Sync + Send,
+) -> Result<Vec<R>> {
+    use rayon::prelude::*;
+    if device.is_cpu() {
+        items.par_iter().map(f).collect()
+    } else {
+        items.iter().map(f).collect()
+    }
 }
 
 /// `evaluate` and `evaluate_pairs` on the held-out sets of a demo directory (`root`, the demo's
@@ -333,7 +363,7 @@ pub fn evaluate_pairs(
     let model = crate::generate::load_model(ckpt, None, device)?;
     let labels = read_labels(labels)?;
     let q = "What differs between the two images?";
-    let mut shown = 0;
+    let mut pairs = Vec::new();
     for file in list_shards(eval_shards)? {
         let reader = ShardReader::open(&file)?;
         let [tok, hid] = reader.meta.feature_shape;
@@ -355,19 +385,23 @@ pub fn evaluate_pairs(
                 [&a["colour"], &a["shape"]],
                 [&b["colour"], &b["shape"]],
             );
-            let got = answer(&model, tokenizer, &feats, q)?;
-            acc.pairs += 1;
-            acc.pair_kind_right += got.contains(&format!("The {kind} differs")) as usize;
-            acc.pair_exact_right += (got == truth) as usize;
-            if shown < 3 {
-                shown += 1;
-                acc.examples.push(Example {
-                    images: row.images.clone(),
-                    question: q.to_string(),
-                    answer: got,
-                    truth,
-                });
-            }
+            pairs.push((row.images, kind, truth, feats));
+        }
+    }
+    let answers = each_in_order(&pairs, device, |(_, _, _, feats)| {
+        answer(&model, tokenizer, feats, q)
+    })?;
+    for ((images, kind, truth, _), got) in pairs.into_iter().zip(answers) {
+        acc.pairs += 1;
+        acc.pair_kind_right += got.contains(&format!("The {kind} differs")) as usize;
+        acc.pair_exact_right += (got == truth) as usize;
+        if acc.pairs <= 3 {
+            acc.examples.push(Example {
+                images,
+                question: q.to_string(),
+                answer: got,
+                truth,
+            });
         }
     }
     Ok(())
@@ -455,6 +489,22 @@ impl Accuracy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers asked in parallel come back in the items' order; a failure is returned, not lost.
+    #[test]
+    fn each_in_order_keeps_the_items_order_and_returns_a_failure() {
+        let items: Vec<usize> = (0..500).collect();
+        let doubled = each_in_order(&items, &Device::Cpu, |&i| Ok(2 * i)).unwrap();
+        assert_eq!(doubled, (0..500).map(|i| 2 * i).collect::<Vec<_>>());
+        let failed = each_in_order(&items, &Device::Cpu, |&i| {
+            if i == 321 {
+                Err(crate::Error::Data(format!("item {i}")))
+            } else {
+                Ok(i)
+            }
+        });
+        assert!(failed.unwrap_err().to_string().contains("item 321"));
+    }
 
     #[test]
     fn an_answer_counts_only_when_it_names_exactly_the_right_word() {
