@@ -219,9 +219,8 @@ pub struct TrainConfig {
     pub shuffle_buffer: usize,
     #[serde(default = "default_bucket")]
     pub bucket_batches: usize,
-    /// How data-parallel ranks divide the data (no effect on a run of one). Not written when it
-    /// is the default, so that checkpoints from before the setting existed resume.
-    #[serde(default, skip_serializing_if = "RankData::is_default")]
+    /// How data-parallel ranks divide the data (no effect on a run of one).
+    #[serde(default)]
     pub rank_data: RankData,
     /// Pad every batch to this length (upstream pads to 512); default: dynamic padding.
     #[serde(default)]
@@ -258,12 +257,6 @@ pub enum RankData {
     /// ranks' batches differ in length and every step waits for the longest. For many ranks on
     /// data whose reading costs more than that wait.
     Files,
-}
-
-impl RankData {
-    fn is_default(&self) -> bool {
-        *self == Self::default()
-    }
 }
 
 /// The dtype the forward and backward passes compute in. Weights, gradients as the optimizer
