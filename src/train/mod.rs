@@ -56,8 +56,8 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<Vec<StepLog>> {
 }
 
 /// One replica of a data-parallel run (`Dist::solo()`: the whole run). Every rank trains on its
-/// share of the data (`[train] rank_data`) and applies the rank-averaged gradients; rank 0 writes. Returns the
-/// step logs and this replica's parameters.
+/// share of the data (`[train] rank_data`) and applies the rank-averaged gradients; rank 0
+/// writes. Returns the step logs and this replica's parameters.
 pub fn run_dist(
     cfg: &TrainConfig,
     opts: &RunOptions,
