@@ -97,7 +97,8 @@ pub struct DemoArgs {
     clip: PathBuf,
     #[arg(long, default_value_t = 400)]
     pretrain_steps: usize,
-    #[arg(long, default_value_t = 5500)]
+    /// Instruction steps (5,800 chosen on the tuning seeds: docs/DEMO.md).
+    #[arg(long, default_value_t = 5800)]
     sft_steps: usize,
     /// Global batch of both training stages (split across --ranks).
     #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
