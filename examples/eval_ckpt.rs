@@ -13,6 +13,13 @@ fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
     let root = PathBuf::from(&a[0]);
     let tok = ChatTokenizer::load(&PathBuf::from("assets/tokenizer")).unwrap();
-    let acc = evaluate_demo_dir(&root, &PathBuf::from(&a[1]), &tok).unwrap();
+    let acc = evaluate_demo_dir(
+        &root,
+        &PathBuf::from(&a[1]),
+        &tok,
+        200,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     print!("{}", acc.report());
 }

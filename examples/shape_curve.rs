@@ -57,7 +57,14 @@ fn main() {
             device: Device::Cpu,
         };
         train::run(&cfg, &opts).unwrap();
-        let acc = evaluate_demo_dir(&root, &out.join("checkpoint"), &tok).unwrap();
+        let acc = evaluate_demo_dir(
+            &root,
+            &out.join("checkpoint"),
+            &tok,
+            200,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         println!(
             "| {} | {:.1}% | {:.1}% | {:.0} |",
             (i + 1) * chunk,

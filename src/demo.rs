@@ -178,7 +178,6 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         ..base
     };
     model.validate()?;
-    let eval_cache = cfg.out.join("cache/eval");
     eprintln!(
         "[4/5] train: pretrain {} steps, then SFT {} steps, batch {} (dim {}, {} layers)",
         cfg.pretrain_steps, cfg.sft_steps, cfg.batch_size, model.dim, model.n_layers
@@ -220,22 +219,11 @@ pub fn run(cfg: &DemoConfig, opts: &IngestOptions) -> Result<(String, crate::dem
         cfg.eval_images, cfg.eval_pairs
     );
     let tok = crate::text::ChatTokenizer::load(&cfg.tokenizer)?;
-    let ckpt = cfg.out.join("sft/checkpoint");
-    let labels = eval_ds.join("labels.json");
-    let mut acc = crate::demo_eval::evaluate(
-        &ckpt,
-        &eval_cache,
-        &labels,
+    let acc = crate::demo_eval::evaluate_demo_dir(
+        &cfg.out,
+        &cfg.out.join("sft/checkpoint"),
         &tok,
         cfg.eval_images,
-        &opts.device,
-    )?;
-    crate::demo_eval::evaluate_pairs(
-        &ckpt,
-        &cfg.out.join("cache/eval_multi"),
-        &labels,
-        &tok,
-        &mut acc,
         &opts.device,
     )?;
     let summary = format!(

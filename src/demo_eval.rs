@@ -232,38 +232,85 @@ fn answer(model: &Vlm, tok: &ChatTokenizer, feats: &Tensor, question: &str) -> R
 /// Where the report finds an evaluation image (relative to the demo directory).
 pub type ImagePath<'a> = &'a dyn Fn(&str) -> String;
 
-/// Ask every held-out image its colour and its shape; count answers naming the right word.
-pub fn evaluate(
+/// Up to `limit` rows of the shards under `dir` that `label` knows (from the row's image
+/// names), each with its label and its images' features as one (images, tokens, hidden) tensor.
+/// Rows past the limit are not read.
+fn labelled_rows<L>(
+    dir: &Path,
+    limit: usize,
+    device: &Device,
+    label: impl Fn(&[String]) -> Option<L>,
+) -> Result<Vec<(Vec<String>, L, Tensor)>> {
+    let mut rows = Vec::new();
+    for file in list_shards(dir)? {
+        let reader = ShardReader::open(&file)?;
+        let [tok, hid] = reader.meta.feature_shape;
+        for row in reader {
+            if rows.len() >= limit {
+                return Ok(rows);
+            }
+            let row = row?;
+            let Some(label) = label(&row.images) else {
+                continue;
+            };
+            let data: Vec<f32> = row
+                .features
+                .iter()
+                .flat_map(|f| f16_bytes_to_f32(f))
+                .collect();
+            let feats = Tensor::from_vec(data, (row.features.len(), tok, hid), device)?;
+            rows.push((row.images, label, feats));
+        }
+    }
+    Ok(rows)
+}
+
+/// Score a checkpoint on a demo directory's held-out sets (`root`, the demo's `--out`): every
+/// held-out image (at most `limit`) asked its colour and its shape, every held-out pair asked
+/// what differs. The demo scores itself with this; experiments that retrain a stage by hand score
+/// their checkpoint the same way.
+pub fn evaluate_demo_dir(
+    root: &Path,
     ckpt: &Path,
-    eval_shards: &Path,
-    labels: &Path,
     tokenizer: &ChatTokenizer,
     limit: usize,
     device: &Device,
 ) -> Result<Accuracy> {
     let model = crate::generate::load_model(ckpt, None, device)?;
-    let labels = read_labels(labels)?;
+    let labels = read_labels(&root.join("eval/labels.json"))?;
+    let mut acc = evaluate_images(
+        &model,
+        &root.join("cache/eval"),
+        &labels,
+        tokenizer,
+        limit,
+        device,
+    )?;
+    evaluate_pairs(
+        &model,
+        &root.join("cache/eval_multi"),
+        &labels,
+        tokenizer,
+        &mut acc,
+        device,
+    )?;
+    Ok(acc)
+}
+
+/// Ask every held-out image its colour and its shape; count answers naming the right word.
+fn evaluate_images(
+    model: &Vlm,
+    eval_shards: &Path,
+    labels: &Labels,
+    tokenizer: &ChatTokenizer,
+    limit: usize,
+    device: &Device,
+) -> Result<Accuracy> {
     let questions = [
         ("What colour is the shape?", "colour"),
         ("What shape is in the image?", "shape"),
     ];
-    let mut rows = Vec::new();
-    'files: for file in list_shards(eval_shards)? {
-        let reader = ShardReader::open(&file)?;
-        let [tok, hid] = reader.meta.feature_shape;
-        for row in reader {
-            let row = row?;
-            if rows.len() >= limit {
-                break 'files;
-            }
-            let Some(label) = labels.get(&row.images[0]) else {
-                continue;
-            };
-            let feats =
-                Tensor::from_vec(f16_bytes_to_f32(&row.features[0]), (1, tok, hid), device)?;
-            rows.push((row.images, label, feats));
-        }
-    }
+    let rows = labelled_rows(eval_shards, limit, device, |images| labels.get(&images[0]))?;
     // Each question's answer, with the image and with its features zeroed.
     let answers = each_in_order(&rows, device, |(_, _, feats)| {
         let blind = feats.zeros_like()?;
@@ -271,8 +318,8 @@ pub fn evaluate(
             .iter()
             .map(|(q, _)| {
                 Ok((
-                    answer(&model, tokenizer, feats, q)?,
-                    answer(&model, tokenizer, &blind, q)?,
+                    answer(model, tokenizer, feats, q)?,
+                    answer(model, tokenizer, &blind, q)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()
@@ -327,71 +374,32 @@ fn each_in_order<T: Sync, R: Send>(
     }
 }
 
-/// `evaluate` and `evaluate_pairs` on the held-out sets of a demo directory (`root`, the demo's
-/// `--out`), on the CPU, as the demo scores its own: for experiments that retrain a stage by hand
-/// and score the checkpoint.
-pub fn evaluate_demo_dir(root: &Path, ckpt: &Path, tokenizer: &ChatTokenizer) -> Result<Accuracy> {
-    let labels = root.join("eval/labels.json");
-    let mut acc = evaluate(
-        ckpt,
-        &root.join("cache/eval"),
-        &labels,
-        tokenizer,
-        200,
-        &Device::Cpu,
-    )?;
-    evaluate_pairs(
-        ckpt,
-        &root.join("cache/eval_multi"),
-        &labels,
-        tokenizer,
-        &mut acc,
-        &Device::Cpu,
-    )?;
-    Ok(acc)
-}
-
 /// Ask every held-out pair what differs; the truth is the sentence the data teaches.
-pub fn evaluate_pairs(
-    ckpt: &Path,
+fn evaluate_pairs(
+    model: &Vlm,
     eval_shards: &Path,
-    labels: &Path,
+    labels: &Labels,
     tokenizer: &ChatTokenizer,
     acc: &mut Accuracy,
     device: &Device,
 ) -> Result<()> {
-    let model = crate::generate::load_model(ckpt, None, device)?;
-    let labels = read_labels(labels)?;
     let q = "What differs between the two images?";
-    let mut pairs = Vec::new();
-    for file in list_shards(eval_shards)? {
-        let reader = ShardReader::open(&file)?;
-        let [tok, hid] = reader.meta.feature_shape;
-        for row in reader {
-            let row = row?;
-            let label = |name: &str| labels.get(&format!("sft_multi_images/{name}"));
-            let (Some(a), Some(b)) = (label(&row.images[0]), label(&row.images[1])) else {
-                continue;
-            };
-            let mut data = f16_bytes_to_f32(&row.features[0]);
-            data.extend(f16_bytes_to_f32(&row.features[1]));
-            let feats = Tensor::from_vec(data, (2, tok, hid), device)?;
-            let kind = if a["colour"] != b["colour"] {
-                "colour"
-            } else {
-                "shape"
-            };
-            let truth = crate::synth::what_differs(
-                [&a["colour"], &a["shape"]],
-                [&b["colour"], &b["shape"]],
-            );
-            pairs.push((row.images, kind, truth, feats));
-        }
-    }
-    let answers = each_in_order(&pairs, device, |(_, _, _, feats)| {
-        answer(&model, tokenizer, feats, q)
+    let pairs = labelled_rows(eval_shards, usize::MAX, device, |images| {
+        let label = |name: &str| labels.get(&format!("sft_multi_images/{name}"));
+        let (a, b) = (label(&images[0])?, label(&images[1])?);
+        let kind = if a["colour"] != b["colour"] {
+            "colour"
+        } else {
+            "shape"
+        };
+        let truth =
+            crate::synth::what_differs([&a["colour"], &a["shape"]], [&b["colour"], &b["shape"]]);
+        Some((kind, truth))
     })?;
-    for ((images, kind, truth, _), got) in pairs.into_iter().zip(answers) {
+    let answers = each_in_order(&pairs, device, |(_, _, feats)| {
+        answer(model, tokenizer, feats, q)
+    })?;
+    for ((images, (kind, truth), _), got) in pairs.into_iter().zip(answers) {
         acc.pairs += 1;
         acc.pair_kind_right += got.contains(&format!("The {kind} differs")) as usize;
         acc.pair_exact_right += (got == truth) as usize;

@@ -58,4 +58,6 @@ fn demo_runs_twice_with_other_settings_in_one_directory() {
     common::assert_ok(&second);
     let text = String::from_utf8_lossy(&second.stdout);
     assert!(text.contains("held-out images: 4"), "{text}");
+    // Both held-out sets are read and asked: the images and the two-image pairs.
+    assert!(text.contains("two-image pairs: 2;"), "{text}");
 }
