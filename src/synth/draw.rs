@@ -212,6 +212,24 @@ impl<'a> Coverage<'a> {
 
 /// Render `scene` at `size`×`size` with 2×2 supersampling and mild background noise.
 pub fn render(scene: &Scene, size: u32, rng: &mut impl Rng) -> image::RgbImage {
+    render_with(scene, size, &noise(size, rng))
+}
+
+/// The background noise `render` draws from `rng`: one value per pixel, row by row.
+pub fn noise(size: u32, rng: &mut impl Rng) -> Vec<i8> {
+    (0..size * size)
+        .map(|_| rng.random_range(-8..=8i32) as i8)
+        .collect()
+}
+
+/// `render` with its noise (from [`noise`]) already drawn: needs no generator, so images can be
+/// rendered in parallel and still be the same as drawn one by one.
+pub fn render_with(scene: &Scene, size: u32, noise: &[i8]) -> image::RgbImage {
+    assert_eq!(
+        noise.len(),
+        (size * size) as usize,
+        "one noise value per pixel"
+    );
     let fg = COLOURS[scene.colour].rgb;
     let bg = BACKGROUNDS[scene.background].rgb;
     let coverage = Coverage::new(scene);
@@ -220,7 +238,7 @@ pub fn render(scene: &Scene, size: u32, rng: &mut impl Rng) -> image::RgbImage {
         for (ox, oy) in [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)] {
             hits += coverage.covers(x as f32 + ox, y as f32 + oy) as u32;
         }
-        let noise: i32 = rng.random_range(-8..=8);
+        let noise = noise[(y * size + x) as usize] as i32;
         let px = |c: usize| {
             let back = (bg[c] as i32 + noise).clamp(0, 255) as u32;
             ((fg[c] as u32 * hits + back * (4 - hits)) / 4) as u8
