@@ -1,7 +1,8 @@
-//! The vendored candle-core's one change (vendor/README.md): a node's first gradient is stored as
-//! it is instead of being added into zeros, later ones are added (or subtracted) as before. Every
-//! rule that subtracts, fan-in through several consumers, broadcasts and views: the gradients
-//! must equal the hand-derived ones.
+//! The vendored candle-core's changes (vendor/README.md). A node's first gradient is stored as it
+//! is instead of being added into zeros, later ones are added (or subtracted) as before: every
+//! rule that subtracts, fan-in through several consumers, broadcasts and views — the gradients
+//! must equal the hand-derived ones. A batch of matrix products split across threads product by
+//! product gives the same bits as one thread and as each product split across the threads.
 
 use candle_core::{Device, Tensor, Var};
 
@@ -69,4 +70,46 @@ fn gradients_through_broadcasts_and_transposes_are_contiguous_and_right() {
     let gb = grads.get(b.as_tensor()).unwrap();
     assert!(gb.is_contiguous());
     close(&vals(gb), &[5.0, 7.0, 9.0], "dL/db");
+}
+
+/// `RAYON_NUM_THREADS` is read at every product, so one process can take all three paths:
+/// one thread (products in turn), 2 (8 products, whole ones per thread) and 3 (8 products,
+/// fewer than 4 per thread and not an even share: each product split across the threads).
+#[test]
+fn batched_products_give_the_same_bits_however_the_threads_split_them() {
+    let (b, m, k, n) = (8, 37, 29, 23);
+    let lhs: Vec<f32> = (0..b * m * k)
+        .map(|i| ((i * 7919) % 1009) as f32 / 1009.0 - 0.5)
+        .collect();
+    let rhs: Vec<f32> = (0..b * k * n)
+        .map(|i| ((i * 104_729) % 997) as f32 / 997.0 - 0.5)
+        .collect();
+    let dev = Device::Cpu;
+    let a = Tensor::from_vec(lhs.clone(), (b, m, k), &dev).unwrap();
+    // The right-hand side as a transposed view, as attention's q·kᵀ reads it.
+    let bt = Tensor::from_vec(rhs.clone(), (b, n, k), &dev).unwrap();
+    let want: Vec<f64> = (0..b * m * n)
+        .map(|i| {
+            let (s, r, c) = (i / (m * n), i / n % m, i % n);
+            (0..k)
+                .map(|j| lhs[(s * m + r) * k + j] as f64 * rhs[(s * n + c) * k + j] as f64)
+                .sum()
+        })
+        .collect();
+    let bits = |threads: &str| -> Vec<u32> {
+        std::env::set_var("RAYON_NUM_THREADS", threads);
+        let c = a.matmul(&bt.t().unwrap()).unwrap();
+        std::env::remove_var("RAYON_NUM_THREADS");
+        close(&vals(&c), &want, &format!("{threads} thread(s)"));
+        c.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    let one = bits("1");
+    assert_eq!(bits("2"), one, "whole products per thread");
+    assert_eq!(bits("3"), one, "each product split across threads");
 }

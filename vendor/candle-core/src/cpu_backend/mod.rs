@@ -1471,7 +1471,6 @@ impl Map2 for MatMul {
         let rhs_rs = rhs_stride[rank - 2];
 
         let (a_skip, b_skip) = self.ab_skip(lhs_l, rhs_l)?;
-        let c_skip: usize = m * n;
 
         let dst_shape: Shape = (m, n).into();
         let dst_strides = dst_shape.stride_contiguous();
@@ -1499,7 +1498,7 @@ impl Map2 for MatMul {
         let (b, m, n, k) = if b_skip == 0 && a_skip == m * k {
             // A batch-invariant rhs lets the batches of lhs stack into the rows of a single
             // (b * m, k) matrix, which the destination already matches row for row.
-            // a_skip and c_skip should be updated but step is always 0 so
+            // a_skip should be updated but step is always 0 so
             // it wouldn't matter.
             (1, b * m, n, k)
         } else {
@@ -1510,10 +1509,14 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
-        for step in 0..b {
+        if len == 0 {
+            return Ok(dst);
+        }
+        // One product of the batch: `dst_p` is its (m, n) output.
+        let c_skip = m * n;
+        let product = |step: usize, dst_p: &mut [T], parallelism: Parallelism| {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
             unsafe {
                 gemm(
                     /* m: usize = */ m,
@@ -1536,6 +1539,20 @@ impl Map2 for MatMul {
                     /* conj_rhs: bool = */ false,
                     parallelism,
                 )
+            }
+        };
+        if num_threads > 1 && (b % num_threads == 0 || b >= 4 * num_threads) {
+            // As many products per thread, or enough that an uneven last round matters little:
+            // each thread computes whole products on its own (minimind-v change;
+            // vendor/README.md). Splitting each small product (attention's per-head ones)
+            // across the threads kept them waiting on each other. gemm splits a product's
+            // output, never its sums, so the values are the same.
+            dst.par_chunks_mut(c_skip)
+                .enumerate()
+                .for_each(|(step, dst_p)| product(step, dst_p, Parallelism::None));
+        } else {
+            for (step, dst_p) in dst.chunks_mut(c_skip).enumerate().take(b) {
+                product(step, dst_p, parallelism);
             }
         }
         Ok(dst)
