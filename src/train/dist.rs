@@ -273,16 +273,18 @@ impl TcpGroup {
     }
 }
 
-fn send_f32(s: &mut TcpStream, v: &[f32]) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(8 + 4 * v.len());
-    buf.extend((v.len() as u64).to_le_bytes());
-    for x in v {
-        buf.extend(x.to_le_bytes());
+/// The wire format: the length as a little-endian u64, then the values as little-endian f32.
+fn send_f32(s: &mut impl Write, v: &[f32]) -> std::io::Result<()> {
+    s.write_all(&(v.len() as u64).to_le_bytes())?;
+    if cfg!(target_endian = "little") {
+        s.write_all(bytemuck::cast_slice(v))
+    } else {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        s.write_all(&bytes)
     }
-    s.write_all(&buf)
 }
 
-fn recv_f32(s: &mut TcpStream, n: usize) -> std::io::Result<Vec<f32>> {
+fn recv_f32(s: &mut impl Read, n: usize) -> std::io::Result<Vec<f32>> {
     let mut len = [0u8; 8];
     s.read_exact(&mut len)?;
     if u64::from_le_bytes(len) as usize != n {
@@ -291,12 +293,13 @@ fn recv_f32(s: &mut TcpStream, n: usize) -> std::io::Result<Vec<f32>> {
             u64::from_le_bytes(len)
         )));
     }
-    let mut bytes = vec![0u8; 4 * n];
-    s.read_exact(&mut bytes)?;
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+    let mut v = vec![0f32; n];
+    s.read_exact(bytemuck::cast_slice_mut(&mut v))?;
+    if cfg!(target_endian = "big") {
+        v.iter_mut()
+            .for_each(|x| *x = f32::from_le_bytes(x.to_ne_bytes()));
+    }
+    Ok(v)
 }
 
 impl AllReduce for TcpGroup {
