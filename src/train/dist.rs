@@ -274,7 +274,7 @@ impl TcpGroup {
 }
 
 /// The wire format: the length as a little-endian u64, then the values as little-endian f32.
-fn send_f32(s: &mut impl Write, v: &[f32]) -> std::io::Result<()> {
+fn send_f32(s: &mut TcpStream, v: &[f32]) -> std::io::Result<()> {
     s.write_all(&(v.len() as u64).to_le_bytes())?;
     if cfg!(target_endian = "little") {
         s.write_all(bytemuck::cast_slice(v))
@@ -284,7 +284,7 @@ fn send_f32(s: &mut impl Write, v: &[f32]) -> std::io::Result<()> {
     }
 }
 
-fn recv_f32(s: &mut impl Read, n: usize) -> std::io::Result<Vec<f32>> {
+fn recv_f32(s: &mut TcpStream, n: usize) -> std::io::Result<Vec<f32>> {
     let mut len = [0u8; 8];
     s.read_exact(&mut len)?;
     if u64::from_le_bytes(len) as usize != n {
