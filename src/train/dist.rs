@@ -10,7 +10,9 @@
 //!
 //! Reductions: `ThreadGroup` (ranks as threads of one process, for tests), `TcpGroup` (ranks as
 //! processes: each sends its buffer to rank 0, which sums in rank order and sends the sum back —
-//! host copies, fine for CPU and small worlds) and, in builds with `--features nccl`,
+//! host copies, fine for CPU and small worlds; ranks on one machine exchange large buffers
+//! through a shared-memory file instead, the same sums without the socket's copies, unless
+//! `MMV_EXCHANGE=socket`) and, in builds with `--features nccl`,
 //! `nccl::NcclGroup` (CUDA tensors all-reduced in place on the GPU; the NCCL id travels over the
 //! TCP rendezvous, so no shared filesystem is needed).
 
@@ -217,9 +219,177 @@ pub fn master_addr() -> Option<String> {
 
 /// Ranks that are processes, joined over TCP through rank 0 (a star: rank 0 receives every
 /// buffer, sums in rank order — the same order as `ThreadGroup` — and sends the sum back).
+/// Ranks on one machine exchange large buffers through shared memory instead ([`Shared`]).
 pub struct TcpGroup {
     /// Rank 0: the connection to each peer (index = rank, 0 unused); others: the one to rank 0.
     conns: Mutex<Vec<Option<TcpStream>>>,
+    /// Buffers of at least this many values go through shared memory when every rank can map
+    /// rank 0's file; `None`: always through the socket (`MMV_EXCHANGE=socket`).
+    shared_from: Option<usize>,
+    shared: Mutex<SharedState>,
+}
+
+enum SharedState {
+    /// Not tried yet: the first buffer large enough tries it.
+    Untried,
+    /// A rank could not map the file (another machine, no space): the socket from now on.
+    Off,
+    On(Shared),
+}
+
+/// Values below which a buffer always goes through the socket (losses, barriers).
+const SHARED_FROM: usize = 1 << 16;
+
+/// Bytes before the slots: the token that tells a peer it mapped rank 0's own file.
+const SHARED_HEADER: usize = 64;
+
+/// Ranks on one machine, exchanging through a file in shared memory (`/dev/shm`) that they have
+/// all mapped: each writes its buffer into its own slot, they meet at a one-byte barrier over
+/// the socket, and each sums the slots in rank order — the same values, in the same order, as
+/// through the socket, without sending megabytes through the kernel twice. Two slots per rank,
+/// used alternately: a rank writes a slot again only after the next barrier, which every rank
+/// reaches only after reading the previous exchange's slots.
+struct Shared {
+    map: memmap2::MmapMut,
+    /// Values per slot.
+    n: usize,
+    world: usize,
+    /// The slot of each rank that the next exchange uses (0 or 1).
+    parity: usize,
+}
+
+impl Shared {
+    fn bytes(world: usize, n: usize) -> usize {
+        SHARED_HEADER + world * 2 * n * 4
+    }
+
+    fn slot(&self, rank: usize) -> std::ops::Range<usize> {
+        let start = SHARED_HEADER + (rank * 2 + self.parity) * self.n * 4;
+        start..start + self.n * 4
+    }
+
+    /// The file's token is `token`: this process mapped rank 0's file, not another's.
+    fn token_matches(&self, token: &[u8; 16]) -> bool {
+        self.map[..16] == token[..]
+    }
+
+    /// Sum of every rank's `local`, in rank order.
+    fn sum(
+        &mut self,
+        rank: usize,
+        local: &[f32],
+        conns: &mut [Option<TcpStream>],
+    ) -> Result<Vec<f32>> {
+        let mine = self.slot(rank);
+        bytemuck::cast_slice_mut::<u8, f32>(&mut self.map[mine]).copy_from_slice(local);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        barrier_bytes(rank, conns)?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let mut acc = bytemuck::cast_slice::<u8, f32>(&self.map[self.slot(0)]).to_vec();
+        for r in 1..self.world {
+            let v = bytemuck::cast_slice::<u8, f32>(&self.map[self.slot(r)]);
+            acc.iter_mut().zip(v).for_each(|(a, &b)| *a += b);
+        }
+        self.parity ^= 1;
+        Ok(acc)
+    }
+}
+
+/// Every rank waits until all have arrived: the peers send rank 0 a byte, rank 0 answers each
+/// once it has them all.
+fn barrier_bytes(rank: usize, conns: &mut [Option<TcpStream>]) -> Result<()> {
+    if rank == 0 {
+        for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
+            let conn = conn.as_mut().expect("rank 0 holds every peer");
+            conn.read_exact(&mut [0u8; 1])
+                .map_err(|e| io_err(&format!("rank {peer}"), e))?;
+        }
+        for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
+            let conn = conn.as_mut().expect("rank 0 holds every peer");
+            conn.write_all(&[1])
+                .map_err(|e| io_err(&format!("rank {peer}"), e))?;
+        }
+    } else {
+        let conn = conns[0].as_mut().expect("a peer holds rank 0");
+        conn.write_all(&[1]).map_err(|e| io_err("rank 0", e))?;
+        conn.read_exact(&mut [0u8; 1])
+            .map_err(|e| io_err("rank 0", e))?;
+    }
+    Ok(())
+}
+
+/// A new file of `bytes` bytes under `/dev/shm` (else the temporary directory), every page
+/// written (so a full tmpfs fails here, not later as a bus error), mapped, with a fresh token
+/// at its start.
+fn create_shared(world: usize, n: usize) -> std::io::Result<(PathBuf, Shared, [u8; 16])> {
+    let dir = ["/dev/shm".into(), std::env::temp_dir()]
+        .into_iter()
+        .find(|d: &PathBuf| d.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let path = dir.join(format!("minimind-v-{}-{nanos}.grads", std::process::id()));
+    let mut token = [0u8; 16];
+    token[..8].copy_from_slice(&(nanos as u64).to_le_bytes());
+    token[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    let bytes = Shared::bytes(world, n);
+    let filled = (|| {
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = bytes;
+        while left > 0 {
+            let k = left.min(zeros.len());
+            file.write_all(&zeros[..k])?;
+            left -= k;
+        }
+        // SAFETY: the file is this run's own, new and uniquely named; only the run's ranks map
+        // it, and they never touch the same bytes between two barriers (see `Shared`).
+        let mut map = unsafe { memmap2::MmapMut::map_mut(&file)? };
+        map[..16].copy_from_slice(&token);
+        Ok(map)
+    })();
+    match filled {
+        Ok(map) => Ok((
+            path,
+            Shared {
+                map,
+                n,
+                world,
+                parity: 0,
+            },
+            token,
+        )),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(e)
+        }
+    }
+}
+
+/// A peer maps rank 0's file at `path` if it can, and if it holds `token` (the same machine).
+fn open_shared(path: &str, token: &[u8; 16], world: usize, n: usize) -> Option<Shared> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .ok()?;
+    if file.metadata().ok()?.len() != Shared::bytes(world, n) as u64 {
+        return None;
+    }
+    // SAFETY: as in `create_shared`; the token check below confirms it is that file.
+    let map = unsafe { memmap2::MmapMut::map_mut(&file) }.ok()?;
+    let shared = Shared {
+        map,
+        n,
+        world,
+        parity: 0,
+    };
+    shared.token_matches(token).then_some(shared)
 }
 
 fn io_err(what: &str, e: std::io::Error) -> Error {
@@ -230,8 +400,26 @@ fn io_err(what: &str, e: std::io::Error) -> Error {
 
 impl TcpGroup {
     /// Rank 0 listens on `addr` until all `world - 1` peers have connected; the others connect
-    /// (retrying for `timeout`, since rank 0 may start later) and say who they are.
+    /// (retrying for `timeout`, since rank 0 may start later) and say who they are. Buffers of
+    /// 65,536 values or more go through shared memory where all ranks can map it, unless
+    /// `MMV_EXCHANGE=socket`.
     pub fn join(rank: usize, world: usize, addr: &str, timeout: Duration) -> Result<Arc<Self>> {
+        let shared_from = match std::env::var("MMV_EXCHANGE").as_deref() {
+            Ok("socket") => None,
+            _ => Some(SHARED_FROM),
+        };
+        Self::join_sharing_from(rank, world, addr, timeout, shared_from)
+    }
+
+    /// [`TcpGroup::join`], with buffers of at least `shared_from` values through shared memory
+    /// (`None`: none).
+    pub fn join_sharing_from(
+        rank: usize,
+        world: usize,
+        addr: &str,
+        timeout: Duration,
+        shared_from: Option<usize>,
+    ) -> Result<Arc<Self>> {
         let mut conns: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         if rank == 0 {
             let listener = TcpListener::bind(addr).map_err(|e| io_err(addr, e))?;
@@ -269,7 +457,102 @@ impl TcpGroup {
         }
         Ok(Arc::new(Self {
             conns: Mutex::new(conns),
+            shared_from,
+            shared: Mutex::new(SharedState::Untried),
         }))
+    }
+
+    /// Set up shared memory at the first buffer of `n` values large enough for it: rank 0 creates the file and sends each peer its path and token, each peer
+    /// says whether it mapped it, and rank 0 tells all the outcome (every rank decides alike)
+    /// and removes the file's name (the mappings keep it until the ranks exit).
+    fn share(
+        &self,
+        rank: usize,
+        n: usize,
+        conns: &mut [Option<TcpStream>],
+        state: &mut SharedState,
+    ) -> Result<()> {
+        if self.shared_from.is_none_or(|from| n < from) || !matches!(state, SharedState::Untried) {
+            return Ok(());
+        }
+        let world = conns.len();
+        if rank == 0 {
+            let created = create_shared(world, n);
+            let (path, token) = match &created {
+                Ok((path, _, token)) => (path.to_string_lossy().into_owned(), *token),
+                Err(_) => (String::new(), [0u8; 16]),
+            };
+            let mut all = true;
+            for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
+                let conn = conn.as_mut().expect("rank 0 holds every peer");
+                let mut offer = token.to_vec();
+                offer.extend((path.len() as u64).to_le_bytes());
+                offer.extend(path.as_bytes());
+                conn.write_all(&offer)
+                    .map_err(|e| io_err(&format!("rank {peer}"), e))?;
+            }
+            for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
+                let conn = conn.as_mut().expect("rank 0 holds every peer");
+                let mut ok = [0u8; 1];
+                conn.read_exact(&mut ok)
+                    .map_err(|e| io_err(&format!("rank {peer}"), e))?;
+                all &= ok[0] == 1;
+            }
+            let on = all && created.is_ok();
+            match &created {
+                Ok(_) if on => eprintln!("ranks exchange gradients through shared memory ({path})"),
+                Ok(_) => eprintln!(
+                    "ranks exchange gradients through the socket: a rank could not map {path} (another machine?)"
+                ),
+                Err(e) => eprintln!(
+                    "ranks exchange gradients through the socket: no shared-memory file ({e})"
+                ),
+            }
+            for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
+                let conn = conn.as_mut().expect("rank 0 holds every peer");
+                conn.write_all(&[on as u8])
+                    .map_err(|e| io_err(&format!("rank {peer}"), e))?;
+            }
+            *state = match created {
+                Ok((path, shared, _)) => {
+                    let _ = std::fs::remove_file(path);
+                    if on {
+                        SharedState::On(shared)
+                    } else {
+                        SharedState::Off
+                    }
+                }
+                Err(_) => SharedState::Off,
+            };
+        } else {
+            let conn = conns[0].as_mut().expect("a peer holds rank 0");
+            let mut head = [0u8; 24];
+            conn.read_exact(&mut head)
+                .map_err(|e| io_err("rank 0", e))?;
+            let token: [u8; 16] = head[..16].try_into().expect("16 bytes");
+            let len = u64::from_le_bytes(head[16..].try_into().expect("8 bytes")) as usize;
+            if len > 4096 {
+                return Err(io_err(
+                    "rank 0",
+                    std::io::Error::other(format!("a shared-memory path of {len} bytes")),
+                ));
+            }
+            let mut path = vec![0u8; len];
+            conn.read_exact(&mut path)
+                .map_err(|e| io_err("rank 0", e))?;
+            let mapped = (len > 0)
+                .then(|| open_shared(&String::from_utf8_lossy(&path), &token, world, n))
+                .flatten();
+            conn.write_all(&[mapped.is_some() as u8])
+                .map_err(|e| io_err("rank 0", e))?;
+            let mut on = [0u8; 1];
+            conn.read_exact(&mut on).map_err(|e| io_err("rank 0", e))?;
+            *state = match mapped {
+                Some(shared) if on[0] == 1 => SharedState::On(shared),
+                _ => SharedState::Off,
+            };
+        }
+        Ok(())
     }
 }
 
@@ -307,25 +590,36 @@ impl AllReduce for TcpGroup {
         let local = data.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
         let n = local.len();
         let mut conns = self.conns.lock().expect("lock");
-        let total = if rank == 0 {
-            let mut acc = local;
-            for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
-                let conn = conn.as_mut().expect("rank 0 holds every peer");
-                let v = recv_f32(conn, n).map_err(|e| io_err(&format!("rank {peer}"), e))?;
-                acc.iter_mut().zip(v).for_each(|(a, b)| *a += b);
-            }
-            for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
-                let conn = conn.as_mut().expect("rank 0 holds every peer");
-                send_f32(conn, &acc).map_err(|e| io_err(&format!("rank {peer}"), e))?;
-            }
-            acc
-        } else {
-            let conn = conns[0].as_mut().expect("a peer holds rank 0");
-            send_f32(conn, &local).map_err(|e| io_err("rank 0", e))?;
-            recv_f32(conn, n).map_err(|e| io_err("rank 0", e))?
+        let mut state = self.shared.lock().expect("lock");
+        self.share(rank, n, &mut conns, &mut state)?;
+        let total = match &mut *state {
+            SharedState::On(shared) if shared.n == n => shared.sum(rank, &local, &mut conns)?,
+            _ => socket_sum(rank, local, &mut conns)?,
         };
         Ok(Tensor::from_vec(total, n, data.device())?.to_dtype(data.dtype())?)
     }
+}
+
+/// [`AllReduce::sum`] through the socket: rank 0 sums in rank order and sends the sum back.
+fn socket_sum(rank: usize, local: Vec<f32>, conns: &mut [Option<TcpStream>]) -> Result<Vec<f32>> {
+    let n = local.len();
+    Ok(if rank == 0 {
+        let mut acc = local;
+        for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
+            let conn = conn.as_mut().expect("rank 0 holds every peer");
+            let v = recv_f32(conn, n).map_err(|e| io_err(&format!("rank {peer}"), e))?;
+            acc.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+        }
+        for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
+            let conn = conn.as_mut().expect("rank 0 holds every peer");
+            send_f32(conn, &acc).map_err(|e| io_err(&format!("rank {peer}"), e))?;
+        }
+        acc
+    } else {
+        let conn = conns[0].as_mut().expect("a peer holds rank 0");
+        send_f32(conn, &local).map_err(|e| io_err("rank 0", e))?;
+        recv_f32(conn, n).map_err(|e| io_err("rank 0", e))?
+    })
 }
 
 /// This process's `Dist` from the environment: a run of one unless `MMV_WORLD_SIZE` is set. On a
@@ -610,6 +904,76 @@ mod tests {
         for h in handles {
             assert_eq!(h.join().unwrap(), vec![1.0, 1.0]);
         }
+    }
+
+    /// Three ranks through shared memory (every buffer of 4 values or more) against the same
+    /// ranks through the socket: the same sums, bit for bit, over exchanges that alternate the
+    /// slots, interleaved with small buffers (the socket) and a buffer of another length.
+    #[test]
+    fn shared_memory_sums_like_the_socket() {
+        fn run(shared_from: Option<usize>) -> Vec<Vec<Vec<f32>>> {
+            let addr = {
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap().to_string()
+            };
+            let handles: Vec<_> = (0..3)
+                .map(|r| {
+                    let addr = addr.clone();
+                    std::thread::spawn(move || {
+                        let g = TcpGroup::join_sharing_from(
+                            r,
+                            3,
+                            &addr,
+                            Duration::from_secs(10),
+                            shared_from,
+                        )
+                        .unwrap();
+                        assert!(matches!(*g.shared.lock().unwrap(), SharedState::Untried));
+                        let mut sums = Vec::new();
+                        for step in 0..5 {
+                            let n = if step == 3 { 7 } else { 1000 };
+                            let v: Vec<f32> = (0..n)
+                                .map(|i| ((i * 31 + r * 7 + step * 13) % 97) as f32 / 9.7 - 3.3)
+                                .collect();
+                            let t = Tensor::from_vec(v, n, &Device::Cpu).unwrap();
+                            sums.push(g.sum(r, &t).unwrap().to_vec1::<f32>().unwrap());
+                            let one = Tensor::new(&[r as f32], &Device::Cpu).unwrap();
+                            assert_eq!(g.sum(r, &one).unwrap().to_vec1::<f32>().unwrap(), [3.0]);
+                        }
+                        let on = matches!(*g.shared.lock().unwrap(), SharedState::On(_));
+                        assert_eq!(on, shared_from.is_some(), "rank {r}");
+                        sums
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        }
+        let socket = run(None);
+        let shared = run(Some(4));
+        for rank in 1..3 {
+            assert_eq!(socket[rank], socket[0]);
+        }
+        for (a, b) in shared.iter().zip(&socket) {
+            for (x, y) in a.iter().zip(b) {
+                assert_eq!(x.len(), y.len());
+                assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()));
+            }
+        }
+    }
+
+    /// A peer maps rank 0's file only with its token and size: another machine's file of the same
+    /// name, or another run's, is refused (and the ranks then use the socket).
+    #[test]
+    fn a_peer_maps_only_rank_0s_own_file() {
+        let (path, _shared, token) = create_shared(2, 100).unwrap();
+        let path_str = path.to_string_lossy().into_owned();
+        assert!(open_shared(&path_str, &token, 2, 100).is_some());
+        let mut other = token;
+        other[0] ^= 1;
+        assert!(open_shared(&path_str, &other, 2, 100).is_none());
+        assert!(open_shared(&path_str, &token, 2, 101).is_none());
+        std::fs::remove_file(&path).unwrap();
+        assert!(open_shared(&path_str, &token, 2, 100).is_none());
     }
 
     #[test]
