@@ -30,6 +30,13 @@ use crate::error::{Error, Result};
 pub trait AllReduce: Send + Sync {
     fn sum(&self, rank: usize, data: &Tensor) -> Result<Tensor>;
 
+    /// The mean over the ranks of `tensors` read one after another as one buffer (flat), where
+    /// this reduction can take them as they are, without joining them into one tensor first;
+    /// `None`: it cannot, use [`AllReduce::sum`]. The same values as `sum` divided by `world`.
+    fn mean_of(&self, _rank: usize, _tensors: &[Tensor]) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// Whether the ranks are threads of this process that wait for each other.
     fn threads_of_one_process(&self) -> bool {
         false
@@ -140,12 +147,17 @@ impl Dist {
             return Ok(());
         };
         let shapes: Vec<_> = tensors.iter().map(|t| t.shape().clone()).collect();
-        let flat: Vec<Tensor> = tensors
-            .iter()
-            .map(|t| t.flatten_all())
-            .collect::<candle_core::Result<_>>()?;
-        let summed = reduce.sum(self.rank, &Tensor::cat(&flat, 0)?)?;
-        let mean = (summed / self.world as f64)?;
+        let mean = match reduce.mean_of(self.rank, tensors)? {
+            Some(mean) => mean,
+            None => {
+                let flat: Vec<Tensor> = tensors
+                    .iter()
+                    .map(|t| t.flatten_all())
+                    .collect::<candle_core::Result<_>>()?;
+                let summed = reduce.sum(self.rank, &Tensor::cat(&flat, 0)?)?;
+                (summed / self.world as f64)?
+            }
+        };
         let mut offset = 0;
         for (t, shape) in tensors.iter_mut().zip(shapes) {
             let n = shape.elem_count();
@@ -273,6 +285,47 @@ impl Shared {
         self.map[..16] == token[..]
     }
 
+    /// The mean of every rank's `tensors` (f32 on the CPU, `n` values in all), flat: each rank
+    /// copies its tensors into its slot, and the slots are summed in rank order and scaled as
+    /// `sum / world` does it (candle's affine: `v * (1 / world) + 0`), in one pass for two ranks.
+    fn mean(
+        &mut self,
+        rank: usize,
+        tensors: &[Tensor],
+        conns: &mut [Option<TcpStream>],
+    ) -> Result<Vec<f32>> {
+        let mine = self.slot(rank);
+        let dst = bytemuck::cast_slice_mut::<u8, f32>(&mut self.map[mine]);
+        let mut offset = 0;
+        for t in tensors {
+            let k = t.elem_count();
+            copy_f32(t, &mut dst[offset..offset + k])?;
+            offset += k;
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        barrier_bytes(rank, conns)?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let slots: Vec<&[f32]> = (0..self.world)
+            .map(|r| bytemuck::cast_slice::<u8, f32>(&self.map[self.slot(r)]))
+            .collect();
+        let (mul, add) = ((1.0 / self.world as f64) as f32, 0f32);
+        let mean = if let [a, b] = slots[..] {
+            a.iter()
+                .zip(b)
+                .map(|(&a, &b)| (a + b) * mul + add)
+                .collect()
+        } else {
+            let mut acc = slots[0].to_vec();
+            for s in &slots[1..] {
+                acc.iter_mut().zip(*s).for_each(|(a, &b)| *a += b);
+            }
+            acc.iter_mut().for_each(|a| *a = *a * mul + add);
+            acc
+        };
+        self.parity ^= 1;
+        Ok(mean)
+    }
+
     /// Sum of every rank's `local`, in rank order.
     fn sum(
         &mut self,
@@ -293,6 +346,21 @@ impl Shared {
         self.parity ^= 1;
         Ok(acc)
     }
+}
+
+/// Copy the f32 `t` into `dst` (its length): straight from the storage when contiguous.
+fn copy_f32(t: &Tensor, dst: &mut [f32]) -> Result<()> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((from, to))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            dst.copy_from_slice(&v[from..to]);
+            return Ok(());
+        }
+    }
+    dst.copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
+    Ok(())
 }
 
 /// Every rank waits until all have arrived: the peers send rank 0 a byte, rank 0 answers each
@@ -597,6 +665,26 @@ impl AllReduce for TcpGroup {
             _ => socket_sum(rank, local, &mut conns)?,
         };
         Ok(Tensor::from_vec(total, n, data.device())?.to_dtype(data.dtype())?)
+    }
+
+    fn mean_of(&self, rank: usize, tensors: &[Tensor]) -> Result<Option<Tensor>> {
+        if tensors
+            .iter()
+            .any(|t| t.dtype() != candle_core::DType::F32 || !t.device().is_cpu())
+        {
+            return Ok(None);
+        }
+        let n = tensors.iter().map(Tensor::elem_count).sum();
+        let mut conns = self.conns.lock().expect("lock");
+        let mut state = self.shared.lock().expect("lock");
+        self.share(rank, n, &mut conns, &mut state)?;
+        match &mut *state {
+            SharedState::On(shared) if shared.n == n => {
+                let mean = shared.mean(rank, tensors, &mut conns)?;
+                Ok(Some(Tensor::from_vec(mean, n, &candle_core::Device::Cpu)?))
+            }
+            _ => Ok(None),
+        }
     }
 }
 
@@ -956,6 +1044,73 @@ mod tests {
         for (a, b) in shared.iter().zip(&socket) {
             for (x, y) in a.iter().zip(b) {
                 assert_eq!(x.len(), y.len());
+                assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()));
+            }
+        }
+    }
+
+    /// `Dist::mean` of several tensors (one of them a transposed view) as three ranks through
+    /// shared memory, where the tensors go into the slots as they are, against the socket, where
+    /// they are joined first: the same means bit for bit, over exchanges that alternate the slots.
+    #[test]
+    fn shared_memory_means_like_the_socket() {
+        fn run(shared_from: Option<usize>) -> Vec<Vec<Vec<f32>>> {
+            let addr = {
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap().to_string()
+            };
+            let handles: Vec<_> = (0..3)
+                .map(|r| {
+                    let addr = addr.clone();
+                    std::thread::spawn(move || {
+                        let g = TcpGroup::join_sharing_from(
+                            r,
+                            3,
+                            &addr,
+                            Duration::from_secs(10),
+                            shared_from,
+                        )
+                        .unwrap();
+                        let d = Dist::new(r, 3, g.clone()).unwrap();
+                        let mut means = Vec::new();
+                        for step in 0..4 {
+                            let v = |n: usize, k: usize| -> Vec<f32> {
+                                (0..n)
+                                    .map(|i| {
+                                        ((i * 37 + r * 11 + step * 5 + k) % 101) as f32 / 7.3 - 6.1
+                                    })
+                                    .collect()
+                            };
+                            let m = Tensor::from_vec(v(12, 0), (3, 4), &Device::Cpu).unwrap();
+                            let mut t = [
+                                m.t().unwrap(),
+                                Tensor::from_vec(v(500, 1), 500, &Device::Cpu).unwrap(),
+                                Tensor::from_vec(v(6, 2), (2, 3), &Device::Cpu).unwrap(),
+                            ];
+                            d.mean(&mut t).unwrap();
+                            assert_eq!(t[0].dims(), [4, 3]);
+                            means.push(
+                                t.iter()
+                                    .flat_map(|x| {
+                                        x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                                    })
+                                    .collect(),
+                            );
+                        }
+                        let on = matches!(*g.shared.lock().unwrap(), SharedState::On(_));
+                        assert_eq!(on, shared_from.is_some(), "rank {r}");
+                        means
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        }
+        let socket = run(None);
+        let shared = run(Some(100));
+        assert_eq!(socket[1], socket[0]);
+        for (a, b) in shared.iter().zip(&socket) {
+            for (x, y) in a.iter().zip(b) {
+                assert_eq!(x.len(), 518);
                 assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()));
             }
         }
