@@ -294,21 +294,16 @@ impl Shared {
         tensors: &[Tensor],
         conns: &mut [Option<TcpStream>],
     ) -> Result<Vec<f32>> {
-        let mine = self.slot(rank);
-        let dst = bytemuck::cast_slice_mut::<u8, f32>(&mut self.map[mine]);
-        let mut offset = 0;
-        for t in tensors {
-            let k = t.elem_count();
-            copy_f32(t, &mut dst[offset..offset + k])?;
-            offset += k;
-        }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        barrier_bytes(rank, conns)?;
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        let slots: Vec<&[f32]> = (0..self.world)
-            .map(|r| bytemuck::cast_slice::<u8, f32>(&self.map[self.slot(r)]))
-            .collect();
-        let (mul, add) = ((1.0 / self.world as f64) as f32, 0f32);
+        let slots = self.exchange(rank, conns, |dst| {
+            let mut offset = 0;
+            for t in tensors {
+                let k = t.elem_count();
+                copy_f32(t, &mut dst[offset..offset + k])?;
+                offset += k;
+            }
+            Ok(())
+        })?;
+        let (mul, add) = ((1.0 / slots.len() as f64) as f32, 0f32);
         let mean = if let [a, b] = slots[..] {
             a.iter()
                 .zip(b)
@@ -326,6 +321,23 @@ impl Shared {
         Ok(mean)
     }
 
+    /// `fill` writes this rank's slot; once every rank has (the barrier), every rank's slot.
+    fn exchange(
+        &mut self,
+        rank: usize,
+        conns: &mut [Option<TcpStream>],
+        fill: impl FnOnce(&mut [f32]) -> Result<()>,
+    ) -> Result<Vec<&[f32]>> {
+        let mine = self.slot(rank);
+        fill(bytemuck::cast_slice_mut::<u8, f32>(&mut self.map[mine]))?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        barrier_bytes(rank, conns)?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok((0..self.world)
+            .map(|r| bytemuck::cast_slice::<u8, f32>(&self.map[self.slot(r)]))
+            .collect())
+    }
+
     /// Sum of every rank's `local`, in rank order.
     fn sum(
         &mut self,
@@ -333,15 +345,13 @@ impl Shared {
         local: &[f32],
         conns: &mut [Option<TcpStream>],
     ) -> Result<Vec<f32>> {
-        let mine = self.slot(rank);
-        bytemuck::cast_slice_mut::<u8, f32>(&mut self.map[mine]).copy_from_slice(local);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        barrier_bytes(rank, conns)?;
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        let mut acc = bytemuck::cast_slice::<u8, f32>(&self.map[self.slot(0)]).to_vec();
-        for r in 1..self.world {
-            let v = bytemuck::cast_slice::<u8, f32>(&self.map[self.slot(r)]);
-            acc.iter_mut().zip(v).for_each(|(a, &b)| *a += b);
+        let slots = self.exchange(rank, conns, |dst| {
+            dst.copy_from_slice(local);
+            Ok(())
+        })?;
+        let mut acc = slots[0].to_vec();
+        for s in &slots[1..] {
+            acc.iter_mut().zip(*s).for_each(|(a, &b)| *a += b);
         }
         self.parity ^= 1;
         Ok(acc)
@@ -994,54 +1004,45 @@ mod tests {
         }
     }
 
-    /// Three ranks through shared memory (every buffer of 4 values or more) against the same
-    /// ranks through the socket: the same sums, bit for bit, over exchanges that alternate the
-    /// slots, interleaved with small buffers (the socket) and a buffer of another length.
-    #[test]
-    fn shared_memory_sums_like_the_socket() {
-        fn run(shared_from: Option<usize>) -> Vec<Vec<Vec<f32>>> {
-            let addr = {
-                let l = TcpListener::bind("127.0.0.1:0").unwrap();
-                l.local_addr().unwrap().to_string()
-            };
-            let handles: Vec<_> = (0..3)
-                .map(|r| {
-                    let addr = addr.clone();
-                    std::thread::spawn(move || {
-                        let g = TcpGroup::join_sharing_from(
-                            r,
-                            3,
-                            &addr,
-                            Duration::from_secs(10),
-                            shared_from,
-                        )
-                        .unwrap();
-                        assert!(matches!(*g.shared.lock().unwrap(), SharedState::Untried));
-                        let mut sums = Vec::new();
-                        for step in 0..5 {
-                            let n = if step == 3 { 7 } else { 1000 };
-                            let v: Vec<f32> = (0..n)
-                                .map(|i| ((i * 31 + r * 7 + step * 13) % 97) as f32 / 9.7 - 3.3)
-                                .collect();
-                            let t = Tensor::from_vec(v, n, &Device::Cpu).unwrap();
-                            sums.push(g.sum(r, &t).unwrap().to_vec1::<f32>().unwrap());
-                            let one = Tensor::new(&[r as f32], &Device::Cpu).unwrap();
-                            assert_eq!(g.sum(r, &one).unwrap().to_vec1::<f32>().unwrap(), [3.0]);
-                        }
-                        let on = matches!(*g.shared.lock().unwrap(), SharedState::On(_));
-                        assert_eq!(on, shared_from.is_some(), "rank {r}");
-                        sums
-                    })
+    /// `f(rank, world, group)` on `world` TCP ranks (threads) that share buffers of at least
+    /// `shared_from` values; then checks that shared memory was used exactly when asked for.
+    fn tcp_ranks<T: Send + 'static>(
+        world: usize,
+        shared_from: Option<usize>,
+        f: impl Fn(usize, usize, Arc<TcpGroup>) -> T + Send + Sync + Copy + 'static,
+    ) -> Vec<T> {
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let handles: Vec<_> = (0..world)
+            .map(|r| {
+                let addr = addr.clone();
+                std::thread::spawn(move || {
+                    let g = TcpGroup::join_sharing_from(
+                        r,
+                        world,
+                        &addr,
+                        Duration::from_secs(10),
+                        shared_from,
+                    )
+                    .unwrap();
+                    assert!(matches!(*g.shared.lock().unwrap(), SharedState::Untried));
+                    let out = f(r, world, g.clone());
+                    let on = matches!(*g.shared.lock().unwrap(), SharedState::On(_));
+                    assert_eq!(on, shared_from.is_some(), "rank {r}");
+                    out
                 })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        }
-        let socket = run(None);
-        let shared = run(Some(4));
-        for rank in 1..3 {
-            assert_eq!(socket[rank], socket[0]);
-        }
-        for (a, b) in shared.iter().zip(&socket) {
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// The same bits, rank by rank and exchange by exchange.
+    fn assert_bitwise_equal(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) {
+        assert_eq!(a.len(), b.len());
+        for (a, b) in a.iter().zip(b) {
+            assert_eq!(a.len(), b.len());
             for (x, y) in a.iter().zip(b) {
                 assert_eq!(x.len(), y.len());
                 assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()));
@@ -1049,70 +1050,66 @@ mod tests {
         }
     }
 
-    /// `Dist::mean` of several tensors (one of them a transposed view) as three ranks through
-    /// shared memory, where the tensors go into the slots as they are, against the socket, where
+    /// Three ranks through shared memory (every buffer of 4 values or more) against the same
+    /// ranks through the socket: the same sums, bit for bit, over exchanges that alternate the
+    /// slots, interleaved with small buffers (the socket) and a buffer of another length.
+    #[test]
+    fn shared_memory_sums_like_the_socket() {
+        fn sums(r: usize, _world: usize, g: Arc<TcpGroup>) -> Vec<Vec<f32>> {
+            let mut sums = Vec::new();
+            for step in 0..5 {
+                let n = if step == 3 { 7 } else { 1000 };
+                let v: Vec<f32> = (0..n)
+                    .map(|i| ((i * 31 + r * 7 + step * 13) % 97) as f32 / 9.7 - 3.3)
+                    .collect();
+                let t = Tensor::from_vec(v, n, &Device::Cpu).unwrap();
+                sums.push(g.sum(r, &t).unwrap().to_vec1::<f32>().unwrap());
+                let one = Tensor::new(&[r as f32], &Device::Cpu).unwrap();
+                assert_eq!(g.sum(r, &one).unwrap().to_vec1::<f32>().unwrap(), [3.0]);
+            }
+            sums
+        }
+        let socket = tcp_ranks(3, None, sums);
+        assert_eq!(socket[1], socket[0]);
+        assert_eq!(socket[2], socket[0]);
+        assert_bitwise_equal(&tcp_ranks(3, Some(4), sums), &socket);
+    }
+
+    /// `Dist::mean` of several tensors (one of them a transposed view) as two ranks (the one-pass
+    /// form) and three through shared memory, where the tensors go into the slots as they are, against the socket, where
     /// they are joined first: the same means bit for bit, over exchanges that alternate the slots.
     #[test]
     fn shared_memory_means_like_the_socket() {
-        fn run(shared_from: Option<usize>) -> Vec<Vec<Vec<f32>>> {
-            let addr = {
-                let l = TcpListener::bind("127.0.0.1:0").unwrap();
-                l.local_addr().unwrap().to_string()
-            };
-            let handles: Vec<_> = (0..3)
-                .map(|r| {
-                    let addr = addr.clone();
-                    std::thread::spawn(move || {
-                        let g = TcpGroup::join_sharing_from(
-                            r,
-                            3,
-                            &addr,
-                            Duration::from_secs(10),
-                            shared_from,
-                        )
-                        .unwrap();
-                        let d = Dist::new(r, 3, g.clone()).unwrap();
-                        let mut means = Vec::new();
-                        for step in 0..4 {
-                            let v = |n: usize, k: usize| -> Vec<f32> {
-                                (0..n)
-                                    .map(|i| {
-                                        ((i * 37 + r * 11 + step * 5 + k) % 101) as f32 / 7.3 - 6.1
-                                    })
-                                    .collect()
-                            };
-                            let m = Tensor::from_vec(v(12, 0), (3, 4), &Device::Cpu).unwrap();
-                            let mut t = [
-                                m.t().unwrap(),
-                                Tensor::from_vec(v(500, 1), 500, &Device::Cpu).unwrap(),
-                                Tensor::from_vec(v(6, 2), (2, 3), &Device::Cpu).unwrap(),
-                            ];
-                            d.mean(&mut t).unwrap();
-                            assert_eq!(t[0].dims(), [4, 3]);
-                            means.push(
-                                t.iter()
-                                    .flat_map(|x| {
-                                        x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-                                    })
-                                    .collect(),
-                            );
-                        }
-                        let on = matches!(*g.shared.lock().unwrap(), SharedState::On(_));
-                        assert_eq!(on, shared_from.is_some(), "rank {r}");
-                        means
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        }
-        let socket = run(None);
-        let shared = run(Some(100));
-        assert_eq!(socket[1], socket[0]);
-        for (a, b) in shared.iter().zip(&socket) {
-            for (x, y) in a.iter().zip(b) {
-                assert_eq!(x.len(), 518);
-                assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()));
+        fn means(r: usize, world: usize, g: Arc<TcpGroup>) -> Vec<Vec<f32>> {
+            let d = Dist::new(r, world, g).unwrap();
+            let mut means = Vec::new();
+            for step in 0..4 {
+                let v = |n: usize, k: usize| -> Vec<f32> {
+                    (0..n)
+                        .map(|i| ((i * 37 + r * 11 + step * 5 + k) % 101) as f32 / 7.3 - 6.1)
+                        .collect()
+                };
+                let m = Tensor::from_vec(v(12, 0), (3, 4), &Device::Cpu).unwrap();
+                let mut t = [
+                    m.t().unwrap(),
+                    Tensor::from_vec(v(500, 1), 500, &Device::Cpu).unwrap(),
+                    Tensor::from_vec(v(6, 2), (2, 3), &Device::Cpu).unwrap(),
+                ];
+                d.mean(&mut t).unwrap();
+                assert_eq!(t[0].dims(), [4, 3]);
+                means.push(
+                    t.iter()
+                        .flat_map(|x| x.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                        .collect::<Vec<f32>>(),
+                );
+                assert_eq!(means[step].len(), 518);
             }
+            means
+        }
+        for world in [2, 3] {
+            let socket = tcp_ranks(world, None, means);
+            assert_eq!(socket[1], socket[0]);
+            assert_bitwise_equal(&tcp_ranks(world, Some(100), means), &socket);
         }
     }
 
