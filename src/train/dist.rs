@@ -310,10 +310,7 @@ impl Shared {
                 .map(|(&a, &b)| (a + b) * mul + add)
                 .collect()
         } else {
-            let mut acc = slots[0].to_vec();
-            for s in &slots[1..] {
-                acc.iter_mut().zip(*s).for_each(|(a, &b)| *a += b);
-            }
+            let mut acc = sum_slots(&slots);
             acc.iter_mut().for_each(|a| *a = *a * mul + add);
             acc
         };
@@ -349,13 +346,28 @@ impl Shared {
             dst.copy_from_slice(local);
             Ok(())
         })?;
-        let mut acc = slots[0].to_vec();
-        for s in &slots[1..] {
-            acc.iter_mut().zip(*s).for_each(|(a, &b)| *a += b);
-        }
+        let acc = sum_slots(&slots);
         self.parity ^= 1;
         Ok(acc)
     }
+}
+
+/// The slots summed in rank order (the socket's order: rank 0's values, then each peer's added).
+fn sum_slots(slots: &[&[f32]]) -> Vec<f32> {
+    let mut acc = slots[0].to_vec();
+    for s in &slots[1..] {
+        acc.iter_mut().zip(*s).for_each(|(a, &b)| *a += b);
+    }
+    acc
+}
+
+/// Rank 0's connection to each peer, with the peer's rank.
+fn peers(conns: &mut [Option<TcpStream>]) -> impl Iterator<Item = (usize, &mut TcpStream)> {
+    conns
+        .iter_mut()
+        .enumerate()
+        .skip(1)
+        .map(|(peer, conn)| (peer, conn.as_mut().expect("rank 0 holds every peer")))
 }
 
 /// Copy the f32 `t` into `dst` (its length): straight from the storage when contiguous.
@@ -377,13 +389,11 @@ fn copy_f32(t: &Tensor, dst: &mut [f32]) -> Result<()> {
 /// once it has them all.
 fn barrier_bytes(rank: usize, conns: &mut [Option<TcpStream>]) -> Result<()> {
     if rank == 0 {
-        for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
-            let conn = conn.as_mut().expect("rank 0 holds every peer");
+        for (peer, conn) in peers(conns) {
             conn.read_exact(&mut [0u8; 1])
                 .map_err(|e| io_err(&format!("rank {peer}"), e))?;
         }
-        for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
-            let conn = conn.as_mut().expect("rank 0 holds every peer");
+        for (peer, conn) in peers(conns) {
             conn.write_all(&[1])
                 .map_err(|e| io_err(&format!("rank {peer}"), e))?;
         }
@@ -540,9 +550,10 @@ impl TcpGroup {
         }))
     }
 
-    /// Set up shared memory at the first buffer of `n` values large enough for it: rank 0 creates the file and sends each peer its path and token, each peer
-    /// says whether it mapped it, and rank 0 tells all the outcome (every rank decides alike)
-    /// and removes the file's name (the mappings keep it until the ranks exit).
+    /// Set up shared memory at the first buffer of `n` values large enough for it: rank 0
+    /// creates the file and sends each peer its path and token, each peer says whether it mapped
+    /// it, and rank 0 tells all the outcome (every rank decides alike) and removes the file's
+    /// name (the mappings keep it until the ranks exit).
     fn share(
         &self,
         rank: usize,
@@ -561,16 +572,14 @@ impl TcpGroup {
                 Err(_) => (String::new(), [0u8; 16]),
             };
             let mut all = true;
-            for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
-                let conn = conn.as_mut().expect("rank 0 holds every peer");
+            for (peer, conn) in peers(conns) {
                 let mut offer = token.to_vec();
                 offer.extend((path.len() as u64).to_le_bytes());
                 offer.extend(path.as_bytes());
                 conn.write_all(&offer)
                     .map_err(|e| io_err(&format!("rank {peer}"), e))?;
             }
-            for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
-                let conn = conn.as_mut().expect("rank 0 holds every peer");
+            for (peer, conn) in peers(conns) {
                 let mut ok = [0u8; 1];
                 conn.read_exact(&mut ok)
                     .map_err(|e| io_err(&format!("rank {peer}"), e))?;
@@ -586,8 +595,7 @@ impl TcpGroup {
                     "ranks exchange gradients through the socket: no shared-memory file ({e})"
                 ),
             }
-            for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
-                let conn = conn.as_mut().expect("rank 0 holds every peer");
+            for (peer, conn) in peers(conns) {
                 conn.write_all(&[on as u8])
                     .map_err(|e| io_err(&format!("rank {peer}"), e))?;
             }
@@ -703,13 +711,11 @@ fn socket_sum(rank: usize, local: Vec<f32>, conns: &mut [Option<TcpStream>]) -> 
     let n = local.len();
     Ok(if rank == 0 {
         let mut acc = local;
-        for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
-            let conn = conn.as_mut().expect("rank 0 holds every peer");
+        for (peer, conn) in peers(conns) {
             let v = recv_f32(conn, n).map_err(|e| io_err(&format!("rank {peer}"), e))?;
             acc.iter_mut().zip(v).for_each(|(a, b)| *a += b);
         }
-        for (peer, conn) in conns.iter_mut().enumerate().skip(1) {
-            let conn = conn.as_mut().expect("rank 0 holds every peer");
+        for (peer, conn) in peers(conns) {
             send_f32(conn, &acc).map_err(|e| io_err(&format!("rank {peer}"), e))?;
         }
         acc
