@@ -113,3 +113,87 @@ fn batched_products_give_the_same_bits_however_the_threads_split_them() {
     assert_eq!(bits("2"), one, "whole products per thread");
     assert_eq!(bits("3"), one, "each product split across threads");
 }
+
+/// A linear layer's weight, used through its transpose (`x.matmul(&w.t())`), gets its gradient
+/// as (gradᵀ·x), contiguous, where candle computed (xᵀ·grad) and copied its transpose into place:
+/// the same bits (gemm sums each element's products in the same order either way), for shapes
+/// whose depth (rows of x) spans one and several of gemm's blocks, on one thread and two; a
+/// weight also used directly (tied embeddings) still adds both gradients.
+#[test]
+fn a_transposed_weights_gradient_is_contiguous_with_the_same_bits() {
+    let dev = Device::Cpu;
+    let fill = |len: usize, seed: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i + seed) * 7919) % 1009) as f32 / 1009.0 - 0.5)
+            .collect()
+    };
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    // (rows of x, in, out): the demo's projections, its output head, a multi-block depth, edges.
+    let shapes = [
+        (800, 96, 96),
+        (800, 96, 256),
+        (800, 256, 96),
+        (120, 96, 6400),
+        (1500, 64, 48),
+        (4099, 33, 17),
+        (7, 1, 5),
+        (9, 5, 1),
+    ];
+    for threads in ["1", "2"] {
+        std::env::set_var("RAYON_NUM_THREADS", threads);
+        for &(rows, inp, out) in &shapes {
+            let what = format!("{rows}×{inp}→{out}, {threads} thread(s)");
+            let x = Tensor::from_vec(fill(rows * inp, 1), (rows, inp), &dev).unwrap();
+            let g = Tensor::from_vec(fill(rows * out, 2), (rows, out), &dev).unwrap();
+            let w =
+                Var::from_tensor(&Tensor::from_vec(fill(out * inp, 3), (out, inp), &dev).unwrap())
+                    .unwrap();
+            // L = Σ (x·wᵀ) ∘ g, so ∂L/∂(x·wᵀ) = g and ∂L/∂w = (xᵀ·g)ᵀ = gᵀ·x.
+            let y = x.matmul(&w.as_tensor().t().unwrap()).unwrap();
+            let l = (y * &g).unwrap().sum_all().unwrap();
+            let grads = l.backward().unwrap();
+            let gw = grads.get(w.as_tensor()).unwrap();
+            assert!(gw.is_contiguous(), "{what}");
+            let old = x.t().unwrap().matmul(&g).unwrap().t().unwrap();
+            assert_eq!(bits(gw), bits(&old.contiguous().unwrap()), "{what}");
+            let (xv, gv) = (vals(&x), vals(&g));
+            let want: Vec<f64> = (0..(out * inp).min(64))
+                .map(|e| {
+                    let (o, i) = (e / inp, e % inp);
+                    (0..rows).map(|r| gv[r * out + o] * xv[r * inp + i]).sum()
+                })
+                .collect();
+            // The f32 sum of `rows` products of values in ±0.5 against the f64 one: rounding
+            // grows with the depth, 1e-6 per row is far above it and far below a wrong element.
+            for (got, want) in vals(gw).iter().zip(&want) {
+                assert!(
+                    (got - want).abs() <= 1e-6 * rows as f64,
+                    "{what}: {got} vs {want}"
+                );
+            }
+            // Tied: w also scales x directly, (x·wᵀ)∘g + Σ w∘c.
+            if rows == 800 && inp == out {
+                let c = Tensor::from_vec(fill(out * inp, 4), (out, inp), &dev).unwrap();
+                let y = x.matmul(&w.as_tensor().t().unwrap()).unwrap();
+                let direct = (w.as_tensor() * &c).unwrap().sum_all().unwrap();
+                let l = ((y * &g).unwrap().sum_all().unwrap() + direct).unwrap();
+                let grads = l.backward().unwrap();
+                let tied = (old.contiguous().unwrap() + &c).unwrap();
+                close(
+                    &vals(grads.get(w.as_tensor()).unwrap()),
+                    &vals(&tied),
+                    &format!("tied, {what}"),
+                );
+            }
+        }
+        std::env::remove_var("RAYON_NUM_THREADS");
+    }
+}

@@ -27,6 +27,12 @@ thread_local! {
     }
 }
 
+/// A 2-D transpose of a contiguous matrix (`w.t()`): the right-hand side of a linear layer.
+fn is_transposed_matrix(t: &Tensor) -> bool {
+    t.rank() == 2
+        && matches!(t.op(), Some(Op::Transpose(arg, _, _)) if arg.rank() == 2 && arg.is_contiguous())
+}
+
 impl Tensor {
     /// Return all the nodes that lead to this value in a topologically sorted vec, the first
     /// elements having dependencies on the latter ones, e.g. the first element if any is the
@@ -435,8 +441,19 @@ impl Tensor {
                         let lhs_grad = grad.matmul(&rhs.t()?)?;
                         grads.accumulate(lhs, &lhs_grad)?;
 
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        if is_transposed_matrix(rhs) && lhs.rank() == 2 {
+                            // A matrix used through its transpose (`x.matmul(&w.t())`, every
+                            // linear layer): its gradient computed the other way round,
+                            // (gradᵀ·lhs)ᵀ, kept as that view, so the transpose's rule hands
+                            // `w` a contiguous gradient instead of a strided one copied into
+                            // place. Each element is the same products summed in the same order
+                            // (gemm's depth blocks depend on k alone): the same bits.
+                            let rhs_grad = grad.t()?.matmul(lhs)?.t()?;
+                            grads.accumulate_view(rhs, &rhs_grad)?;
+                        } else {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
@@ -724,6 +741,21 @@ impl GradStore {
             }
             Entry::Vacant(entry) => {
                 entry.insert(grad.contiguous()?);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`GradStore::accumulate`] keeping a first gradient's layout: for a transpose node, whose
+    /// rule only transposes it back.
+    fn accumulate_view(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        match self.0.entry(tensor.id()) {
+            Entry::Occupied(mut entry) => {
+                let sum_grad = entry.get_mut();
+                *sum_grad = sum_grad.add(grad)?;
+            }
+            Entry::Vacant(entry) => {
+                entry.insert(grad.clone());
             }
         }
         Ok(())
