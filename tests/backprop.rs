@@ -15,6 +15,17 @@ fn vals(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
+/// Each f32's bits, for comparisons that must be exact.
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
 fn close(got: &[f64], want: &[f64], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     for (g, w) in got.iter().zip(want) {
@@ -96,22 +107,16 @@ fn batched_products_give_the_same_bits_however_the_threads_split_them() {
                 .sum()
         })
         .collect();
-    let bits = |threads: &str| -> Vec<u32> {
+    let product_bits = |threads: &str| -> Vec<u32> {
         std::env::set_var("RAYON_NUM_THREADS", threads);
         let c = a.matmul(&bt.t().unwrap()).unwrap();
         std::env::remove_var("RAYON_NUM_THREADS");
         close(&vals(&c), &want, &format!("{threads} thread(s)"));
-        c.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect()
+        bits(&c)
     };
-    let one = bits("1");
-    assert_eq!(bits("2"), one, "whole products per thread");
-    assert_eq!(bits("3"), one, "each product split across threads");
+    let one = product_bits("1");
+    assert_eq!(product_bits("2"), one, "whole products per thread");
+    assert_eq!(product_bits("3"), one, "each product split across threads");
 }
 
 /// A linear layer's weight, used through its transpose (`x.matmul(&w.t())`), gets its gradient
@@ -125,15 +130,6 @@ fn a_transposed_weights_gradient_is_contiguous_with_the_same_bits() {
     let fill = |len: usize, seed: usize| -> Vec<f32> {
         (0..len)
             .map(|i| (((i + seed) * 7919) % 1009) as f32 / 1009.0 - 0.5)
-            .collect()
-    };
-    let bits = |t: &Tensor| -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits())
             .collect()
     };
     // (rows of x, in, out): the demo's projections, its output head, a multi-block depth, edges.
