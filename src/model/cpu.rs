@@ -7,8 +7,10 @@
 //! backward is a dozen; SwiGLU's gate is silu and a product, and silu's backward five more. On a
 //! 2-core CPU those passes, not the matrix products, were most of a small model's step.
 //! `model::fused` picks these for f32 tensors on the CPU; tests check them against the portable
-//! forms in value and gradient.
+//! forms in value and gradient. The causal softmax and SwiGLU's gate are graph ops with their own
+//! backward, so their output is written once, straight into the tensor's storage.
 
+use std::mem::{ManuallyDrop, MaybeUninit};
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
@@ -46,6 +48,39 @@ fn rows_per_task(width: usize) -> usize {
     (GRAIN / width.max(1)).max(1)
 }
 
+/// `n` values for a kernel that writes every one of them before the vector is read: no zero-fill
+/// first (`vec![0f32; n]` is a pass over memory the kernel then overwrites; it was 4% of a small
+/// model's CPU step).
+fn unwritten(n: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: `MaybeUninit` needs no initialisation; the capacity is `n`.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// `v`, every value of which has been written (by [`write_all`] or `MaybeUninit::write`).
+///
+/// # Safety
+/// Every element of `v` must be initialised.
+unsafe fn written(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = ManuallyDrop::new(v);
+    // SAFETY: same layout, and the caller guarantees every element is initialised.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+}
+
+/// Writes `values` (exactly `dst.len()` of them) into `dst`; returns `dst` as the values.
+fn write_all(
+    dst: &mut [MaybeUninit<f32>],
+    values: impl ExactSizeIterator<Item = f32>,
+) -> &mut [f32] {
+    assert_eq!(dst.len(), values.len(), "write_all: lengths differ");
+    for (d, v) in dst.iter_mut().zip(values) {
+        d.write(v);
+    }
+    // SAFETY: every element was written just above.
+    unsafe { &mut *(std::ptr::from_mut(dst) as *mut [f32]) }
+}
+
 /// `e^x` for every value of `xs`, in place: Cephes' `expf` (a polynomial after reducing by ln 2,
 /// within a few ulp of the exact value), written without branches or calls so that the loop
 /// vectorises. libm's `expf` is a call per value, and these kernels make millions of them per
@@ -76,15 +111,18 @@ pub fn exp_in_place(xs: &mut [f32]) {
     }
 }
 
-/// `out = e^(scale·x − max)` for a row `x` whose scaled maximum is `max`; returns
-/// `(max, Σ out)` — the shared first half of every softmax here.
-fn exp_minus_max(out: &mut [f32], x: &[f32], scale: f32) -> (f32, f32) {
+/// Writes `out = e^(scale·x − max)` for a row `x` whose scaled maximum is `max`; returns
+/// `(out, max, Σ out)` — the shared first half of every softmax here.
+fn exp_minus_max<'a>(
+    out: &'a mut [MaybeUninit<f32>],
+    x: &[f32],
+    scale: f32,
+) -> (&'a mut [f32], f32, f32) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-    for (o, &x) in out.iter_mut().zip(x) {
-        *o = x * scale - max;
-    }
+    let out = write_all(out, x.iter().map(|&x| x * scale - max));
     exp_in_place(out);
-    (max, out.iter().sum())
+    let sum = out.iter().sum();
+    (out, max, sum)
 }
 
 /// `(B, G, R·T, S)` scores → causal softmax of `scale · scores`: row r of a head is query
@@ -107,7 +145,7 @@ impl CustomOp1 for CausalSoftmax {
             candle_core::bail!("causal_softmax: {rt} rows per head, {t} queries, {k} keys")
         }
         let x = f32s(s, l, "scores")?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = unwritten(x.len());
         let per = rows_per_task(k);
         let scale = self.scale;
         y.par_chunks_mut(per * k)
@@ -117,13 +155,24 @@ impl CustomOp1 for CausalSoftmax {
                 for (r, (y, x)) in y.chunks_mut(k).zip(x.chunks(k)).enumerate() {
                     let i = (task * per + r) % rt % t;
                     let seen = i + k - t + 1; // keys 0..seen
-                    let (y, x) = (&mut y[..seen], &x[..seen]);
-                    let (_, sum) = exp_minus_max(y, x, scale);
+                    let (y, masked) = y.split_at_mut(seen);
+                    write_all(masked, std::iter::repeat_n(0.0, k - seen));
+                    let (y, _, sum) = exp_minus_max(y, &x[..seen], scale);
                     let inv = 1.0 / sum;
                     y.iter_mut().for_each(|y| *y *= inv);
                 }
             });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        // SAFETY: every row wrote its `seen` probabilities and its masked zeros.
+        Ok((CpuStorage::F32(unsafe { written(y) }), l.shape().clone()))
+    }
+
+    fn bwd(&self, _scores: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // Detached: a gradient must not carry the forward graph.
+        let scale = self.scale;
+        let g = grad.detach().contiguous()?;
+        Ok(Some(
+            y.detach().apply_op2_no_bwd(&g, &SoftmaxBwd { scale })?,
+        ))
     }
 }
 
@@ -153,7 +202,7 @@ impl CustomOp2 for SoftmaxBwd {
                 g.len()
             )
         }
-        let mut dx = vec![0f32; y.len()];
+        let mut dx = unwritten(y.len());
         let per = rows_per_task(k) * k;
         let scale = self.scale;
         dx.par_chunks_mut(per)
@@ -162,11 +211,12 @@ impl CustomOp2 for SoftmaxBwd {
                 for ((dx, y), g) in dx.chunks_mut(k).zip(y.chunks(k)).zip(g.chunks(k)) {
                     let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
                     for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-                        *dx = scale * y * (g - dot);
+                        dx.write(scale * y * (g - dot));
                     }
                 }
             });
-        Ok((CpuStorage::F32(dx), yl.shape().clone()))
+        // SAFETY: the chunks cover dx, and every value of each was written.
+        Ok((CpuStorage::F32(unsafe { written(dx) }), yl.shape().clone()))
     }
 }
 
@@ -205,8 +255,9 @@ impl CustomOp3 for RmsNormBwd {
             )
         }
         let n = x.len() / c;
-        let mut out = vec![0f32; (n + 1) * c];
+        let mut out = unwritten((n + 1) * c);
         let (dx, dw) = out.split_at_mut(n * c);
+        let dw = write_all(dw, std::iter::repeat_n(0.0, c));
         let per = rows_per_task(c) * c;
         let eps = self.eps;
         // Each task's share of dw, summed in task order (a fixed order: the same bits each run).
@@ -229,7 +280,7 @@ impl CustomOp3 for RmsNormBwd {
                         dx.iter_mut().zip(dw.iter_mut()).zip(&gw).zip(g).zip(x)
                     {
                         let xhat = x * r;
-                        *dx = (gw - xhat * dot) * r;
+                        dx.write((gw - xhat * dot) * r);
                         *dw += g * xhat;
                     }
                 }
@@ -239,7 +290,11 @@ impl CustomOp3 for RmsNormBwd {
         for part in parts {
             dw.iter_mut().zip(part).for_each(|(d, p)| *d += p);
         }
-        Ok((CpuStorage::F32(out), Shape::from((n + 1, c))))
+        // SAFETY: the chunks cover dx, every value of each was written, and dw was zeroed.
+        Ok((
+            CpuStorage::F32(unsafe { written(out) }),
+            Shape::from((n + 1, c)),
+        ))
     }
 }
 
@@ -262,19 +317,32 @@ impl CustomOp2 for Swiglu {
             candle_core::bail!("swiglu: shapes {:?} and {:?}", al.shape(), bl.shape())
         }
         let (a, b) = (f32s(as_, al, "a")?, f32s(bs, bl, "b")?);
-        let mut y = vec![0f32; a.len()];
+        let mut y = unwritten(a.len());
         y.par_chunks_mut(GRAIN)
             .zip(a.par_chunks(GRAIN).zip(b.par_chunks(GRAIN)))
             .for_each(|(y, (a, b))| {
-                for (y, &a) in y.iter_mut().zip(a) {
-                    *y = -a;
-                }
+                let y = write_all(y, a.iter().map(|&a| -a));
                 exp_in_place(y);
                 for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
                     *y = a / (1.0 + *y) * b;
                 }
             });
-        Ok((CpuStorage::F32(y), al.shape().clone()))
+        // SAFETY: the chunks cover y, and each was written whole.
+        Ok((CpuStorage::F32(unsafe { written(y) }), al.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Detached: a gradient must not carry the forward graph.
+        let both =
+            a.detach()
+                .apply_op3_no_bwd(&b.detach(), &grad.detach().contiguous()?, &SwigluBwd)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
     }
 }
 
@@ -305,7 +373,7 @@ impl CustomOp3 for SwigluBwd {
         if b.len() != n || g.len() != n {
             candle_core::bail!("swiglu backward: {n}, {} and {} values", b.len(), g.len())
         }
-        let mut out = vec![0f32; 2 * n];
+        let mut out = unwritten(2 * n);
         let (da, db) = out.split_at_mut(n);
         da.par_chunks_mut(GRAIN)
             .zip(db.par_chunks_mut(GRAIN))
@@ -314,21 +382,20 @@ impl CustomOp3 for SwigluBwd {
                     .zip(b.par_chunks(GRAIN).zip(g.par_chunks(GRAIN))),
             )
             .for_each(|((da, db), (a, (b, g)))| {
-                for (e, &a) in da.iter_mut().zip(a) {
-                    *e = -a;
-                }
+                let da = write_all(da, a.iter().map(|&a| -a));
                 exp_in_place(da);
                 for ((((da, db), &a), &b), &g) in
                     da.iter_mut().zip(db.iter_mut()).zip(a).zip(b).zip(g)
                 {
                     let s = 1.0 / (1.0 + *da);
                     *da = g * b * s * (1.0 + a * (1.0 - s));
-                    *db = g * a * s;
+                    db.write(g * a * s);
                 }
             });
         let mut dims = vec![2];
         dims.extend_from_slice(al.shape().dims());
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        // SAFETY: the chunks cover da and db, and every value of each was written.
+        Ok((CpuStorage::F32(unsafe { written(out) }), Shape::from(dims)))
     }
 }
 
@@ -374,7 +441,7 @@ impl CustomOp2 for CrossEntropy {
         let x = f32s(xs, xl, "logits")?;
         let t = targets_of(ts, tl, n, v)?;
         let per = rows_per_task(v);
-        let mut probs = vec![0f32; x.len()];
+        let mut probs = unwritten(x.len());
         // Each task's sum of its rows' −log p, added in task order.
         let parts: Vec<f32> = probs
             .par_chunks_mut(per * v)
@@ -382,7 +449,7 @@ impl CustomOp2 for CrossEntropy {
             .map(|(p, (x, t))| {
                 let mut nll = 0f32;
                 for ((p, x), &t) in p.chunks_mut(v).zip(x.chunks(v)).zip(t) {
-                    let (max, sum) = exp_minus_max(p, x, 1.0);
+                    let (p, max, sum) = exp_minus_max(p, x, 1.0);
                     let inv = 1.0 / sum;
                     p.iter_mut().for_each(|p| *p *= inv);
                     nll += sum.ln() - (x[t as usize] - max);
@@ -390,7 +457,8 @@ impl CustomOp2 for CrossEntropy {
                 nll
             })
             .collect();
-        *self.probs.lock().expect("probs lock") = Some(probs);
+        // SAFETY: the chunks cover probs, and every row was written whole.
+        *self.probs.lock().expect("probs lock") = Some(unsafe { written(probs) });
         let loss = parts.iter().sum::<f32>() / n.max(1) as f32;
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
@@ -444,13 +512,13 @@ impl CustomOp3 for CrossEntropyBwd {
             [g] => *g / n.max(1) as f32,
             g => candle_core::bail!("cross_entropy backward: {} gradient values", g.len()),
         };
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = unwritten(x.len());
         let per = rows_per_task(v);
         dx.par_chunks_mut(per * v)
             .zip(x.par_chunks(per * v).zip(t.par_chunks(per)))
             .for_each(|(dx, (x, t))| {
                 for ((dx, x), &t) in dx.chunks_mut(v).zip(x.chunks(v)).zip(t) {
-                    let (_, sum) = exp_minus_max(dx, x, 1.0);
+                    let (dx, _, sum) = exp_minus_max(dx, x, 1.0);
                     let inv = 1.0 / sum;
                     for dx in dx.iter_mut() {
                         *dx *= inv * g;
@@ -458,7 +526,8 @@ impl CustomOp3 for CrossEntropyBwd {
                     dx[t as usize] -= g;
                 }
             });
-        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+        // SAFETY: the chunks cover dx, and every row was written whole.
+        Ok((CpuStorage::F32(unsafe { written(dx) }), xl.shape().clone()))
     }
 }
 

@@ -212,26 +212,8 @@ pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// [`swiglu`] on the CPU (`model::cpu::Swiglu`, `SwigluBwd`).
 pub fn swiglu_cpu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (a_, b_) = (a.detach().contiguous()?, b.detach().contiguous()?);
-    let y = a_.apply_op2_no_bwd(&b_, &super::cpu::Swiglu)?;
-    if !a.track_op() && !b.track_op() {
-        return Ok(y);
-    }
-    a.apply_op2(
-        b,
-        Attach2 {
-            name: "cpu-swiglu",
-            value: Mutex::new(Some(y)),
-            bwd: Box::new(|a, b, g| {
-                let both = a.contiguous()?.apply_op3_no_bwd(
-                    &b.contiguous()?,
-                    &g.contiguous()?,
-                    &super::cpu::SwigluBwd,
-                )?;
-                Ok((both.get(0)?, both.get(1)?))
-            }),
-        },
-    )
+    a.contiguous()?
+        .apply_op2(&b.contiguous()?, super::cpu::Swiglu)
 }
 
 /// [`swiglu`] from candle's ops, on any device.
@@ -265,20 +247,9 @@ pub fn attention_probs(
 /// (`model::cpu::CausalSoftmax`, `SoftmaxBwd`); the mask is derived from the shape.
 pub fn causal_softmax_cpu(scores: &Tensor, t: usize, scale: f64) -> Result<Tensor> {
     let scale = scale as f32;
-    let y = scores
-        .detach()
+    scores
         .contiguous()?
-        .apply_op1_no_bwd(&super::cpu::CausalSoftmax { t, scale })?;
-    if !scores.track_op() {
-        return Ok(y);
-    }
-    scores.apply_op1(Attach1 {
-        name: "cpu-causal-softmax",
-        value: Mutex::new(Some(y)),
-        bwd: Box::new(move |y, g| {
-            y.apply_op2_no_bwd(&g.contiguous()?, &super::cpu::SoftmaxBwd { scale })
-        }),
-    })
+        .apply_op1(super::cpu::CausalSoftmax { t, scale })
 }
 
 /// [`attention_probs`] from candle's ops and [`softmax_last_dim`], on any device.
