@@ -294,7 +294,7 @@ impl Shared {
         tensors: &[Tensor],
         conns: &mut [Option<TcpStream>],
     ) -> Result<Vec<f32>> {
-        let slots = self.exchange(rank, conns, |dst| {
+        let fill = |dst: &mut [f32]| {
             let mut offset = 0;
             for t in tensors {
                 let k = t.elem_count();
@@ -302,37 +302,42 @@ impl Shared {
                 offset += k;
             }
             Ok(())
-        })?;
-        let (mul, add) = ((1.0 / slots.len() as f64) as f32, 0f32);
-        let mean = if let [a, b] = slots[..] {
-            a.iter()
-                .zip(b)
-                .map(|(&a, &b)| (a + b) * mul + add)
-                .collect()
-        } else {
-            let mut acc = sum_slots(&slots);
-            acc.iter_mut().for_each(|a| *a = *a * mul + add);
-            acc
         };
-        self.parity ^= 1;
-        Ok(mean)
+        self.exchange(rank, conns, fill, |slots| {
+            let (mul, add) = ((1.0 / slots.len() as f64) as f32, 0f32);
+            if let [a, b] = slots[..] {
+                a.iter()
+                    .zip(b)
+                    .map(|(&a, &b)| (a + b) * mul + add)
+                    .collect()
+            } else {
+                let mut acc = sum_slots(slots);
+                acc.iter_mut().for_each(|a| *a = *a * mul + add);
+                acc
+            }
+        })
     }
 
-    /// `fill` writes this rank's slot; once every rank has (the barrier), every rank's slot.
-    fn exchange(
+    /// `fill` writes this rank's slot; once every rank has (the barrier), `reduce` reads every
+    /// rank's slot, and the next exchange uses the other slots.
+    fn exchange<R>(
         &mut self,
         rank: usize,
         conns: &mut [Option<TcpStream>],
         fill: impl FnOnce(&mut [f32]) -> Result<()>,
-    ) -> Result<Vec<&[f32]>> {
+        reduce: impl FnOnce(&[&[f32]]) -> R,
+    ) -> Result<R> {
         let mine = self.slot(rank);
         fill(bytemuck::cast_slice_mut::<u8, f32>(&mut self.map[mine]))?;
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         barrier_bytes(rank, conns)?;
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        Ok((0..self.world)
+        let slots: Vec<&[f32]> = (0..self.world)
             .map(|r| bytemuck::cast_slice::<u8, f32>(&self.map[self.slot(r)]))
-            .collect())
+            .collect();
+        let out = reduce(&slots);
+        self.parity ^= 1;
+        Ok(out)
     }
 
     /// Sum of every rank's `local`, in rank order.
@@ -342,13 +347,11 @@ impl Shared {
         local: &[f32],
         conns: &mut [Option<TcpStream>],
     ) -> Result<Vec<f32>> {
-        let slots = self.exchange(rank, conns, |dst| {
+        let fill = |dst: &mut [f32]| {
             dst.copy_from_slice(local);
             Ok(())
-        })?;
-        let acc = sum_slots(&slots);
-        self.parity ^= 1;
-        Ok(acc)
+        };
+        self.exchange(rank, conns, fill, sum_slots)
     }
 }
 
