@@ -2,7 +2,8 @@
 //! is instead of being added into zeros, later ones are added (or subtracted) as before: every
 //! rule that subtracts, fan-in through several consumers, broadcasts and views — the gradients
 //! must equal the hand-derived ones. A batch of matrix products split across threads product by
-//! product gives the same bits as one thread and as each product split across the threads.
+//! product gives the same bits as one thread and as each product split across the threads. An
+//! elementwise map split across the pool gives every element its own scalar value.
 
 use candle_core::{Device, Tensor, Var};
 
@@ -192,4 +193,68 @@ fn a_transposed_weights_gradient_is_contiguous_with_the_same_bits() {
         }
         std::env::remove_var("RAYON_NUM_THREADS");
     }
+}
+
+/// Fails at the first element that differs, naming it (whole vectors are too long to print).
+fn same_bits<T: PartialEq + std::fmt::Debug>(got: &[T], want: &[T], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+        panic!("{what}: element {i} is {:?}, want {:?}", got[i], want[i]);
+    }
+}
+
+/// Elementwise maps without a vectorised form (affine, sigmoid, dtype casts) split a long
+/// contiguous span across the pool: every element must still be its own scalar result, whatever
+/// the span's length (not a multiple of the pool's units), its offset (a narrowed view) or the
+/// layout (a strided view takes the single-threaded path). Compared bit for bit against the same
+/// scalar expression.
+#[test]
+fn elementwise_maps_split_across_the_pool_give_each_elements_own_value() {
+    let dev = Device::Cpu;
+    let len = 3 * 64 * 1024 + 17;
+    let xs: Vec<f32> = (0..len + 5)
+        .map(|i| ((i * 7919) % 100_003) as f32 / 10_000.0 - 5.0)
+        .collect();
+    let whole = Tensor::from_vec(xs.clone(), len + 5, &dev).unwrap();
+    // Offset 5 into the storage, `len` long: one contiguous block that does not start at zero.
+    let x = whole.narrow(0, 5, len).unwrap();
+    let src = &xs[5..];
+    let (mul, add) = (1.702f64, 0.25f64);
+    let affine = bits(&x.affine(mul, add).unwrap());
+    let want: Vec<u32> = src
+        .iter()
+        .map(|&v| (v * mul as f32 + add as f32).to_bits())
+        .collect();
+    same_bits(&affine, &want, "affine");
+    let sigmoid = bits(&candle_nn::ops::sigmoid(&x).unwrap());
+    let want: Vec<u32> = src
+        .iter()
+        .map(|&v| ((-v).exp() + 1.0).recip().to_bits())
+        .collect();
+    same_bits(&sigmoid, &want, "sigmoid");
+    let half: Vec<u16> = x
+        .to_dtype(candle_core::DType::F16)
+        .unwrap()
+        .to_vec1::<half::f16>()
+        .unwrap()
+        .iter()
+        .map(|h| h.to_bits())
+        .collect();
+    let want: Vec<u16> = src
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_bits())
+        .collect();
+    same_bits(&half, &want, "f32 → f16");
+    // A transposed view: strided, element by element on one thread, same expression.
+    let cols = 1024;
+    let rows = len / cols;
+    let m = Tensor::from_vec(src[..rows * cols].to_vec(), (rows, cols), &dev).unwrap();
+    let t = bits(&m.t().unwrap().affine(mul, add).unwrap());
+    let want: Vec<u32> = (0..rows * cols)
+        .map(|e| {
+            let (c, r) = (e / rows, e % rows);
+            (src[r * cols + c] * mul as f32 + add as f32).to_bits()
+        })
+        .collect();
+    same_bits(&t, &want, "affine of a transposed view");
 }

@@ -218,12 +218,33 @@ pub fn binary_map_vec<
     ys
 }
 
-pub fn unary_map<T: Copy, U: Copy, F: FnMut(T) -> U>(
+pub fn unary_map<T: Copy + Sync, U: Copy + Send, F: Fn(T) -> U + Sync>(
     vs: &[T],
     layout: &Layout,
-    mut f: F,
+    f: F,
 ) -> Vec<U> {
     match layout.strided_blocks() {
+        crate::StridedBlocks::SingleBlock { start_offset, len } if len >= PAR_ELEMWISE_MIN => {
+            // Element by element, so splitting the span across the pool gives the same values.
+            let src = &vs[start_offset..start_offset + len];
+            let mut ys: Vec<U> = Vec::with_capacity(len);
+            let ys_ptr = ys.as_mut_ptr() as usize;
+            let n_units = len.div_ceil(PAR_ELEMWISE_CHUNK);
+            crate::utils::barrier_pool().execute_chunked(n_units, |range| {
+                let ys_ptr = ys_ptr as *mut U;
+                for unit in range {
+                    let lo = unit * PAR_ELEMWISE_CHUNK;
+                    let hi = len.min(lo + PAR_ELEMWISE_CHUNK);
+                    for (i, &v) in src[lo..hi].iter().enumerate() {
+                        // SAFETY: lo + i < len = capacity, and each index belongs to one unit.
+                        unsafe { ys_ptr.add(lo + i).write(f(v)) };
+                    }
+                }
+            });
+            // SAFETY: every element is written by exactly one unit.
+            unsafe { ys.set_len(len) };
+            ys
+        }
         crate::StridedBlocks::SingleBlock { start_offset, len } => vs
             [start_offset..start_offset + len]
             .iter()
