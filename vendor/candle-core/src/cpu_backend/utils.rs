@@ -226,24 +226,11 @@ pub fn unary_map<T: Copy + Sync, U: Copy + Send, F: Fn(T) -> U + Sync>(
     match layout.strided_blocks() {
         crate::StridedBlocks::SingleBlock { start_offset, len } if len >= PAR_ELEMWISE_MIN => {
             // Element by element, so splitting the span across the pool gives the same values.
-            let src = &vs[start_offset..start_offset + len];
-            let mut ys: Vec<U> = Vec::with_capacity(len);
-            let ys_ptr = ys.as_mut_ptr() as usize;
-            let n_units = len.div_ceil(PAR_ELEMWISE_CHUNK);
-            crate::utils::barrier_pool().execute_chunked(n_units, |range| {
-                let ys_ptr = ys_ptr as *mut U;
-                for unit in range {
-                    let lo = unit * PAR_ELEMWISE_CHUNK;
-                    let hi = len.min(lo + PAR_ELEMWISE_CHUNK);
-                    for (i, &v) in src[lo..hi].iter().enumerate() {
-                        // SAFETY: lo + i < len = capacity, and each index belongs to one unit.
-                        unsafe { ys_ptr.add(lo + i).write(f(v)) };
-                    }
+            par_map_span(&vs[start_offset..start_offset + len], |src, dst| {
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = f(v);
                 }
-            });
-            // SAFETY: every element is written by exactly one unit.
-            unsafe { ys.set_len(len) };
-            ys
+            })
         }
         crate::StridedBlocks::SingleBlock { start_offset, len } => vs
             [start_offset..start_offset + len]
@@ -401,25 +388,35 @@ pub fn unary_map_vec_par<
 ) -> Vec<U> {
     if let crate::StridedBlocks::SingleBlock { start_offset, len } = layout.strided_blocks() {
         if len >= PAR_ELEMWISE_MIN {
-            let src = &vs[start_offset..start_offset + len];
-            let mut ys: Vec<U> = Vec::with_capacity(len);
-            let ys_ptr = ys.as_mut_ptr() as usize;
-            let n_units = len.div_ceil(PAR_ELEMWISE_CHUNK);
-            crate::utils::barrier_pool().execute_chunked(n_units, |range| {
-                let ys_ptr = ys_ptr as *mut U;
-                for unit in range {
-                    let lo = unit * PAR_ELEMWISE_CHUNK;
-                    let hi = len.min(lo + PAR_ELEMWISE_CHUNK);
-                    let dst = unsafe { std::slice::from_raw_parts_mut(ys_ptr.add(lo), hi - lo) };
-                    f_vec(&src[lo..hi], dst);
-                }
-            });
-            // SAFETY: every element is written by exactly one unit.
-            unsafe { ys.set_len(len) };
-            return ys;
+            return par_map_span(&vs[start_offset..start_offset + len], f_vec);
         }
     }
     unary_map_vec(vs, layout, f, f_vec)
+}
+
+/// Maps a contiguous span in `PAR_ELEMWISE_CHUNK`-element units spread over the barrier pool:
+/// `f_span(src_unit, dst_unit)` must write every element of `dst_unit` (unfilled memory).
+fn par_map_span<T: Copy + Sync, U: Copy + Send, FS: Fn(&[T], &mut [U]) + Sync>(
+    src: &[T],
+    f_span: FS,
+) -> Vec<U> {
+    let len = src.len();
+    let mut ys: Vec<U> = Vec::with_capacity(len);
+    let ys_ptr = ys.as_mut_ptr() as usize;
+    let n_units = len.div_ceil(PAR_ELEMWISE_CHUNK);
+    crate::utils::barrier_pool().execute_chunked(n_units, |range| {
+        let ys_ptr = ys_ptr as *mut U;
+        for unit in range {
+            let lo = unit * PAR_ELEMWISE_CHUNK;
+            let hi = len.min(lo + PAR_ELEMWISE_CHUNK);
+            // SAFETY: lo..hi lies within the capacity, and each unit is handed out once.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ys_ptr.add(lo), hi - lo) };
+            f_span(&src[lo..hi], dst);
+        }
+    });
+    // SAFETY: every element is written by exactly one unit.
+    unsafe { ys.set_len(len) };
+    ys
 }
 
 #[allow(clippy::too_many_arguments)]
