@@ -15,7 +15,7 @@ several binaries to compare builds):
     python3 bench/torch_baseline.py --device cpu --vs target/release/minimind-v \
         --model minimind_512 --batch-size 8 --mean-len 100 --steps 10 --rounds 3
 
-`--model demo` is the offline demo's dim-96 model. `--masked-logits` computes the output head
+`--model demo` is the offline demo's dim-64 model. `--masked-logits` computes the output head
 only at the loss positions, as minimind-v does; by default PyTorch computes it everywhere, as
 upstream does.
 """
@@ -37,7 +37,7 @@ PLACEHOLDER = [30] * 25 + [32] * 25
 # random-initialised demo tower's 192-wide features).
 MODELS = {
     "minimind_512": dict(dim=512, n_layers=8, n_heads=16, n_kv_heads=8),
-    "demo": dict(dim=96, n_layers=4, n_heads=4, n_kv_heads=2, vision_dim=192),
+    "demo": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vision_dim=192),
 }
 
 

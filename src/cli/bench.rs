@@ -99,7 +99,7 @@ pub enum BenchWhat {
 /// The model and step that `bench train` and `bench breakdown` time.
 #[derive(Args)]
 pub struct StepShape {
-    /// minimind_512, minimind_768, demo (the offline demo's dim-96 model) or tiny.
+    /// minimind_512, minimind_768, demo (the offline demo's dim-64 model) or tiny.
     #[arg(long, default_value = "minimind_512")]
     model: String,
     #[arg(long, default_value_t = 5)]

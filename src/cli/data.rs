@@ -89,16 +89,16 @@ pub struct DemoArgs {
     /// question–answer pair only.
     #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     sft_records: usize,
-    /// Two-image pairs for the "what differs" instructions (2,000 chosen on the tuning seeds:
+    /// Two-image pairs for the "what differs" instructions (3,000 chosen on the tuning seeds:
     /// docs/DEMO.md).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 3000)]
     multi: usize,
     #[arg(long, default_value = config::DEFAULT_CLIP)]
     clip: PathBuf,
     #[arg(long, default_value_t = 400)]
     pretrain_steps: usize,
-    /// Instruction steps (5,800 chosen on the tuning seeds: docs/DEMO.md).
-    #[arg(long, default_value_t = 5800)]
+    /// Instruction steps (6,600 chosen on the tuning seeds: docs/DEMO.md).
+    #[arg(long, default_value_t = 6600)]
     sft_steps: usize,
     /// Global batch of both training stages (split across --ranks).
     #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
@@ -124,7 +124,7 @@ pub struct DemoArgs {
     /// the global batch stays the same). Default: 2 on a CPU with at least 2 cores, else 1.
     #[arg(long)]
     ranks: Option<usize>,
-    /// Width of the model the demo trains (default: the demo model's, 96).
+    /// Width of the model the demo trains (default: the demo model's, 64).
     #[arg(long)]
     dim: Option<usize>,
     /// Layers of the model the demo trains (default: the demo model's, 4).

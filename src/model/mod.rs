@@ -65,14 +65,14 @@ impl ModelConfig {
         Self::preset(768, 16, 16, 8)
     }
 
-    /// The offline demo's model: dim 96, 4 layers, 4 heads over 2 KV heads, reading the
+    /// The offline demo's model: dim 64, 4 layers, 4 heads over 2 KV heads, reading the
     /// random-initialised demo tower's 192-wide features (`demo_eval::demo_model` sets the width
     /// of a real CLIP's instead when there is one).
     pub fn demo() -> Self {
         Self {
             max_seq_len: 512,
             vision_dim: 192,
-            ..Self::preset(96, 4, 4, 2)
+            ..Self::preset(64, 4, 4, 2)
         }
     }
 
