@@ -9,12 +9,22 @@
 //! `model::fused` picks these for f32 tensors on the CPU; tests check them against the portable
 //! forms in value and gradient. The causal softmax and SwiGLU's gate are graph ops with their own
 //! backward, so their output is written once, straight into the tensor's storage.
+//!
+//! Each kernel's work on a task's rows is a function compiled three times — for AVX-512, for
+//! AVX2 and for baseline x86-64 (SSE2) — of which `multiversion` picks the widest the CPU has, at
+//! run time (its AVX-512 form needs Ice Lake's set of AVX-512 instructions: it leaves older
+//! AVX-512 parts, which slow their clock under them, on AVX2). A baseline build otherwise runs
+//! these loops four floats at a time on every CPU. All three give the same bits: the
+//! elementwise arithmetic is IEEE in any vector width (Rust never fuses `a * b + c` into an FMA),
+//! and every sum over a row runs in the one fixed order of [`lanes`], whatever the registers'
+//! width (a training run's losses and gradient norms match bit for bit across the three).
 
 use std::mem::{ManuallyDrop, MaybeUninit};
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Elements per rayon task, about: small enough to split a layer's work across two cores,
@@ -69,6 +79,7 @@ unsafe fn written(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
 }
 
 /// Writes `values` (exactly `dst.len()` of them) into `dst`; returns `dst` as the values.
+#[inline(always)]
 fn write_all(
     dst: &mut [MaybeUninit<f32>],
     values: impl ExactSizeIterator<Item = f32>,
@@ -87,6 +98,7 @@ fn write_all(
 /// training step. Arguments are clamped to
 /// [−87.3, 88.3], so results below 2⁻¹²⁶ come out as about 1.2·10⁻³⁸ instead of subnormal or 0,
 /// and above 2.1·10³⁸ as that instead of ∞; NaN stays NaN (all tested below).
+#[inline(always)]
 pub fn exp_in_place(xs: &mut [f32]) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 in two parts, the first exact in a few bits, so that x − n·ln 2 stays exact.
@@ -111,17 +123,65 @@ pub fn exp_in_place(xs: &mut [f32]) {
     }
 }
 
+/// Running values of [`lanes`]: 16 f32, one AVX-512 register (two AVX2, four SSE ones).
+const LANES: usize = 16;
+
+/// `xs` folded by `f` in a fixed order: value i into running value i mod 16, then the 16 halved
+/// pairwise (0 with 8, 1 with 9, …). One order on every CPU, and 16 independent chains instead of
+/// one: a plain left-to-right float sum cannot be vectorised (it would change the result), so it
+/// ran one add after another, the latency of each.
+#[inline(always)]
+fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = f(*a, x);
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a = f(*a, x);
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        let (low, high) = acc.split_at_mut(width);
+        for (a, &b) in low.iter_mut().zip(&high[..width]) {
+            *a = f(*a, b);
+        }
+    }
+    acc[0]
+}
+
+/// `Σ xs` in [`lanes`]' order.
+#[inline(always)]
+fn sum(xs: &[f32]) -> f32 {
+    lanes(xs, 0.0, |a, x| a + x)
+}
+
+/// `Σ a ⊙ b` in [`lanes`]' order, through `tmp` (as long as `a`).
+#[inline(always)]
+fn dot(tmp: &mut [f32], a: &[f32], b: &[f32]) -> f32 {
+    for ((t, &a), &b) in tmp.iter_mut().zip(a).zip(b) {
+        *t = a * b;
+    }
+    sum(tmp)
+}
+
 /// Writes `out = e^(scale·x − max)` for a row `x` whose scaled maximum is `max`; returns
-/// `(out, max, Σ out)` — the shared first half of every softmax here.
+/// `(out, max, Σ out)` — the shared first half of every softmax here. NaN in `x` makes the sum
+/// NaN (the maximum skips it; its own term does not).
+#[inline(always)]
 fn exp_minus_max<'a>(
     out: &'a mut [MaybeUninit<f32>],
     x: &[f32],
     scale: f32,
 ) -> (&'a mut [f32], f32, f32) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-    let out = write_all(out, x.iter().map(|&x| x * scale - max));
+    let out = write_all(out, x.iter().map(|&x| x * scale));
+    let max = lanes(out, f32::NEG_INFINITY, f32::max);
+    out.iter_mut().for_each(|v| *v -= max);
     exp_in_place(out);
-    let sum = out.iter().sum();
+    let sum = sum(out);
     (out, max, sum)
 }
 
@@ -131,6 +191,27 @@ pub struct CausalSoftmax {
     /// Queries per block of rows.
     pub t: usize,
     pub scale: f32,
+}
+
+/// [`CausalSoftmax`] of the rows of `k` scores `x` into `y`; the first is row `first` of
+/// the tensor, whose heads have `rt` rows.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn causal_softmax_rows(
+    y: &mut [MaybeUninit<f32>],
+    x: &[f32],
+    (first, rt, k): (usize, usize, usize),
+    t: usize,
+    scale: f32,
+) {
+    for (r, (y, x)) in y.chunks_mut(k).zip(x.chunks(k)).enumerate() {
+        let i = (first + r) % rt % t;
+        let seen = i + k - t + 1; // keys 0..seen
+        let (y, masked) = y.split_at_mut(seen);
+        write_all(masked, std::iter::repeat_n(0.0, k - seen));
+        let (y, _, sum) = exp_minus_max(y, &x[..seen], scale);
+        let inv = 1.0 / sum;
+        y.iter_mut().for_each(|y| *y *= inv);
+    }
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -151,17 +232,7 @@ impl CustomOp1 for CausalSoftmax {
         y.par_chunks_mut(per * k)
             .zip(x.par_chunks(per * k))
             .enumerate()
-            .for_each(|(task, (y, x))| {
-                for (r, (y, x)) in y.chunks_mut(k).zip(x.chunks(k)).enumerate() {
-                    let i = (task * per + r) % rt % t;
-                    let seen = i + k - t + 1; // keys 0..seen
-                    let (y, masked) = y.split_at_mut(seen);
-                    write_all(masked, std::iter::repeat_n(0.0, k - seen));
-                    let (y, _, sum) = exp_minus_max(y, &x[..seen], scale);
-                    let inv = 1.0 / sum;
-                    y.iter_mut().for_each(|y| *y *= inv);
-                }
-            });
+            .for_each(|(task, (y, x))| causal_softmax_rows(y, x, (task * per, rt, k), t, scale));
         // SAFETY: every row wrote its `seen` probabilities and its masked zeros.
         Ok((CpuStorage::F32(unsafe { written(y) }), l.shape().clone()))
     }
@@ -179,6 +250,19 @@ impl CustomOp1 for CausalSoftmax {
 /// Softmax's backward from its output y: `dx = scale · y ⊙ (g − Σ g ⊙ y)` per row.
 pub struct SoftmaxBwd {
     pub scale: f32,
+}
+
+/// [`SoftmaxBwd`] of the rows of `k` values `y`, `g` into `dx`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn softmax_bwd_rows(dx: &mut [MaybeUninit<f32>], y: &[f32], g: &[f32], k: usize, scale: f32) {
+    for ((dx, y), g) in dx.chunks_mut(k).zip(y.chunks(k)).zip(g.chunks(k)) {
+        // dx is the scratch for the products, then overwritten.
+        let dx = write_all(dx, std::iter::repeat_n(0.0, k));
+        let dot = dot(dx, y, g);
+        for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+            *dx = scale * y * (g - dot);
+        }
+    }
 }
 
 impl CustomOp2 for SoftmaxBwd {
@@ -207,14 +291,7 @@ impl CustomOp2 for SoftmaxBwd {
         let scale = self.scale;
         dx.par_chunks_mut(per)
             .zip(y.par_chunks(per).zip(g.par_chunks(per)))
-            .for_each(|(dx, (y, g))| {
-                for ((dx, y), g) in dx.chunks_mut(k).zip(y.chunks(k)).zip(g.chunks(k)) {
-                    let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
-                    for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-                        dx.write(scale * y * (g - dot));
-                    }
-                }
-            });
+            .for_each(|(dx, (y, g))| softmax_bwd_rows(dx, y, g, k, scale));
         // SAFETY: the chunks cover dx, and every value of each was written.
         Ok((CpuStorage::F32(unsafe { written(dx) }), yl.shape().clone()))
     }
@@ -225,6 +302,36 @@ impl CustomOp2 for SoftmaxBwd {
 /// `dw = Σ_rows g⊙x̂`.
 pub struct RmsNormBwd {
     pub eps: f32,
+}
+
+/// [`RmsNormBwd`] of the rows `x`, `g` (as wide as `w`) into `dx`; returns their share of dw.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn rms_norm_bwd_rows(
+    dx: &mut [MaybeUninit<f32>],
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    eps: f32,
+) -> Vec<f32> {
+    let c = w.len();
+    let mut dw = vec![0f32; c];
+    let mut gw = vec![0f32; c];
+    let mut tmp = vec![0f32; c];
+    for ((dx, x), g) in dx.chunks_mut(c).zip(x.chunks(c)).zip(g.chunks(c)) {
+        let ms = dot(&mut tmp, x, x) / c as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for (((gw, t), (&g, &w)), &x) in gw.iter_mut().zip(&mut tmp).zip(g.iter().zip(w)).zip(x) {
+            *gw = g * w;
+            *t = *gw * (x * r);
+        }
+        let dot = sum(&tmp) / c as f32;
+        for ((((dx, dw), &gw), &g), &x) in dx.iter_mut().zip(dw.iter_mut()).zip(&gw).zip(g).zip(x) {
+            let xhat = x * r;
+            dx.write((gw - xhat * dot) * r);
+            *dw += g * xhat;
+        }
+    }
+    dw
 }
 
 impl CustomOp3 for RmsNormBwd {
@@ -264,28 +371,7 @@ impl CustomOp3 for RmsNormBwd {
         let parts: Vec<Vec<f32>> = dx
             .par_chunks_mut(per)
             .zip(x.par_chunks(per).zip(g.par_chunks(per)))
-            .map(|(dx, (x, g))| {
-                let mut dw = vec![0f32; c];
-                let mut gw = vec![0f32; c];
-                for ((dx, x), g) in dx.chunks_mut(c).zip(x.chunks(c)).zip(g.chunks(c)) {
-                    let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
-                    let r = 1.0 / (ms + eps).sqrt();
-                    let mut dot = 0f32;
-                    for (((gw, &g), &w), &x) in gw.iter_mut().zip(g).zip(w).zip(x) {
-                        *gw = g * w;
-                        dot += *gw * (x * r);
-                    }
-                    let dot = dot / c as f32;
-                    for ((((dx, dw), &gw), &g), &x) in
-                        dx.iter_mut().zip(dw.iter_mut()).zip(&gw).zip(g).zip(x)
-                    {
-                        let xhat = x * r;
-                        dx.write((gw - xhat * dot) * r);
-                        *dw += g * xhat;
-                    }
-                }
-                dw
-            })
+            .map(|(dx, (x, g))| rms_norm_bwd_rows(dx, x, g, w, eps))
             .collect();
         for part in parts {
             dw.iter_mut().zip(part).for_each(|(d, p)| *d += p);
@@ -300,6 +386,16 @@ impl CustomOp3 for RmsNormBwd {
 
 /// SwiGLU's gate `silu(a) ⊙ b`, silu(a) = a / (1 + e^−a).
 pub struct Swiglu;
+
+/// [`Swiglu`] of the values `a`, `b` into `y`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn swiglu_values(y: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]) {
+    let y = write_all(y, a.iter().map(|&a| -a));
+    exp_in_place(y);
+    for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+        *y = a / (1.0 + *y) * b;
+    }
+}
 
 impl CustomOp2 for Swiglu {
     fn name(&self) -> &'static str {
@@ -320,13 +416,7 @@ impl CustomOp2 for Swiglu {
         let mut y = unwritten(a.len());
         y.par_chunks_mut(GRAIN)
             .zip(a.par_chunks(GRAIN).zip(b.par_chunks(GRAIN)))
-            .for_each(|(y, (a, b))| {
-                let y = write_all(y, a.iter().map(|&a| -a));
-                exp_in_place(y);
-                for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
-                    *y = a / (1.0 + *y) * b;
-                }
-            });
+            .for_each(|(y, (a, b))| swiglu_values(y, a, b));
         // SAFETY: the chunks cover y, and each was written whole.
         Ok((CpuStorage::F32(unsafe { written(y) }), al.shape().clone()))
     }
@@ -349,6 +439,22 @@ impl CustomOp2 for Swiglu {
 /// SwiGLU's backward: (2, …) holding `da = g·b·s(1 + a(1 − s))` (s = sigmoid(a)), then
 /// `db = g·silu(a)`.
 pub struct SwigluBwd;
+
+/// [`SwigluBwd`] of the values `a`, `b` and gradients `g` into `da`, `db`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn swiglu_bwd_values(
+    da: &mut [MaybeUninit<f32>],
+    db: &mut [MaybeUninit<f32>],
+    (a, b, g): (&[f32], &[f32], &[f32]),
+) {
+    let da = write_all(da, a.iter().map(|&a| -a));
+    exp_in_place(da);
+    for ((((da, db), &a), &b), &g) in da.iter_mut().zip(db.iter_mut()).zip(a).zip(b).zip(g) {
+        let s = 1.0 / (1.0 + *da);
+        *da = g * b * s * (1.0 + a * (1.0 - s));
+        db.write(g * a * s);
+    }
+}
 
 impl CustomOp3 for SwigluBwd {
     fn name(&self) -> &'static str {
@@ -381,17 +487,7 @@ impl CustomOp3 for SwigluBwd {
                 a.par_chunks(GRAIN)
                     .zip(b.par_chunks(GRAIN).zip(g.par_chunks(GRAIN))),
             )
-            .for_each(|((da, db), (a, (b, g)))| {
-                let da = write_all(da, a.iter().map(|&a| -a));
-                exp_in_place(da);
-                for ((((da, db), &a), &b), &g) in
-                    da.iter_mut().zip(db.iter_mut()).zip(a).zip(b).zip(g)
-                {
-                    let s = 1.0 / (1.0 + *da);
-                    *da = g * b * s * (1.0 + a * (1.0 - s));
-                    db.write(g * a * s);
-                }
-            });
+            .for_each(|((da, db), (a, (b, g)))| swiglu_bwd_values(da, db, (a, b, g)));
         let mut dims = vec![2];
         dims.extend_from_slice(al.shape().dims());
         // SAFETY: the chunks cover da and db, and every value of each was written.
@@ -425,6 +521,26 @@ fn targets_of<'a>(s: &'a CpuStorage, l: &Layout, rows: usize, v: usize) -> Resul
     Ok(t)
 }
 
+/// [`CrossEntropy`]'s probabilities of the rows of `v` logits `x` into `p`; returns the sum of
+/// the rows' −log p of their targets `t`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn cross_entropy_rows(p: &mut [MaybeUninit<f32>], x: &[f32], t: &[u32], v: usize) -> f32 {
+    let mut nll = 0f32;
+    for ((p, x), &t) in p.chunks_mut(v).zip(x.chunks(v)).zip(t) {
+        let (p, max, sum) = exp_minus_max(p, x, 1.0);
+        let inv = 1.0 / sum;
+        p.iter_mut().for_each(|p| *p *= inv);
+        nll += sum.ln() - (x[t as usize] - max);
+    }
+    nll
+}
+
+/// `xs ⊙= g`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn scale_in_place(xs: &mut [f32], g: f32) {
+    xs.iter_mut().for_each(|x| *x *= g);
+}
+
 impl CustomOp2 for CrossEntropy {
     fn name(&self) -> &'static str {
         "minimind-cpu-cross-entropy"
@@ -446,16 +562,7 @@ impl CustomOp2 for CrossEntropy {
         let parts: Vec<f32> = probs
             .par_chunks_mut(per * v)
             .zip(x.par_chunks(per * v).zip(t.par_chunks(per)))
-            .map(|(p, (x, t))| {
-                let mut nll = 0f32;
-                for ((p, x), &t) in p.chunks_mut(v).zip(x.chunks(v)).zip(t) {
-                    let (p, max, sum) = exp_minus_max(p, x, 1.0);
-                    let inv = 1.0 / sum;
-                    p.iter_mut().for_each(|p| *p *= inv);
-                    nll += sum.ln() - (x[t as usize] - max);
-                }
-                nll
-            })
+            .map(|(p, (x, t))| cross_entropy_rows(p, x, t, v))
             .collect();
         // SAFETY: the chunks cover probs, and every row was written whole.
         *self.probs.lock().expect("probs lock") = Some(unsafe { written(probs) });
@@ -480,7 +587,7 @@ impl CustomOp2 for CrossEntropy {
         let (n, v) = x.dims2()?;
         let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? / n.max(1) as f32;
         dx.par_chunks_mut(rows_per_task(v) * v)
-            .for_each(|dx| dx.iter_mut().for_each(|d| *d *= g));
+            .for_each(|dx| scale_in_place(dx, g));
         for (r, &t) in targets.iter().enumerate() {
             dx[r * v + t as usize] -= g;
         }
@@ -490,6 +597,19 @@ impl CustomOp2 for CrossEntropy {
 
 /// [`CrossEntropy`]'s backward: (logits, targets, scalar gradient) → (N, V).
 pub struct CrossEntropyBwd;
+
+/// [`CrossEntropyBwd`] of the rows of `v` logits `x` with targets `t` into `dx`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn cross_entropy_bwd_rows(dx: &mut [MaybeUninit<f32>], x: &[f32], t: &[u32], v: usize, g: f32) {
+    for ((dx, x), &t) in dx.chunks_mut(v).zip(x.chunks(v)).zip(t) {
+        let (dx, _, sum) = exp_minus_max(dx, x, 1.0);
+        let inv = 1.0 / sum;
+        for dx in dx.iter_mut() {
+            *dx *= inv * g;
+        }
+        dx[t as usize] -= g;
+    }
+}
 
 impl CustomOp3 for CrossEntropyBwd {
     fn name(&self) -> &'static str {
@@ -516,16 +636,7 @@ impl CustomOp3 for CrossEntropyBwd {
         let per = rows_per_task(v);
         dx.par_chunks_mut(per * v)
             .zip(x.par_chunks(per * v).zip(t.par_chunks(per)))
-            .for_each(|(dx, (x, t))| {
-                for ((dx, x), &t) in dx.chunks_mut(v).zip(x.chunks(v)).zip(t) {
-                    let (dx, _, sum) = exp_minus_max(dx, x, 1.0);
-                    let inv = 1.0 / sum;
-                    for dx in dx.iter_mut() {
-                        *dx *= inv * g;
-                    }
-                    dx[t as usize] -= g;
-                }
-            });
+            .for_each(|(dx, (x, t))| cross_entropy_bwd_rows(dx, x, t, v, g));
         // SAFETY: the chunks cover dx, and every row was written whole.
         Ok((CpuStorage::F32(unsafe { written(dx) }), xl.shape().clone()))
     }
@@ -579,6 +690,29 @@ mod tests {
         assert!(ends[2] > 2.0e38 && ends[2].is_finite() && ends[2] == ends[3]);
         assert!(ends[4].is_nan());
         assert_eq!(ends[5], 1.0);
+    }
+
+    /// `sum` adds value i into running sum i mod 16, then halves the 16 pairwise: 1e8, 32 ones
+    /// and −1e8 sum to 16 in that order (0 left to right, where 1e8 absorbs every one; 32
+    /// exactly). On ordinary values it is within 1e-6 of the exact sum, NaN when a value is NaN;
+    /// `lanes` with `max` skips NaN, as `f32::max` does, and `exp_minus_max` still sums to NaN.
+    #[test]
+    fn row_sums_run_in_the_fixed_lane_order() {
+        let mut xs = vec![1e8f32];
+        xs.extend([1.0; 32]);
+        xs.push(-1e8);
+        assert_eq!(xs.iter().sum::<f32>(), 0.0);
+        assert_eq!(super::sum(&xs), 16.0);
+        let xs: Vec<f32> = (0..37).map(|i| 1.0 + i as f32 * 1.3e-3).collect();
+        let exact: f64 = xs.iter().map(|&x| x as f64).sum();
+        assert!((super::sum(&xs) as f64 - exact).abs() <= 1e-6 * exact);
+        let mut with_nan = xs.clone();
+        with_nan[20] = f32::NAN;
+        assert!(super::sum(&with_nan).is_nan());
+        assert_eq!(super::lanes(&with_nan, f32::NEG_INFINITY, f32::max), xs[36]);
+        let mut out = super::unwritten(with_nan.len());
+        let (_, max, sum) = super::exp_minus_max(&mut out, &with_nan, 1.0);
+        assert!(max == xs[36] && sum.is_nan(), "max {max}, sum {sum}");
     }
 
     fn var(shape: &[usize], scale: f32) -> Var {

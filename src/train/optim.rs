@@ -293,12 +293,17 @@ impl InplaceOp2 for Apply<'_> {
             .par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-            .for_each(|((t, g), (m, v))| {
-                for (((t, &g), m), v) in t.iter_mut().zip(g).zip(m).zip(v) {
-                    u.apply(g, m, v, t);
-                }
-            });
+            .for_each(|((t, g), (m, v))| apply_chunk(u, t, g, (m, v)));
         Ok(())
+    }
+}
+
+/// [`Update::apply`] over a chunk, compiled for AVX-512 and AVX2 besides the baseline and picked
+/// at run time (as the model's CPU kernels are): the same bits in every width.
+#[multiversion::multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+fn apply_chunk(u: Update, t: &mut [f32], g: &[f32], (m, v): (&mut [f32], &mut [f32])) {
+    for (((t, &g), m), v) in t.iter_mut().zip(g).zip(m).zip(v) {
+        u.apply(g, m, v, t);
     }
 }
 
