@@ -256,9 +256,9 @@ pub struct SoftmaxBwd {
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
 fn softmax_bwd_rows(dx: &mut [MaybeUninit<f32>], y: &[f32], g: &[f32], k: usize, scale: f32) {
     for ((dx, y), g) in dx.chunks_mut(k).zip(y.chunks(k)).zip(g.chunks(k)) {
-        // dx is the scratch for the products, then overwritten.
-        let dx = write_all(dx, std::iter::repeat_n(0.0, k));
-        let dot = dot(dx, y, g);
+        // dx holds the products for their sum, then is overwritten.
+        let dx = write_all(dx, y.iter().zip(g).map(|(y, g)| y * g));
+        let dot = sum(dx);
         for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
             *dx = scale * y * (g - dot);
         }
